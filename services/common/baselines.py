@@ -1,0 +1,159 @@
+"""Gather modes, backbone geometry and the transfer cost of MIST and its baselines (LST, LAST, Partial-1, CLS).
+
+Pure Python (no torch, no numpy) so the edge tuner, the extractor and the metrics all share one definition
+of what each mode sends and how many float32 bytes per image that is.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from services.common.errors import InvalidArgumentError
+from services.common.pb import feature_pb2
+
+GatherModeName = Literal["mist", "lst", "last", "partial", "cls"]
+GATHER_MODES: tuple[GatherModeName, ...] = get_args(GatherModeName)
+BASELINE_MODES: tuple[GatherModeName, ...] = ("lst", "last", "partial", "cls")
+
+FLOAT32_BYTES = 4
+# The k-search candidates as fractions of the depth (num, den): N/4, N/2, 3N/4, N, as in the paper.
+_CANDIDATE_FRACTIONS: tuple[tuple[int, int], ...] = ((1, 4), (1, 2), (3, 4), (1, 1))
+
+_PROTO_BY_MODE: dict[str, int] = {
+    name: feature_pb2.GatherMode.Value(f"GATHER_MODE_{name.upper()}") for name in GATHER_MODES
+}
+_MODE_BY_PROTO: dict[int, GatherModeName] = {value: name for name, value in _PROTO_BY_MODE.items()}
+# Servers treat an unset mode as MIST (see feature.proto).
+_MODE_BY_PROTO[feature_pb2.GATHER_MODE_UNSPECIFIED] = "mist"
+
+
+@dataclass(frozen=True)
+class BackboneGeometry:
+    """The shape of a ViT backbone as far as gathering is concerned."""
+
+    num_blocks: int  # N, the number of transformer blocks
+    tokens: int  # T, tokens per image at the default input size, prefix tokens included
+    dims: int  # D, the embedding width
+    num_prefix_tokens: int  # class + register + distillation tokens at the front of the sequence
+
+
+# ViT-B/16 at 224x224: 14 * 14 patches + 1 class token, the backbone of the paper's table.
+VIT_B16 = BackboneGeometry(num_blocks=12, tokens=197, dims=768, num_prefix_tokens=1)
+
+
+def check_mode(mode: str) -> GatherModeName:
+    """Return `mode` if it is a gather mode name, else raise InvalidArgumentError listing the allowed ones."""
+    if mode not in GATHER_MODES:
+        raise InvalidArgumentError(f"unknown gather mode {mode!r}; expected one of {', '.join(GATHER_MODES)}")
+    return mode  # type: ignore[return-value]
+
+
+def mode_to_proto(mode: GatherModeName) -> int:
+    """The `feature_pb2.GatherMode` value of a mode name."""
+    return _PROTO_BY_MODE[check_mode(mode)]
+
+
+def mode_from_proto(value: int) -> GatherModeName:
+    """The mode name of a `feature_pb2.GatherMode` value; UNSPECIFIED means "mist"."""
+    try:
+        return _MODE_BY_PROTO[value]
+    except (KeyError, TypeError):
+        allowed = ", ".join(str(v) for v in sorted(_MODE_BY_PROTO))
+        raise InvalidArgumentError(f"unknown GatherMode value {value!r}; expected one of {allowed}") from None
+
+
+def _check_num_blocks(num_blocks: int) -> None:
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+        raise InvalidArgumentError(f"num_blocks must be a positive integer; got {num_blocks!r}")
+
+
+def last_block_indices(num_blocks: int) -> list[int]:
+    """1-based indices of the block outputs LAST sends besides x_0.
+
+    LAST groups the blocks in consecutive pairs (1, 2), (3, 4), ... and sends each group's output, i.e.
+    every other block output: [2, 4, ..., 12] for N = 12 (7 maps with x_0). For an odd N the last group
+    is block N alone, so block N is always included: N = 5 gives [2, 4, 5], N = 1 gives [1].
+    """
+    _check_num_blocks(num_blocks)
+    indices = list(range(2, num_blocks + 1, 2))
+    if num_blocks % 2:
+        indices.append(num_blocks)
+    return indices
+
+
+def _check_k(k: object, num_blocks: int) -> int:
+    """Return k as an int if it is an integer in [1, N], else raise naming the range."""
+    allowed = f"k must be an integer in [1, {num_blocks}] for a backbone with {num_blocks} blocks"
+    if isinstance(k, bool):
+        raise InvalidArgumentError(f"{allowed}; got {k!r}")
+    try:
+        value = operator.index(k)  # ints and numpy ints, not floats or strings
+    except TypeError:
+        raise InvalidArgumentError(f"{allowed}; got {k!r}") from None
+    if not 1 <= value <= num_blocks:
+        raise InvalidArgumentError(f"{allowed}; got {value}")
+    return value
+
+
+def validate_ks(ks: Iterable[int], num_blocks: int) -> tuple[int, ...]:
+    """Check that every k is in [1, N] and at least one is given; drop duplicates, keep the order."""
+    _check_num_blocks(num_blocks)
+    if isinstance(ks, (str, bytes)):
+        raise InvalidArgumentError(f"ks must be a sequence of integers in [1, {num_blocks}]; got {ks!r}")
+    checked = tuple(dict.fromkeys(_check_k(k, num_blocks) for k in ks))
+    if not checked:
+        raise InvalidArgumentError(f"at least one k in [1, {num_blocks}] is required; got none")
+    return checked
+
+
+def candidate_ks(num_blocks: int) -> list[int]:
+    """The k-search candidates N/4, N/2, 3N/4, N: rounded half up, at least 1, deduplicated, ascending.
+
+    [3, 6, 9, 12] for N = 12, [1, 2, 3, 4] for N = 4, [1, 2, 3] for N = 3, [1, 2] for N = 2, [1] for N = 1.
+    """
+    _check_num_blocks(num_blocks)
+    # Integer arithmetic rounds half up exactly, where round() would round 4.5 down to 4 (banker's rounding).
+    ks = {max(1, (2 * num_blocks * num + den) // (2 * den)) for num, den in _CANDIDATE_FRACTIONS}
+    return sorted(ks)
+
+
+def feature_shape(geometry: BackboneGeometry, mode: GatherModeName, k: int | None = None) -> tuple[int, ...]:
+    """The per-image shape a mode gathers: mist (T, D), lst (N+1, T, D), last (maps, T, D), partial (T, D), cls (D,).
+
+    `k` matters only for mist (the shape does not depend on it, but it is range-checked when given);
+    other modes take no k (None, or 0 as on the wire).
+    """
+    check_mode(mode)
+    if mode == "mist":
+        if k is not None:
+            _check_k(k, geometry.num_blocks)
+    elif k not in (None, 0):
+        raise InvalidArgumentError(f"gather mode {mode!r} takes no k; got k={k!r}")
+    token_map = (geometry.tokens, geometry.dims)
+    if mode == "lst":
+        return (geometry.num_blocks + 1, *token_map)
+    if mode == "last":
+        return (len(last_block_indices(geometry.num_blocks)) + 1, *token_map)
+    if mode == "cls":
+        return (geometry.dims,)
+    return token_map  # mist and partial: one [T, D] map
+
+
+def float32_bytes_per_image(geometry: BackboneGeometry, mode: GatherModeName) -> int:
+    """Bytes one image's gathered tensor takes as raw float32 (the paper's transfer unit)."""
+    return math.prod(feature_shape(geometry, mode)) * FLOAT32_BYTES
+
+
+def baseline_bytes_per_image(geometry: BackboneGeometry) -> dict[str, int]:
+    """Float32 bytes per image of every baseline and of uncompressed MIST, for dashboards and reports.
+
+    Keys: "lst", "last", "partial", "cls", "mist_f32". For ViT-B/16 in MiB (bytes / 2**20):
+    7.503, 4.040, 0.577, 0.003 and 0.577.
+    """
+    sizes = {mode: float32_bytes_per_image(geometry, mode) for mode in BASELINE_MODES}
+    sizes["mist_f32"] = float32_bytes_per_image(geometry, "mist")
+    return sizes

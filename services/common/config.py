@@ -1,0 +1,420 @@
+"""Typed service configuration: one frozen dataclass per service, filled from flags and MIST_* variables.
+
+Precedence is flag > `MIST_<FIELD>` environment variable > default; bad values fail at start, naming both.
+
+API summary (names are stable; services build on them):
+
+    setting(default, help=..., *, choices=None, parser=None, minimum=None, maximum=None, secret=False, metavar=None)
+        -> dataclasses.Field   one config field with its help text and validation rules
+    ConfigBase             mixin: validates every field on construction; override `check()` for cross-field rules
+    DEFAULT_MAX_MESSAGE_BYTES = 16 MiB (why: see its comment); servers and clients share it
+    ServerConfig           frozen dataclass with the fields every gRPC server shares (listen, TLS, auth, limits...)
+    ConfigError            InvalidArgumentError naming the flag and its env var
+    build_parser(cls, *, prog=None, description=None) -> argparse.ArgumentParser
+    parse_config(cls, argv, env, *, allowed_env=()) -> cls          raises ConfigError
+    load_config(cls, argv=None, env=os.environ, *, prog=None, ...)  -> cls; prints one error line, exits 2
+    flag_name(field) / env_name(field) -> "--metrics-listen" / "MIST_METRICS_LISTEN"
+    split_host_port("127.0.0.1:0") -> ("127.0.0.1", 0);  check_host_port, check_optional_host_port, check_existing_file
+    redacted(config) -> dict[str, object]   effective values for logs, secrets masked
+
+Extending (services get flags and env vars for free):
+
+    @dataclass(frozen=True, kw_only=True)
+    class ExtractorConfig(ServerConfig):
+        backbone: str = setting("vit_base_patch16_224", help="timm model name")   # --backbone / MIST_BACKBONE
+        max_batch_size: int = setting(32, help="images per forward pass", minimum=1)
+
+        def check(self) -> None:           # optional cross-field rules
+            super().check()
+
+Supported field types: str, int, float, bool (as --flag/--no-flag), Literal[...] of str, tuple[str, ...] and
+tuple[int, ...] (comma-separated). A field without a default is a required flag (kw_only dataclasses allow it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import sys
+import typing
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from services.common.errors import InvalidArgumentError
+
+ENV_PREFIX = "MIST_"
+_META_KEY = "mist"
+# 16 MiB: gRPC's 4 MiB default is below one f32 response carrying every k of ViT-B (12 maps x 0.58 MiB =
+# 6.9 MiB) or the LST baseline (13 maps, 7.5 MiB); 16 MiB fits those with headroom while still bounding
+# the memory one message can pin. Weights and datasets travel in chunks, never in one message.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """What `setting()` stores in a field's metadata."""
+
+    help: str
+    choices: tuple[str, ...] | None  # None: derived from a Literal type, if any
+    parser: Callable[[str], str] | None  # validates (and may normalise) a str value; raises ValueError
+    minimum: float | None
+    maximum: float | None
+    secret: bool  # never echo the value (help, errors, logs)
+    metavar: str | None
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: Sequence[str] | None = None,
+    parser: Callable[[str], str] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    secret: bool = False,
+    metavar: str | None = None,
+) -> Any:
+    """A config field: its default, help text and validation rules (checked on flags, env vars and in code)."""
+    meta = _Setting(help, tuple(choices) if choices else None, parser, minimum, maximum, secret, metavar)
+    return dataclasses.field(default=default, metadata={_META_KEY: meta})
+
+
+class ConfigError(InvalidArgumentError):
+    """A bad configuration value; `str()` names the flag and its env var."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{flag_name(field)} (env {env_name(field)}): {problem}")
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+# ---------------------------------------------------------------------------------------------- validators
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[IPv6]:PORT' -> (host, port); port 0 means "pick a free one". Raises ValueError."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        raise ValueError(f"expected HOST:PORT with IPv6 hosts in brackets ([::1]:50051), got {address!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port} in {address!r}")
+    return host, port
+
+
+def check_host_port(address: str) -> str:
+    split_host_port(address)
+    return address
+
+
+def check_optional_host_port(address: str) -> str:
+    """HOST:PORT, or "" / "off" to disable the listener."""
+    return address if address in ("", "off") else check_host_port(address)
+
+
+def check_existing_file(path: str) -> str:
+    """A readable file, or "" for "not set"."""
+    if path and not Path(path).is_file():
+        raise ValueError(f"no such file: {path!r}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the base
+
+
+class ConfigBase:
+    """Mixin for config dataclasses: validates every field after __init__, then runs `check()`."""
+
+    def __post_init__(self) -> None:
+        for field, kind in _config_fields(type(self)):
+            _check_value(field, kind, getattr(self, field.name))
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules; raise ConfigError. Subclasses override and call super().check()."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig(ConfigBase):
+    """Settings every mist gRPC server shares."""
+
+    listen: str = setting("127.0.0.1:0", help="gRPC address HOST:PORT; port 0 picks a free port",
+                          parser=check_host_port, metavar="HOST:PORT")
+    metrics_listen: str = setting("127.0.0.1:0", help="Prometheus /metrics HTTP address; '' or 'off' disables",
+                                  parser=check_optional_host_port, metavar="HOST:PORT")
+    tls_cert: str = setting("", help="PEM server certificate chain; set with --tls-key to serve TLS",
+                            parser=check_existing_file, metavar="PATH")
+    tls_key: str = setting("", help="PEM private key of --tls-cert", parser=check_existing_file, metavar="PATH")
+    tls_client_ca: str = setting("", help="PEM CA bundle; when set, clients must present a certificate it signed "
+                                 "(mutual TLS)", parser=check_existing_file, metavar="PATH")
+    auth_tokens_file: str = setting("", help="bearer tokens, one 'name:token' per line; empty turns auth off",
+                                    parser=check_existing_file, metavar="PATH")
+    max_message_bytes: int = setting(DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message sent or received; larger "
+                                     "requests fail with RESOURCE_EXHAUSTED", minimum=1024, metavar="BYTES")
+    max_concurrent_streams: int = setting(100, help="concurrent calls per client connection (HTTP/2 streams); "
+                                          "more wait in the client", minimum=1, metavar="N")
+    max_concurrent_rpcs: int = setting(0, help="concurrent calls over all connections; beyond it calls fail with "
+                                       "RESOURCE_EXHAUSTED; 0 = unlimited", minimum=0, metavar="N")
+    keepalive_time_s: float = setting(60.0, help="ping idle clients this often to find dead connections "
+                                      "(devices behind NAT vanish silently)", minimum=1.0, metavar="SECONDS")
+    keepalive_timeout_s: float = setting(20.0, help="drop a connection whose ping is not answered within this",
+                                         minimum=1.0, metavar="SECONDS")
+    max_connection_age_s: float = setting(0.0, help="close connections after this long so clients re-resolve "
+                                          "and spread over new replicas; 0 = never", minimum=0.0, metavar="SECONDS")
+    max_connection_age_grace_s: float = setting(300.0, help="time calls get to finish on a connection closed "
+                                                "by --max-connection-age-s", minimum=0.0, metavar="SECONDS")
+    grace_s: float = setting(10.0, help="on SIGTERM, time in-flight calls get to finish before they are "
+                             "cancelled", minimum=0.0, metavar="SECONDS")
+    log_level: Literal["debug", "info", "warning", "error"] = setting("info", help="least severe level logged")
+    log_format: Literal["text", "json"] = setting("text", help="log line format on stderr")
+
+    def check(self) -> None:
+        super().check()
+        if self.tls_key and not self.tls_cert:
+            raise ConfigError("tls_cert", "required when --tls-key is set")
+        if self.tls_cert and not self.tls_key:
+            raise ConfigError("tls_key", "required when --tls-cert is set")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_cert", "required when --tls-client-ca is set (mutual TLS needs server TLS)")
+        if self.keepalive_timeout_s >= self.keepalive_time_s:
+            raise ConfigError("keepalive_timeout_s", "must be shorter than --keepalive-time-s")
+
+
+# ---------------------------------------------------------------------------------------------- field typing
+
+
+def _config_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, resolved type) for every init field of a config dataclass."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+
+
+def _meta(field: dataclasses.Field) -> _Setting:
+    meta = field.metadata.get(_META_KEY)
+    if meta is None:
+        raise TypeError(f"config field {field.name!r} must be declared with setting(...)")
+    return meta
+
+
+def _choices(field: dataclasses.Field, kind: Any) -> tuple[str, ...] | None:
+    if typing.get_origin(kind) is Literal:
+        return tuple(str(c) for c in typing.get_args(kind))
+    return _meta(field).choices
+
+
+def _element_type(kind: Any) -> type | None:
+    """str or int for tuple[str, ...] / tuple[int, ...]; None for other types."""
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in (str, int):
+            return args[0]
+        raise TypeError(f"unsupported tuple type {kind}; use tuple[str, ...] or tuple[int, ...]")
+    return None
+
+
+def _show(field: dataclasses.Field, value: Any) -> str:
+    """A value as a user would type it, masked for secrets."""
+    if _meta(field).secret and value not in ("", None):
+        return "***"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return repr(value) if value == "" else str(value)
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+
+def _check_value(field: dataclasses.Field, kind: Any, value: Any) -> Any:
+    """Validate a typed value against its field's rules; returns it (possibly normalised)."""
+    meta, name = _meta(field), field.name
+    choices = _choices(field, kind)
+    elem = _element_type(kind)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"expected true or false, got {type(value).__name__}")
+        return value
+    if elem is not None:
+        if not isinstance(value, tuple) or not all(isinstance(v, elem) for v in value):
+            raise ConfigError(name, f"expected a tuple of {elem.__name__}")
+        return tuple(_check_scalar(name, meta, choices, elem, v) for v in value)
+    return _check_scalar(name, meta, choices, kind, value)
+
+
+def _check_scalar(name: str, meta: _Setting, choices: tuple[str, ...] | None, kind: Any, value: Any) -> Any:
+    shown = "***" if meta.secret else repr(value)
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(name, f"expected one of {', '.join(choices)}, got {shown}")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
+            raise ConfigError(name, f"expected {'an integer' if kind is int else 'a number'}, got {shown}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(name, f"expected a finite number, got {shown}")
+        if meta.minimum is not None and value < meta.minimum:
+            raise ConfigError(name, f"must be >= {meta.minimum:g}, got {value}")
+        if meta.maximum is not None and value > meta.maximum:
+            raise ConfigError(name, f"must be <= {meta.maximum:g}, got {value}")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"expected a string, got {type(value).__name__}")
+        if meta.parser is not None:
+            try:
+                return meta.parser(value)
+            except ValueError as e:
+                raise ConfigError(name, "invalid value" if meta.secret else str(e)) from None
+        return value
+    raise TypeError(f"config field {name!r} has unsupported type {kind}")
+
+
+def _from_text(field: dataclasses.Field, kind: Any, text: str) -> Any:
+    """Parse a flag or env var string into the field's type (rules are checked later by _check_value)."""
+    shown = "***" if _meta(field).secret else repr(text)
+    if kind is bool:
+        low = text.strip().lower()
+        if low not in _TRUE | _FALSE:
+            raise ConfigError(field.name, f"expected true/false (or 1/0, yes/no, on/off), got {shown}")
+        return low in _TRUE
+    elem = _element_type(kind)
+    target = elem or kind
+    try:
+        if elem is not None:
+            return tuple(_scalar_from_text(elem, part.strip()) for part in text.split(",") if part.strip())
+        return _scalar_from_text(kind, text)
+    except ValueError:
+        what = "an integer" if target is int else "a number"
+        raise ConfigError(field.name, f"expected {what}{' list' if elem else ''}, got {shown}") from None
+
+
+def _scalar_from_text(kind: Any, text: str) -> Any:
+    if kind is int:
+        return int(text.strip(), 10)
+    if kind is float:
+        return float(text.strip())
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+class _ParserError(Exception):
+    """An argparse usage error (unknown flag, missing value), re-raised as InvalidArgumentError."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting, so every error gets one line."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise _ParserError(message)
+
+
+def _default_text(field: dataclasses.Field, kind: Any) -> str:
+    if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+        return "required"
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    return f"default: {_show(field, default)}"
+
+
+def build_parser(cls: type, *, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per config field; help names each flag's env var and default."""
+    if description is None and cls.__doc__:
+        description = cls.__doc__.strip().splitlines()[0]
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+                     epilog=f"Every flag also reads {ENV_PREFIX}<FLAG> from the environment (the flag wins).")
+    for field, kind in _config_fields(cls):
+        meta = _meta(field)
+        choices = _choices(field, kind)
+        help_text = f"{meta.help} [env {env_name(field.name)}; {_default_text(field, kind)}]".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(flag_name(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+            continue
+        metavar = meta.metavar or ("{" + ",".join(choices) + "}" if choices else field.name.upper())
+        parser.add_argument(flag_name(field.name), dest=field.name, default=argparse.SUPPRESS,
+                            metavar=metavar, help=help_text)
+    return parser
+
+
+def _unknown_env(cls: type, env: Mapping[str, str], allowed_env: Collection[str]) -> None:
+    known = {env_name(f.name) for f, _ in _config_fields(cls)} | set(allowed_env)
+    for key in sorted(env):
+        if key.startswith(ENV_PREFIX) and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise InvalidArgumentError(f"unknown environment variable {key}: no flag "
+                                       f"{flag_name(key[len(ENV_PREFIX):].lower())} here{hint}")
+
+
+def parse_config(cls: type[C], argv: Sequence[str], env: Mapping[str, str], *,
+                 allowed_env: Collection[str] = (), prog: str | None = None) -> C:
+    """Build `cls` from flags (first) and MIST_* env vars (second); raises InvalidArgumentError / ConfigError.
+
+    `allowed_env` names MIST_* variables this program reads elsewhere (they are not reported as unknown).
+    """
+    parser = build_parser(cls, prog=prog)
+    try:
+        namespace, extra = parser.parse_known_args(list(argv))
+    except _ParserError as e:
+        raise InvalidArgumentError(str(e)) from None
+    if extra:
+        raise InvalidArgumentError(f"unrecognized arguments: {' '.join(extra)}")
+    _unknown_env(cls, env, allowed_env)
+    given = vars(namespace)
+    values: dict[str, Any] = {}
+    for field, kind in _config_fields(cls):
+        if field.name in given:
+            raw, source = given[field.name], flag_name(field.name)
+        elif env_name(field.name) in env:
+            raw, source = env[env_name(field.name)], env_name(field.name)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(field.name, "required")
+        else:
+            continue
+        try:
+            value = raw if isinstance(raw, bool) else _from_text(field, kind, raw)
+            values[field.name] = _check_value(field, kind, value)
+        except ConfigError as e:
+            raise ConfigError(field.name, f"{e.problem} (from {source})") from None
+    return cls(**values)
+
+
+def load_config(cls: type[C], argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ, *,
+                prog: str | None = None, allowed_env: Collection[str] = ()) -> C:
+    """parse_config for main(): `--help` prints help and exits 0; an error prints one line and exits 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        return parse_config(cls, argv, env, allowed_env=allowed_env, prog=prog)
+    except InvalidArgumentError as e:
+        sys.stderr.write(f"{prog}: error: {e} (see --help)\n")
+        raise SystemExit(2) from None
+
+
+def redacted(config: object) -> dict[str, object]:
+    """Field values for a startup log line, with secret fields masked."""
+    return {f.name: ("***" if _meta(f).secret and getattr(config, f.name) else getattr(config, f.name))
+            for f, _ in _config_fields(type(config))}
