@@ -1,0 +1,381 @@
+"""Load the one frozen timm ViT the extractor serves: from a weights file, an already-populated local cache, or a
+seeded random init (with a loud warning). Nothing here ever downloads.
+
+API
+    load_backbone(name, *, weights=None, device="cpu", autocast="none", seed=0, model_kwargs=None) -> LoadedBackbone
+        Build `name` with timm, load weights, freeze it (eval, requires_grad off) and move it to `device`.
+        Weights come from, in order: `weights` (a .safetensors file or a PyTorch/timm checkpoint, loaded strictly),
+        the timm/Hugging Face/torch.hub cache if it already holds the model's default weights, or a random init
+        seeded with `seed` (logged at WARNING and returned in `LoadedBackbone.warning`).
+    LoadedBackbone          frozen dataclass: model, name, weights_fingerprint, pretrained, warning, weights_source,
+                            device, autocast_dtype, data_config, geometry; `.autocast()` is the compute context.
+    weights_fingerprint(path) -> str            streaming sha256 hex of a weights file
+    read_state_dict(path) -> dict[str, Tensor]  tensors of a safetensors file or checkpoint, never arbitrary pickles
+    find_cached_weights(name) -> CachedWeights | None  the local file timm would load for `name`, if already cached
+
+Errors: unknown model name -> NotFoundError; not a timm VisionTransformer, bad kwargs, unreadable weights file,
+NaN/Inf weights -> InvalidArgumentError; weights that do not fit the model, CUDA unavailable ->
+FailedPreconditionError; missing weights file -> NotFoundError.
+
+Autocast: "bf16" works on CPU and CUDA (torch's CPU autocast supports bfloat16; it pays off on CPUs with
+AVX512-BF16/AMX), "fp16" needs CUDA. Parameters stay float32; only the compute inside `autocast()` is reduced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import hashlib
+import logging
+import os
+import pickle
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import safetensors.torch
+import timm
+import torch
+from timm.data import resolve_model_data_config
+from timm.models import get_model_input_config, get_pretrained_cfg
+from timm.models.vision_transformer import VisionTransformer
+
+from services.common.baselines import BackboneGeometry
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, MistError, NotFoundError
+from services.extractor.gather import backbone_geometry, check_supported
+
+logger = logging.getLogger(__name__)
+
+DeviceName = Literal["cpu", "cuda"]
+AutocastName = Literal["none", "bf16", "fp16"]
+
+RANDOM_INIT_WARNING = (
+    "features come from a RANDOMLY INITIALISED backbone; accuracy will be meaningless; "
+    "pass --weights PATH (a .safetensors file or a timm checkpoint)"
+)
+
+_AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# timm's own preference when a checkpoint wraps several state dicts (timm.models.load_state_dict, use_ema=True).
+_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+# Left by DistributedDataParallel and torch.compile around the real parameter names.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# The files timm reads from a Hugging Face repo, in its order (safetensors first).
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_HASH_CHUNK_BYTES = 1 << 20
+_KEYS_SHOWN = 5  # how many missing / unexpected keys an error message names
+
+
+@dataclass(frozen=True)
+class LoadedBackbone:
+    """A frozen ViT ready to serve, and everything a client needs to know about where its weights came from."""
+
+    model: VisionTransformer  # eval mode, on `device`, requires_grad off
+    name: str  # the timm model name as given (a pretrained tag included)
+    weights_fingerprint: str  # sha256 hex of the weights file; "random-<seed>-<16 hex of the weights>" for random init
+    pretrained: bool  # False: random init, features are meaningless
+    warning: str  # "" when pretrained; RANDOM_INIT_WARNING otherwise
+    weights_source: str  # the file the weights were read from, or "random init (seed N)"
+    device: DeviceName  # where the model lives and runs
+    autocast_dtype: torch.dtype | None  # compute dtype inside `autocast()`; None = plain float32
+    data_config: Mapping[str, Any]  # timm's resolved data config (input_size at the model's own size), read-only
+    geometry: BackboneGeometry  # N blocks, T tokens, D dims, prefix tokens
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context every forward pass should run in: torch.autocast with `autocast_dtype`, or a no-op."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device, dtype=self.autocast_dtype)
+
+
+@dataclass(frozen=True)
+class CachedWeights:
+    """A weights file already on local disk that timm would otherwise download for a model."""
+
+    path: Path  # the file itself (in the HF cache: the snapshot symlink)
+    origin: Literal["file", "hf-hub", "url"]  # which pretrained_cfg entry it stands for
+    custom_load: bool  # True: a foreign format (e.g. original JAX .npz) loaded by the model's own loader
+
+
+def weights_fingerprint(path: str | os.PathLike[str]) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks so a multi-GB checkpoint never sits in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_backbone(
+    name: str,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    device: DeviceName = "cpu",
+    autocast: AutocastName = "none",
+    seed: int = 0,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> LoadedBackbone:
+    """Build timm model `name`, load its weights without any network access, freeze it and move it to `device`.
+
+    `model_kwargs` go to timm.create_model (tests build tiny ViTs with img_size, patch_size, embed_dim, depth,
+    num_heads). `seed` makes a random init reproducible; it is used under a forked RNG, so the caller's global
+    torch RNG state is left as it was.
+    """
+    autocast_dtype = _check_runtime(device, autocast)
+    _check_name(name)
+    kwargs = dict(model_kwargs or {})
+    weights_path = _check_weights_path(weights) if weights is not None else None
+    cached = find_cached_weights(name) if weights_path is None else None
+
+    if weights_path is not None:
+        model = _create_model(name, seed, kwargs)
+        _load_state_dict_strict(model, read_state_dict(weights_path), weights_path)
+        fingerprint, source, warning = weights_fingerprint(weights_path), str(weights_path), ""
+    elif cached is not None:
+        model = _create_from_cache(name, seed, kwargs, cached)
+        fingerprint, source, warning = weights_fingerprint(cached.path), str(cached.path), ""
+    else:
+        model = _create_model(name, seed, kwargs)
+        fingerprint, source, warning = (
+            random_init_fingerprint(model, seed),
+            f"random init (seed {seed})",
+            RANDOM_INIT_WARNING,
+        )
+        logger.warning("backbone %s: %s (seed %d, fingerprint %s)", name, RANDOM_INIT_WARNING, seed, fingerprint)
+
+    model.eval().requires_grad_(False).to(device)
+    loaded = LoadedBackbone(
+        model=model,
+        name=name,
+        weights_fingerprint=fingerprint,
+        pretrained=not warning,
+        warning=warning,
+        weights_source=source,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        data_config=types.MappingProxyType(_data_config(model)),
+        geometry=backbone_geometry(model),
+    )
+    logger.info("backbone %s loaded from %s on %s (fingerprint %s)", name, source, device, fingerprint)
+    return loaded
+
+
+def _check_runtime(device: str, autocast: str) -> torch.dtype | None:
+    if device not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"device must be 'cpu' or 'cuda'; got {device!r}")
+    if autocast not in _AUTOCAST_DTYPES:
+        raise InvalidArgumentError(f"autocast must be one of {', '.join(_AUTOCAST_DTYPES)}; got {autocast!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FailedPreconditionError(
+            f"--device cuda was requested but CUDA is not available (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda}); use --device cpu or install a CUDA build of torch"
+        )
+    if device == "cpu" and autocast == "fp16":
+        raise InvalidArgumentError("fp16 autocast needs --device cuda; on CPU use bf16 or none")
+    if device == "cuda" and autocast == "bf16" and not torch.cuda.is_bf16_supported():
+        raise FailedPreconditionError("this GPU does not support bfloat16; use --autocast fp16 or none")
+    return _AUTOCAST_DTYPES[autocast]
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = difflib.get_close_matches(str(name), timm.list_models("vit_*"), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise NotFoundError(f"unknown timm model {name!r}.{hint} List ViT backbones with timm.list_models('vit_*')")
+
+
+def _check_weights_path(weights: str | os.PathLike[str]) -> Path:
+    path = Path(weights)
+    if not path.is_file():
+        raise NotFoundError(f"weights file {str(path)!r} does not exist (or is not a file)")
+    return path
+
+
+def _create_model(
+    name: str, seed: int, kwargs: dict[str, Any], *, overlay: dict[str, Any] | None = None
+) -> VisionTransformer:
+    """timm.create_model under a forked, seeded RNG; pretrained only when `overlay` names a local file."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=overlay is not None, pretrained_cfg_overlay=overlay, **kwargs)
+    except TypeError as error:  # an unknown or ill-typed model kwarg
+        raise InvalidArgumentError(f"cannot build {name!r} with model_kwargs {kwargs}: {error}") from error
+    except RuntimeError as error:
+        if "pretrained tag" in str(error):
+            raise NotFoundError(
+                f"{error} List the tags with timm.list_models({name.split('.')[0]!r}, pretrained=True)"
+            ) from error
+        raise
+    try:
+        vit = check_supported(model)
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(f"backbone {name!r} is not a ViT-family model: {error}") from None
+    # From timm's record of the model's input, not patch_embed.proj: in hybrid ViTs that conv sees CNN features.
+    in_chans = get_model_input_config(vit)["input_size"][0]
+    if in_chans != 3:
+        raise InvalidArgumentError(f"backbone {name!r} takes {in_chans} input channels; images are RGB (3)")
+    return vit
+
+
+def _create_from_cache(name: str, seed: int, kwargs: dict[str, Any], cached: CachedWeights) -> VisionTransformer:
+    # timm's own pretrained path, pointed at the local file: it applies the model's checkpoint filter (position
+    # embedding resampling, foreign formats) and loads strictly, and a 'file' source never touches the network.
+    overlay = {"file": str(cached.path), "custom_load": cached.custom_load}
+    try:
+        return _create_model(name, seed, kwargs, overlay=overlay)
+    except MistError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as error:
+        raise FailedPreconditionError(
+            f"cached weights {cached.path} for {name!r} do not load into this model ({_first_line(error)}); "
+            f"pass --weights PATH or remove that cache entry"
+        ) from error
+
+
+def find_cached_weights(name: str) -> CachedWeights | None:
+    """The weights file timm would download for `name`, if a local cache already holds it; None otherwise.
+
+    Looks, in timm's order, at the pretrained config's `file`, the Hugging Face hub cache (HF_HUB_CACHE) and the
+    torch.hub checkpoint folder (TORCH_HOME). Only the file system is read.
+    """
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as error:  # a tag the architecture does not have
+        raise NotFoundError(str(error)) from error
+    if cfg is None:
+        return None
+    if cfg.file and Path(cfg.file).is_file():
+        return CachedWeights(Path(cfg.file), "file", bool(cfg.custom_load))
+    if cfg.hf_hub_id:
+        hit = _find_in_hf_cache(cfg.hf_hub_id, cfg.hf_hub_filename)
+        if hit is not None:
+            return CachedWeights(hit, "hf-hub", False)
+    if cfg.url:
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        if candidate.is_file():
+            return CachedWeights(candidate, "url", bool(cfg.custom_load))
+    return None
+
+
+def _find_in_hf_cache(hub_id: str, filename: str | None) -> Path | None:
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # timm works without huggingface_hub; then there is no HF cache to read
+        return None
+    repo_id, _, revision = hub_id.partition("@")
+    for candidate in (filename,) if filename else _HF_WEIGHT_FILES:
+        found = try_to_load_from_cache(repo_id, candidate, cache_dir=constants.HF_HUB_CACHE, revision=revision or None)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file or a PyTorch/timm checkpoint, on CPU, with wrapper prefixes removed.
+
+    The format is read from the file's first bytes, not its suffix. Checkpoints go through
+    torch.load(weights_only=True): only tensors and plain containers (plus argparse.Namespace, which timm's
+    training script stores as `args`) are accepted, so a pickle that would construct other objects is refused
+    before anything runs. Wrapped checkpoints are unwrapped the way timm does (state_dict_ema, model_ema,
+    state_dict, model, in that order).
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
+        try:
+            raw: object = safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as error:  # SafetensorError is not exported under a stable name
+            raise InvalidArgumentError(
+                f"{path} looks like safetensors but cannot be read: {_first_line(error)}"
+            ) from error
+    elif head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip archive, or its legacy raw pickle
+        raw = _torch_load_weights_only(path)
+    else:
+        raise InvalidArgumentError(f"{path} is neither a safetensors file nor a PyTorch checkpoint")
+    return _unwrap_state_dict(raw, path)
+
+
+def _torch_load_weights_only(path: Path) -> object:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise InvalidArgumentError(
+            f"{path} holds objects other than tensors and plain containers, and loading it would run their code; "
+            f"refused ({_first_line(error)}). Save just the state_dict (or convert it to .safetensors) and retry"
+        ) from error
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise InvalidArgumentError(f"{path} is not a readable PyTorch checkpoint: {_first_line(error)}") from error
+
+
+def _unwrap_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(raw, Mapping):
+        for key in _CHECKPOINT_KEYS:
+            if isinstance(raw.get(key), Mapping):
+                raw = raw[key]
+                break
+    if not isinstance(raw, Mapping) or not raw:
+        raise InvalidArgumentError(f"{path} does not contain a state dict (a mapping of parameter names to tensors)")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise InvalidArgumentError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        state[key] = value
+    return state
+
+
+def _load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load every parameter and buffer; any difference is named, so a user sees which model the file is for."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key} {tuple(state[key].shape)} (model: {tuple(value.shape)})"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:_KEYS_SHOWN])}{', ...' if len(keys) > _KEYS_SHOWN else ''}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if keys
+    ]
+    if problems:
+        raise FailedPreconditionError(f"weights {path} do not fit this backbone: {'; '.join(problems)}")
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise InvalidArgumentError(f"weights {path}: tensor {key} contains NaN or Inf")
+    model.load_state_dict(state, strict=True)
+
+
+def random_init_fingerprint(model: torch.nn.Module, seed: int) -> str:
+    """ "random-<seed>-<first 16 hex of a sha256 over the weights>": never a 64-hex file digest, the same for the
+    same seed, architecture and timm/torch versions, and different when any of those change the weights."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{key}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return f"random-{seed}-{digest.hexdigest()[:16]}"
+
+
+def _data_config(model: VisionTransformer) -> dict[str, Any]:
+    # The pretrained config describes the checkpoint's resolution; a model built with another img_size needs its
+    # own, so the input size is taken from the model (timm's get_model_input_config) and the rest from timm.
+    input_size = tuple(get_model_input_config(model)["input_size"])
+    return resolve_model_data_config(model, args={"input_size": input_size})
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

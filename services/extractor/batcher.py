@@ -1,0 +1,315 @@
+"""Dynamic batching across every open stream: items from all callers are grouped up to a maximum batch size or a
+maximum queue delay, run through one blocking function in a worker thread, and each caller gets its own result.
+
+API
+    DynamicBatcher(run_batch, *, max_batch_size, max_queue_delay_ms, max_queue_items, executor=None, on_batch=None)
+        run_batch(items: list[T]) -> list[R]   blocking, one result per item in order; an Exception instance in a
+                                               slot is raised to that item's caller only
+        await batcher.submit(item) -> R        queue one item and wait for its result
+        batcher.start() / await batcher.close(drain=True)   or `async with batcher:`
+        batcher.stats -> BatcherStats          cumulative counters and the current queue length
+        on_batch(BatchRecord)                  called on the event loop after every batch (size, waits, run time)
+
+Semantics: one batch runs at a time (the accelerator is the bottleneck) while the next one fills. A batch starts
+when it is full or when its oldest item has waited `max_queue_delay_ms`; after a batch, items that already
+waited that long go at once. More than `max_queue_items` waiting items -> ResourceExhaustedError at submit
+(back-pressure instead of unbounded memory; items of the running batch do not count). A caller cancelled before
+its batch starts is dropped from it; one cancelled later just never reads its result. An exception from
+run_batch fails that batch's callers only. After close(), submit -> UnavailableError; close(drain=True) runs
+what is queued without waiting for the delay, close(drain=False) fails it with UnavailableError.
+One batcher belongs to the event loop it was started on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from services.common.errors import InvalidArgumentError, MistError, ResourceExhaustedError, UnavailableError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one batch did, for histograms (batch size, per-item queue wait, run latency)."""
+
+    size: int  # items that went into run_batch
+    queue_wait_s: tuple[float, ...]  # per item: seconds from submit to the batch start
+    run_s: float  # seconds run_batch took (in its thread)
+    ok: bool  # False when run_batch raised or returned the wrong number of results
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    """Cumulative counters since construction, plus the queue length now."""
+
+    batches: int  # batches run (failed ones included)
+    items: int  # items that went into a batch
+    failed_batches: int  # batches whose run_batch raised or returned the wrong number of results
+    rejected: int  # submits refused because the queue was full
+    cancelled: int  # items dropped before their batch started because their caller went away
+    queued: int  # items waiting now (not counting the running batch)
+
+
+class _Pending(Generic[T, R]):
+    __slots__ = ("item", "future", "submitted_at", "taken")
+
+    def __init__(self, item: T, future: asyncio.Future[R]) -> None:
+        self.item = item
+        self.future = future
+        self.submitted_at = time.monotonic()
+        self.taken = False  # moved into a batch (or failed by close): no longer counted as queued
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Collects items from many concurrent callers into batches for one blocking `run_batch` function."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        *,
+        max_batch_size: int,
+        max_queue_delay_ms: float,
+        max_queue_items: int,
+        executor: Executor | None = None,
+        on_batch: Callable[[BatchRecord], None] | None = None,
+    ) -> None:
+        _check_positive_int("max_batch_size", max_batch_size)
+        _check_positive_int("max_queue_items", max_queue_items)
+        if max_queue_items < max_batch_size:
+            raise InvalidArgumentError(
+                f"max_queue_items ({max_queue_items}) must be at least max_batch_size ({max_batch_size}), "
+                f"or no batch could ever fill"
+            )
+        if (
+            isinstance(max_queue_delay_ms, bool)
+            or not isinstance(max_queue_delay_ms, (int, float))
+            or not 0 <= max_queue_delay_ms < float("inf")
+        ):
+            raise InvalidArgumentError(f"max_queue_delay_ms must be a finite number >= 0; got {max_queue_delay_ms!r}")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_ms = float(max_queue_delay_ms)
+        self.max_queue_items = max_queue_items
+        self._on_batch = on_batch
+        self._executor = executor
+        self._owns_executor = executor is None
+        self._queue: collections.deque[_Pending[T, R]] = collections.deque()
+        self._live = 0  # queued items whose caller is still waiting (cancelled ones leave the deque lazily)
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._closing = False
+        self._broken: UnavailableError | None = None
+        self._counts = collections.Counter[str]()
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker on the running event loop (idempotent; `submit` calls it too)."""
+        if self._worker is not None:
+            return
+        if self._closing:
+            raise UnavailableError("the batcher is closed")
+        loop = asyncio.get_running_loop()  # raises outside a loop, before anything is created
+        if self._executor is None:
+            # One thread: batches never overlap, and torch sees a single caller thread.
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mist-batcher")
+        self._wakeup = asyncio.Event()
+        self._worker = loop.create_task(self._work(), name="mist-batcher")
+
+    async def close(self, drain: bool = True) -> None:
+        """Refuse new items; run (drain=True) or fail (drain=False) the queued ones; wait for the running batch."""
+        self._closing = True
+        if not drain:
+            self._fail_queued(UnavailableError("the batcher was closed before this item ran"))
+        if self._worker is not None:
+            assert self._wakeup is not None
+            self._wakeup.set()
+            await asyncio.shield(self._worker)
+        if self._owns_executor and self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> DynamicBatcher[T, R]:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close(drain=True)
+
+    # ---- submitting ------------------------------------------------------------------------------------------
+
+    async def submit(self, item: T) -> R:
+        """Queue `item` and wait for its result (or its exception)."""
+        if self._broken is not None:
+            raise UnavailableError(str(self._broken))
+        if self._closing:
+            raise UnavailableError("the batcher is closed; no new items are accepted")
+        self.start()
+        if self._live >= self.max_queue_items:
+            self._counts["rejected"] += 1
+            raise ResourceExhaustedError(
+                f"the extractor queue is full ({self.max_queue_items} items waiting); retry with backoff"
+            )
+        pending: _Pending[T, R] = _Pending(item, asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        self._live += 1
+        assert self._wakeup is not None
+        self._wakeup.set()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # Still queued: give its place back now (the entry leaves the deque lazily). Already taken: nothing to do.
+            if not pending.taken:
+                pending.taken = True
+                self._live -= 1
+                self._counts["cancelled"] += 1
+                self._compact_if_stale()
+            raise
+
+    def _compact_if_stale(self) -> None:
+        # Cancelled entries leave the deque when the worker reaches them; callers that come and go while one long
+        # batch runs must not grow it without bound, so rebuild it once the dead outnumber the allowed queue.
+        if len(self._queue) - self._live > self.max_queue_items:
+            self._queue = collections.deque(pending for pending in self._queue if not pending.taken)
+
+    @property
+    def stats(self) -> BatcherStats:
+        """A snapshot of the counters."""
+        return BatcherStats(
+            batches=self._counts["batches"],
+            items=self._counts["items"],
+            failed_batches=self._counts["failed_batches"],
+            rejected=self._counts["rejected"],
+            cancelled=self._counts["cancelled"],
+            queued=self._live,
+        )
+
+    # ---- the worker ------------------------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        # Whatever stops the worker (a bug, the loop cancelling it), no caller may be left waiting forever.
+        try:
+            while True:
+                batch = await self._next_batch()
+                if batch is None:
+                    return
+                await self._run(batch)
+        except asyncio.CancelledError:
+            self._stop(UnavailableError("the batcher was cancelled"))
+            raise
+        except Exception as error:
+            logger.exception("batcher worker failed; no further items are accepted")
+            self._stop(UnavailableError(f"the batcher stopped: {error!r}"))
+
+    def _stop(self, error: UnavailableError) -> None:
+        self._broken = error
+        self._fail_queued(error)
+
+    async def _next_batch(self) -> list[_Pending[T, R]] | None:
+        """Wait until a batch is due (full, oldest item past the delay, or closing); None when closed and empty."""
+        assert self._wakeup is not None
+        while True:
+            self._drop_cancelled_head()
+            if self._queue:
+                break
+            if self._closing:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        deadline = self._queue[0].submitted_at + self.max_queue_delay_ms / 1000
+        while self._live < self.max_batch_size and not self._closing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        return self._take(self.max_batch_size)
+
+    def _take(self, limit: int) -> list[_Pending[T, R]]:
+        batch: list[_Pending[T, R]] = []
+        while self._queue and len(batch) < limit:
+            pending = self._queue.popleft()
+            if not pending.taken:  # cancelled callers were already uncounted in submit
+                pending.taken = True
+                batch.append(pending)
+                self._live -= 1
+        return batch
+
+    def _drop_cancelled_head(self) -> None:
+        while self._queue and self._queue[0].taken:
+            self._queue.popleft()
+
+    async def _run(self, batch: list[_Pending[T, R]]) -> None:
+        if not batch:
+            return
+        started = time.monotonic()
+        waits = tuple(started - pending.submitted_at for pending in batch)
+        items = [pending.item for pending in batch]
+        loop = asyncio.get_running_loop()
+        ok = True
+        try:
+            results = await loop.run_in_executor(self._executor, self._run_batch, items)
+            if not isinstance(results, Sequence) or len(results) != len(items):
+                count = len(results) if isinstance(results, Sequence) else type(results).__name__
+                raise MistError(f"run_batch returned {count} results for {len(items)} items")
+        except asyncio.CancelledError:
+            for pending in batch:
+                _settle(pending.future, error=UnavailableError("the batcher was cancelled while this item ran"))
+            raise
+        except Exception as error:
+            ok = False
+            for pending in batch:
+                _settle(pending.future, error=error)
+        else:
+            for pending, result in zip(batch, results, strict=True):
+                if isinstance(result, Exception):
+                    _settle(pending.future, error=result)
+                else:
+                    _settle(pending.future, result=result)
+        self._record(BatchRecord(size=len(batch), queue_wait_s=waits, run_s=time.monotonic() - started, ok=ok))
+
+    def _record(self, record: BatchRecord) -> None:
+        self._counts["batches"] += 1
+        self._counts["items"] += record.size
+        self._counts["failed_batches"] += int(not record.ok)
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(record)
+        except Exception:  # metrics must never take the batcher down
+            logger.exception("on_batch callback failed")
+
+    def _fail_queued(self, error: BaseException) -> None:
+        while self._queue:
+            pending = self._queue.popleft()
+            pending.taken = True
+            _settle(pending.future, error=error)
+        self._live = 0
+
+
+def _settle(future: asyncio.Future[R], *, result: R | None = None, error: BaseException | None = None) -> None:
+    """Deliver to a caller who may have gone away meanwhile (a cancelled future accepts nothing)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
+
+
+def _check_positive_int(label: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"{label} must be a positive integer; got {value!r}")
