@@ -1,0 +1,585 @@
+"""The registry's storage: tasks, immutable numbered weight versions, aliases with compare-and-set, tokens.
+
+One code path over SQLite (embedded default) and PostgreSQL (several replicas); every method is a plain
+function that raises the domain errors of services/common/errors.py, for the gRPC servicer to map.
+
+API (RegistryStore, from open_store):
+    open_store(url, *, admin_token_sha256=None, max_connections=8) -> RegistryStore
+    create_task(task, exist_ok=False) -> Task;  get_task(name) -> Task
+    list_tasks(page_size=0, page_token="") -> Page[Task]                        by name
+    push_version(task, blob, *, parent_version, force=False, declared_sha256=None, declared_size=None,
+                 metrics=None, details_json="", dataset_fingerprint="", tuner="", tags=None,
+                 pushed_by="anonymous") -> Version
+    get_version(task, number=None, alias=None) -> Version                       neither: latest
+    read_blob(task, number) -> bytes                                            sha256 re-checked
+    list_versions(task, page_size=0, page_token="") -> Page[Version]            newest first
+    delete_version(task, number, *, deleted_by="anonymous") -> None            not while aliased
+    set_alias(task, name, version, expected_version=None, moved_by="anonymous") -> Alias
+    get_alias(task, name) -> Alias;  list_aliases(task) -> list[Alias]
+    delete_alias(task, name, expected_version=None, moved_by="anonymous") -> None
+    alias_history(task, name=None, limit=100) -> list[AliasMove]             newest first
+    create_token(name, task, scope) -> str;  resolve_token(token) -> Principal | None;  revoke_token(name)
+    integrity_check() -> list[str];  stats() -> RegistryStats;  close()  (also a context manager)
+    hash_token(token) -> str;  max_blob_bytes(task) -> int                       module functions
+
+Thread safety: every method may be called from any thread; each call borrows one pooled connection for one
+transaction (see sql.py). A push validates its blob before taking the write lock, then writes the version
+row and the blob in one transaction, so a crash leaves all or nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import fields, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from services.common.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig, state_shapes
+from services.common.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from services.registry.records import (
+    MAX_PAGE_SIZE,
+    RESERVED_ALIASES,
+    SCOPES,
+    Alias,
+    AliasMove,
+    Page,
+    Principal,
+    RegistryStats,
+    ScopeName,
+    Task,
+    Version,
+    check_count,
+    check_name,
+    check_push_fields,
+    decode_page_token,
+    encode_page_token,
+    normalize_task,
+    page_size_or_default,
+)
+from services.registry.sql import Cursor, Database, find_problems
+from services.registry.weights import MAX_HEADER_BYTES, WeightsSummary, sha256_hex, validate_weights
+
+DEFAULT_HISTORY_LIMIT = 100
+ADMIN_PRINCIPAL = Principal(name="admin", task=None, scope="admin")
+# A recognisable prefix lets secret scanners find leaked registry tokens.
+TOKEN_PREFIX = "mist_"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_TASK_COLUMNS = (
+    "name, backbone_name, backbone_fingerprint, gather_mode, k, codec, class_names, edge, description, "
+    "created_at, latest_version"
+)
+_VERSION_COLUMNS = (
+    "task, number, sha256, size_bytes, metrics, details_json, parent_version, dataset_fingerprint, pushed_by, "
+    "tuner, created_at, tags, parameter_count"
+)
+_LIVE = "deleted_at IS NULL"
+
+
+def open_store(url: str, *, admin_token_sha256: str | None = None, max_connections: int = 8) -> RegistryStore:
+    """Opens (creating and migrating as needed) `sqlite:///PATH` or `postgresql://USER@HOST:PORT/DB`.
+
+    admin_token_sha256: hash_token() of the configured admin token; that token then resolves to the admin
+    principal. It is never written to the database, so rotating it is a configuration change.
+    """
+    return RegistryStore(Database(url, max_connections=max_connections), admin_token_sha256=admin_token_sha256)
+
+
+def hash_token(token: str) -> str:
+    """The form a token is stored and compared in: sha256 hex of its UTF-8 bytes."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def max_blob_bytes(task: Task) -> int:
+    """The largest blob that could fit the task (float32 tensors plus the largest header accepted).
+
+    Lets the servicer refuse an oversized upload before it has buffered it.
+    """
+    elements = 0
+    for shape in state_shapes(task.edge_config()).values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        elements += count
+    return 8 + MAX_HEADER_BYTES + 4 * elements
+
+
+def _to_datetime(microseconds: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=microseconds)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _task_from_row(row: tuple[Any, ...]) -> Task:
+    name, backbone, fingerprint, mode, k, codec, classes, edge, description, created_us, latest = row
+    return Task(
+        name=name,
+        backbone_name=backbone,
+        backbone_fingerprint=fingerprint,
+        gather_mode=mode,
+        k=k,
+        codec=codec,
+        class_names=tuple(json.loads(classes)),
+        edge=json.loads(edge),
+        description=description,
+        created_at=_to_datetime(created_us),
+        latest_version=latest,
+    )
+
+
+def _version_from_row(row: tuple[Any, ...]) -> Version:
+    task, number, sha, size, metrics, details, parent, dataset, pushed_by, tuner, created_us, tags, params = row
+    return Version(
+        task=task,
+        number=number,
+        sha256=sha,
+        size_bytes=size,
+        metrics=json.loads(metrics),
+        details_json=details,
+        parent_version=parent,
+        dataset_fingerprint=dataset,
+        pushed_by=pushed_by,
+        tuner=tuner,
+        created_at=_to_datetime(created_us),
+        tags=json.loads(tags),
+        parameter_count=params,
+    )
+
+
+def _differences(existing: Task, wanted: Task) -> list[str]:
+    ignored = {"created_at", "latest_version"}
+    return [
+        f.name for f in fields(Task) if f.name not in ignored and getattr(existing, f.name) != getattr(wanted, f.name)
+    ]
+
+
+class RegistryStore:
+    """Registry storage over a Database; see the module docstring for the API and its guarantees."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        admin_token_sha256: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if admin_token_sha256 is not None and len(admin_token_sha256) != 64:
+            raise InvalidArgumentError("admin_token_sha256 must be the 64-hex-digit hash_token() of the admin token")
+        self._db = db
+        self._admin_hash = admin_token_sha256.lower() if admin_token_sha256 else None
+        self._clock = clock
+
+    @property
+    def dialect(self) -> str:
+        """The backend: "sqlite" or "postgresql"."""
+        return self._db.dialect.name
+
+    def _now_us(self) -> int:
+        return int(self._clock() * 1_000_000)
+
+    # ---- tasks ------------------------------------------------------------------------------------
+
+    def _lock_task(self, cur: Cursor, name: str) -> tuple[int, int]:
+        """Row-locks the task (PostgreSQL; SQLite's BEGIN IMMEDIATE locked everything); -> (latest, last number)."""
+        row = cur.execute(
+            f"SELECT latest_version, last_number FROM tasks WHERE name = ?{self._db.dialect.for_update}", (name,)
+        ).one()
+        if row is None:
+            raise NotFoundError(f"task {name!r} not found")
+        return row[0], row[1]
+
+    def _require_task(self, cur: Cursor, name: str) -> None:
+        check_name("task", name)
+        if cur.execute("SELECT 1 FROM tasks WHERE name = ?", (name,)).one() is None:
+            raise NotFoundError(f"task {name!r} not found")
+
+    def create_task(self, task: Task, exist_ok: bool = False) -> Task:
+        """Creates a task; an identical existing one is returned when exist_ok, any other is AlreadyExistsError."""
+        wanted = normalize_task(task)
+        try:
+            with self._db.write() as cur:
+                row = cur.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE name = ?", (wanted.name,)).one()
+                if row is None:
+                    created_us = self._now_us()
+                    cur.execute(
+                        "INSERT INTO tasks (name, backbone_name, backbone_fingerprint, gather_mode, k, codec, "
+                        "class_names, edge, description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (wanted.name, wanted.backbone_name, wanted.backbone_fingerprint, wanted.gather_mode,
+                         wanted.k, wanted.codec, _dumps(list(wanted.class_names)), _dumps(wanted.edge),
+                         wanted.description, created_us),
+                    )  # fmt: skip
+                    return replace(wanted, created_at=_to_datetime(created_us), latest_version=0)
+        except self._db.integrity_errors:
+            row = None  # another replica created it between our SELECT and INSERT: compare with theirs
+        existing = _task_from_row(row) if row is not None else self.get_task(wanted.name)
+        differing = _differences(existing, wanted)
+        if differing:
+            raise AlreadyExistsError(f"task {wanted.name!r} already exists with a different {', '.join(differing)}")
+        if not exist_ok:
+            raise AlreadyExistsError(f"task {wanted.name!r} already exists (pass exist_ok to accept an identical one)")
+        return existing
+
+    def get_task(self, name: str) -> Task:
+        check_name("task", name)
+        with self._db.read() as cur:
+            row = cur.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE name = ?", (name,)).one()
+        if row is None:
+            raise NotFoundError(f"task {name!r} not found")
+        return _task_from_row(row)
+
+    def list_tasks(self, page_size: int = 0, page_token: str = "") -> Page[Task]:
+        """Tasks ordered by name, page_size at a time (0 = 50, at most 1000)."""
+        size = page_size_or_default(page_size)
+        after = decode_page_token(page_token, "tasks", "", str)
+        with self._db.read() as cur:
+            rows = cur.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE name > ? ORDER BY name LIMIT ?", (after or "", size + 1)
+            ).all()
+        tasks = [_task_from_row(row) for row in rows[:size]]
+        more = len(rows) > size
+        return Page(tasks, encode_page_token("tasks", "", tasks[-1].name) if more else "")
+
+    # ---- versions ---------------------------------------------------------------------------------
+
+    def _check_blob(
+        self, task: Task, blob: bytes, declared_sha256: str | None, declared_size: int | None
+    ) -> WeightsSummary:
+        config = task.edge_config()
+        summary = validate_weights(
+            blob, state_shapes(config), declared_sha256=declared_sha256, declared_size=declared_size
+        )
+        embedded = summary.metadata.get(CONFIG_METADATA_KEY)
+        # Heads and pooling do not change any shape, so a config the weights carry is compared too.
+        if embedded is not None and EdgeNetworkConfig.from_json(embedded) != config:
+            raise FailedPreconditionError(
+                f"the weights were trained for edge network {embedded} but task {task.name!r} uses {config.to_json()}"
+            )
+        return summary
+
+    def push_version(
+        self,
+        task_name: str,
+        blob: bytes,
+        *,
+        parent_version: int,
+        force: bool = False,
+        declared_sha256: str | None = None,
+        declared_size: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        details_json: str = "",
+        dataset_fingerprint: str = "",
+        tuner: str = "",
+        tags: Mapping[str, str] | None = None,
+        pushed_by: str = "anonymous",
+    ) -> Version:
+        """Validates the blob against the task, then stores it as the next version, atomically.
+
+        parent_version must be the task's latest version (0 before the first push) unless force is set;
+        otherwise AbortedError, so of several pushes from one parent exactly one wins.
+        """
+        metrics, tags = dict(metrics or {}), dict(tags or {})
+        check_push_fields(metrics, details_json, tags, dataset_fingerprint, tuner, pushed_by)
+        check_count("parent_version", parent_version, minimum=0)
+        task = self.get_task(task_name)
+        # Validation (hashing, parsing, the NaN scan) runs before the write lock so it never holds it.
+        summary = self._check_blob(task, blob, declared_sha256, declared_size)
+        with self._db.write() as cur:
+            latest, last_number = self._lock_task(cur, task_name)
+            if parent_version > last_number:
+                raise NotFoundError(f"parent version {parent_version} of task {task_name!r} does not exist")
+            if parent_version != latest and not force:
+                raise AbortedError(
+                    f"task {task_name!r} is at version {latest} but the push is based on {parent_version}: "
+                    "pull the latest version and tune from it, or push with force"
+                )
+            number, created_us = last_number + 1, self._now_us()
+            metric_values = {key: float(value) for key, value in metrics.items()}
+            cur.execute(
+                f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (task_name, number, summary.sha256, summary.size_bytes, _dumps(metric_values), details_json,
+                 parent_version, dataset_fingerprint, pushed_by, tuner, created_us, _dumps(tags),
+                 summary.parameter_count),
+            )  # fmt: skip
+            cur.execute("INSERT INTO blobs (task, number, data) VALUES (?, ?, ?)", (task_name, number, bytes(blob)))
+            cur.execute(
+                "UPDATE tasks SET latest_version = ?, last_number = ? WHERE name = ?", (number, number, task_name)
+            )
+        return Version(
+            task=task_name, number=number, sha256=summary.sha256, size_bytes=summary.size_bytes,
+            metrics=metric_values, details_json=details_json, parent_version=parent_version,
+            dataset_fingerprint=dataset_fingerprint, pushed_by=pushed_by, tuner=tuner,
+            created_at=_to_datetime(created_us), tags=tags, parameter_count=summary.parameter_count,
+        )  # fmt: skip
+
+    def _live_version(self, cur: Cursor, task: str, number: int) -> Version:
+        row = cur.execute(
+            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE task = ? AND number = ? AND {_LIVE}", (task, number)
+        ).one()
+        if row is None:
+            raise NotFoundError(f"version {number} of task {task!r} not found")
+        return _version_from_row(row)
+
+    def get_version(self, task: str, number: int | None = None, alias: str | None = None) -> Version:
+        """A version by number, by alias, or (neither given) the latest."""
+        if number is not None and alias is not None:
+            raise InvalidArgumentError("give a version number or an alias, not both")
+        with self._db.read() as cur:
+            self._require_task(cur, task)
+            if alias is not None:
+                number = self._alias_target(cur, task, alias)
+            elif number is None:
+                number = cur.execute("SELECT latest_version FROM tasks WHERE name = ?", (task,)).one()[0]
+                if number == 0:
+                    raise NotFoundError(f"task {task!r} has no versions yet")
+            return self._live_version(cur, task, check_count("version", number))
+
+    def read_blob(self, task: str, number: int) -> bytes:
+        """The safetensors bytes of a live version; DataLossError if they no longer hash to the recorded sha256."""
+        check_count("version", number)
+        with self._db.read() as cur:
+            self._require_task(cur, task)
+            row = cur.execute(
+                f"SELECT v.sha256, b.data FROM versions v JOIN blobs b ON b.task = v.task AND b.number = v.number "
+                f"WHERE v.task = ? AND v.number = ? AND v.{_LIVE}",
+                (task, number),
+            ).one()
+        if row is None:
+            raise NotFoundError(f"version {number} of task {task!r} not found")
+        data = bytes(row[1])
+        if sha256_hex(data) != row[0]:
+            raise DataLossError(f"stored blob of version {number} of task {task!r} does not match its sha256")
+        return data
+
+    def list_versions(self, task: str, page_size: int = 0, page_token: str = "") -> Page[Version]:
+        """Live versions, newest first, page_size at a time (0 = 50, at most 1000)."""
+        size = page_size_or_default(page_size)
+        before = decode_page_token(page_token, "versions", task, int)
+        with self._db.read() as cur:
+            self._require_task(cur, task)
+            rows = cur.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM versions WHERE task = ? AND number < ? AND {_LIVE} "
+                "ORDER BY number DESC LIMIT ?",
+                (task, before if before is not None else 2**31, size + 1),
+            ).all()
+        versions = [_version_from_row(row) for row in rows[:size]]
+        more = len(rows) > size
+        return Page(versions, encode_page_token("versions", task, versions[-1].number) if more else "")
+
+    def delete_version(self, task: str, number: int, *, deleted_by: str = "anonymous") -> None:
+        """Deletes a version's blob; refused while an alias points at it. Its number is never given again."""
+        check_count("version", number)
+        check_name("task", task)
+        with self._db.write() as cur:
+            self._lock_task(cur, task)
+            self._live_version(cur, task, number)
+            aliases = [
+                row[0]
+                for row in cur.execute(
+                    "SELECT name FROM aliases WHERE task = ? AND version = ? ORDER BY name", (task, number)
+                ).all()
+            ]
+            if aliases:
+                raise FailedPreconditionError(
+                    f"version {number} of task {task!r} is the target of aliases {aliases}: move or delete them first"
+                )
+            cur.execute("DELETE FROM blobs WHERE task = ? AND number = ?", (task, number))
+            cur.execute(
+                "UPDATE versions SET deleted_at = ?, deleted_by = ? WHERE task = ? AND number = ?",
+                (self._now_us(), deleted_by, task, number),
+            )
+            latest = cur.execute(f"SELECT MAX(number) FROM versions WHERE task = ? AND {_LIVE}", (task,)).one()[0]
+            cur.execute("UPDATE tasks SET latest_version = ? WHERE name = ?", (latest or 0, task))
+
+    # ---- aliases ----------------------------------------------------------------------------------
+
+    def _alias_target(self, cur: Cursor, task: str, name: str) -> int:
+        check_name("alias", name)
+        row = cur.execute("SELECT version FROM aliases WHERE task = ? AND name = ?", (task, name)).one()
+        if row is None:
+            raise NotFoundError(f"alias {name!r} of task {task!r} not found")
+        return row[0]
+
+    def _check_expected(self, task: str, name: str, current: int, expected: int | None) -> None:
+        if expected is not None and check_count("expected_version", expected, minimum=0) != current:
+            now = f"points to version {current}" if current else "does not exist"
+            raise AbortedError(f"alias {name!r} of task {task!r} {now}, not the expected {expected}: re-read and retry")
+
+    def _record_move(self, cur: Cursor, task: str, name: str, from_v: int, to_v: int, by: str, at_us: int) -> None:
+        cur.execute(
+            "INSERT INTO alias_moves (task, name, from_version, to_version, moved_at, moved_by) VALUES (?, ?, ?, ?, ?, ?)",
+            (task, name, from_v, to_v, at_us, by),
+        )
+
+    def set_alias(
+        self, task: str, name: str, version: int, expected_version: int | None = None, moved_by: str = "anonymous"
+    ) -> Alias:
+        """Points an alias at a live version; with expected_version (0 = must not exist) as compare-and-set."""
+        check_name("task", task)
+        check_name("alias", name)
+        if name in RESERVED_ALIASES:
+            raise InvalidArgumentError(f"{name!r} is reserved and cannot be an alias name")
+        check_count("version", version)
+        with self._db.write() as cur:
+            self._lock_task(cur, task)
+            self._live_version(cur, task, version)
+            row = cur.execute(
+                "SELECT version, updated_at, updated_by FROM aliases WHERE task = ? AND name = ?", (task, name)
+            ).one()
+            current = row[0] if row else 0
+            self._check_expected(task, name, current, expected_version)
+            if current == version:  # already there: no move to record
+                return Alias(task, name, version, _to_datetime(row[1]), row[2])
+            now_us = self._now_us()
+            if row is None:
+                cur.execute(
+                    "INSERT INTO aliases (task, name, version, updated_at, updated_by) VALUES (?, ?, ?, ?, ?)",
+                    (task, name, version, now_us, moved_by),
+                )
+            else:
+                cur.execute(
+                    "UPDATE aliases SET version = ?, updated_at = ?, updated_by = ? WHERE task = ? AND name = ?",
+                    (version, now_us, moved_by, task, name),
+                )
+            self._record_move(cur, task, name, current, version, moved_by, now_us)
+        return Alias(task, name, version, _to_datetime(now_us), moved_by)
+
+    def get_alias(self, task: str, name: str) -> Alias:
+        with self._db.read() as cur:
+            self._require_task(cur, task)
+            check_name("alias", name)
+            row = cur.execute(
+                "SELECT version, updated_at, updated_by FROM aliases WHERE task = ? AND name = ?", (task, name)
+            ).one()
+        if row is None:
+            raise NotFoundError(f"alias {name!r} of task {task!r} not found")
+        return Alias(task, name, row[0], _to_datetime(row[1]), row[2])
+
+    def delete_alias(
+        self, task: str, name: str, expected_version: int | None = None, moved_by: str = "anonymous"
+    ) -> None:
+        check_name("task", task)
+        with self._db.write() as cur:
+            self._lock_task(cur, task)
+            current = self._alias_target(cur, task, name)
+            self._check_expected(task, name, current, expected_version)
+            cur.execute("DELETE FROM aliases WHERE task = ? AND name = ?", (task, name))
+            self._record_move(cur, task, name, current, 0, moved_by, self._now_us())
+
+    def list_aliases(self, task: str) -> list[Alias]:
+        with self._db.read() as cur:
+            self._require_task(cur, task)
+            rows = cur.execute(
+                "SELECT name, version, updated_at, updated_by FROM aliases WHERE task = ? ORDER BY name", (task,)
+            ).all()
+        return [Alias(task, name, version, _to_datetime(at), by) for name, version, at, by in rows]
+
+    def alias_history(self, task: str, name: str | None = None, limit: int = DEFAULT_HISTORY_LIMIT) -> list[AliasMove]:
+        """Moves of one alias (or of all the task's aliases), newest first; limit 0 = 100, at most 1000."""
+        limit = min(check_count("limit", limit, minimum=0) or DEFAULT_HISTORY_LIMIT, MAX_PAGE_SIZE)
+        columns = "task, name, from_version, to_version, moved_at, moved_by"
+        with self._db.read() as cur:
+            self._require_task(cur, task)
+            if name:
+                check_name("alias", name)
+                rows = cur.execute(
+                    f"SELECT {columns} FROM alias_moves WHERE task = ? AND name = ? ORDER BY id DESC LIMIT ?",
+                    (task, name, limit),
+                ).all()
+            else:
+                rows = cur.execute(
+                    f"SELECT {columns} FROM alias_moves WHERE task = ? ORDER BY id DESC LIMIT ?", (task, limit)
+                ).all()
+        return [AliasMove(t, n, f, to, _to_datetime(at), by) for t, n, f, to, at, by in rows]
+
+    # ---- tokens -----------------------------------------------------------------------------------
+
+    def create_token(self, name: str, task: str | None, scope: ScopeName) -> str:
+        """Creates a token and returns its secret (shown once; only its sha256 is stored).
+
+        scope "read" or "read_write" needs a task; "admin" needs task None.
+        """
+        check_name("token", name)
+        if scope not in SCOPES or (scope == "admin") != (task is None):
+            raise InvalidArgumentError(
+                f"scope must be 'admin' without a task or 'read'/'read_write' with one, got {scope!r} for task {task!r}"
+            )
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        try:
+            with self._db.write() as cur:
+                if task is not None:
+                    self._require_task(cur, task)
+                if cur.execute("SELECT 1 FROM tokens WHERE name = ?", (name,)).one() is not None:
+                    raise AlreadyExistsError(f"a token named {name!r} exists; revoke it first or pick another name")
+                cur.execute(
+                    "INSERT INTO tokens (name, token_sha256, task, scope, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (name, hash_token(secret), task, scope, self._now_us()),
+                )
+        except self._db.integrity_errors as error:  # a concurrent create of the same name won
+            raise AlreadyExistsError(f"a token named {name!r} exists") from error
+        return secret
+
+    def resolve_token(self, token: str) -> Principal | None:
+        """The principal a bearer token stands for, or None for an unknown or revoked one."""
+        if not isinstance(token, str) or not token:
+            return None
+        digest = hash_token(token)
+        if self._admin_hash is not None and hmac.compare_digest(digest, self._admin_hash):
+            return ADMIN_PRINCIPAL
+        # The index lookup is keyed by a hash of a secret the caller chose, so its timing reveals nothing
+        # about stored tokens; the final comparison is constant-time all the same.
+        with self._db.read() as cur:
+            row = cur.execute(
+                "SELECT name, token_sha256, task, scope FROM tokens WHERE token_sha256 = ?", (digest,)
+            ).one()
+        if row is None or not hmac.compare_digest(row[1], digest):
+            return None
+        return Principal(name=row[0], task=row[2], scope=row[3])
+
+    def revoke_token(self, name: str) -> None:
+        check_name("token", name)
+        with self._db.write() as cur:
+            if cur.execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFoundError(f"token {name!r} not found")
+
+    # ---- operations -------------------------------------------------------------------------------
+
+    def integrity_check(self) -> list[str]:
+        """Problems found (empty when healthy): the engine's own check on SQLite, then our invariants."""
+        return find_problems(self._db)
+
+    def stats(self) -> RegistryStats:
+        with self._db.read() as cur:
+            counts = cur.execute(
+                f"SELECT t.name, COUNT(v.number), COALESCE(SUM(v.size_bytes), 0) FROM tasks t "
+                f"LEFT JOIN versions v ON v.task = t.name AND v.{_LIVE} GROUP BY t.name ORDER BY t.name"
+            ).all()
+            aliases = cur.execute("SELECT COUNT(*) FROM aliases").one()[0]
+        return RegistryStats(
+            tasks=len(counts),
+            versions_by_task={name: int(count) for name, count, _ in counts},
+            bytes_stored=sum(int(size) for _, _, size in counts),
+            aliases=int(aliases),
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> RegistryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
