@@ -1,0 +1,322 @@
+"""The LAE edge network's configuration, exact weight shapes and cost model, in pure Python.
+
+The tuner builds the torch module from it (services/tuner/edge_network.py); the registry, which has no
+torch, uses it to check pushed weights against a task's config and to report parameters and MACs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args
+
+from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.common.pb import feature_pb2
+
+Pooling = Literal["cls", "mean"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+
+# Safetensors metadata key under which weights carry their config as JSON (see to_json / from_json).
+CONFIG_METADATA_KEY = "mist.edge_network_config"
+
+# Upper bounds: generous for any real ViT (ViT-22B has D = 6144; a 1024 px image at patch 16 has
+# 4097 tokens; ImageNet-21k has 21,843 classes) yet small enough that a hostile config cannot make a
+# registry, a tuner or a device allocate a gigantic network.
+MAX_DIMS = 8192
+MAX_TOKENS = 8192
+MAX_NUM_CLASSES = 100_000
+MAX_NUM_BLOCKS = 64
+MAX_RANK = 1024
+MAX_TRAINABLE_PARAMETERS = 2**25  # 33.5 M: 128 MiB of float32 weights, ~100x the paper's network
+# A 64-block network's header is ~50 KB; the rest is room for user metadata, and a bound for hostile input.
+MAX_SAFETENSORS_HEADER_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class EdgeNetworkConfig:
+    """Geometry and hyperparameters of one task's LAE edge network (validated on construction)."""
+
+    dims: int  # D: width of the gathered feature (768 for ViT-B/16)
+    tokens: int  # T: tokens per image, CLS included (197 for ViT-B/16 at 224 px)
+    num_classes: int  # C: outputs of the classifier head (>= 2)
+    num_blocks: int = 4  # M: low-rank attention blocks; the paper uses 4
+    rank: int = 16  # r: width of the Q/K/V space; the paper uses 16 for D = 768
+    heads: int = 1  # attention heads splitting the r dims; the paper uses one head
+    pooling: Pooling = "cls"  # "cls" = token 0, "mean" = average over tokens (backbones without CLS)
+
+    def __post_init__(self) -> None:
+        for name, upper in (
+            ("dims", MAX_DIMS),
+            ("tokens", MAX_TOKENS),
+            ("num_classes", MAX_NUM_CLASSES),
+            ("num_blocks", MAX_NUM_BLOCKS),
+            ("rank", MAX_RANK),
+        ):
+            _check_int(name, getattr(self, name), 1, upper)
+        _check_int("heads", self.heads, 1, self.rank)
+        if self.num_classes < 2:
+            raise InvalidArgumentError(f"edge network num_classes must be at least 2, got {self.num_classes}")
+        if self.rank > self.dims:
+            raise InvalidArgumentError(
+                f"edge network rank {self.rank} exceeds dims {self.dims}: it would not be low rank"
+            )
+        if self.rank % self.heads:
+            raise InvalidArgumentError(f"edge network rank {self.rank} is not divisible by heads {self.heads}")
+        if self.pooling not in POOLINGS:
+            raise InvalidArgumentError(f"edge network pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        total = trainable_parameters(self)
+        if total > MAX_TRAINABLE_PARAMETERS:
+            raise InvalidArgumentError(
+                f"edge network would have {total:,} parameters, over the limit of {MAX_TRAINABLE_PARAMETERS:,}"
+            )
+
+    def to_proto(self) -> feature_pb2.EdgeNetworkConfig:
+        """Every field written explicitly, defaults included, so readers never guess."""
+        return feature_pb2.EdgeNetworkConfig(**self.to_dict())
+
+    @classmethod
+    def from_proto(
+        cls,
+        message: feature_pb2.EdgeNetworkConfig,
+        *,
+        dims: int | None = None,
+        tokens: int | None = None,
+        num_classes: int | None = None,
+    ) -> EdgeNetworkConfig:
+        """Reads a proto; zero num_blocks/rank/heads and empty pooling mean the defaults.
+
+        The keywords supply the geometry that a TuneSpec leaves to the tuner (derived from the features
+        and the class list): they fill zero proto fields, and a non-zero field that disagrees is an error.
+        """
+        defaults = {f.name: f.default for f in fields(cls) if f.name in _HYPERPARAMETERS}
+        values: dict[str, Any] = {name: getattr(message, name) or defaults[name] for name in _HYPERPARAMETERS}
+        for name, derived in (("dims", dims), ("tokens", tokens), ("num_classes", num_classes)):
+            given = getattr(message, name)
+            if derived is not None and given and given != derived:
+                raise InvalidArgumentError(f"edge network {name} is {given} in the request but {derived} here")
+            values[name] = given or derived or 0
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, int | str]:
+        """JSON-friendly form (field name -> value), the shape used in safetensors metadata."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EdgeNetworkConfig:
+        """Strict inverse of to_dict: unknown keys or missing required keys are errors; defaults fill the rest."""
+        if not isinstance(data, Mapping):
+            raise InvalidArgumentError(f"edge network config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidArgumentError(f"unknown edge network config keys: {unknown}")
+        missing = sorted(name for name in ("dims", "tokens", "num_classes") if name not in data)
+        if missing:
+            raise InvalidArgumentError(f"edge network config lacks required keys: {missing}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces): equal configs give equal strings."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> EdgeNetworkConfig:
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as error:
+            raise InvalidArgumentError(f"edge network config is not valid JSON: {error}") from error
+        return cls.from_dict(data)
+
+
+_HYPERPARAMETERS = ("num_blocks", "rank", "heads", "pooling")
+
+
+def _check_int(name: str, value: object, lower: int, upper: int) -> None:
+    # bool is an int subclass; True as a block count is a bug upstream, not a 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgumentError(f"edge network {name} must be an integer, got {value!r}")
+    if not lower <= value <= upper:
+        raise InvalidArgumentError(f"edge network {name} must be in [{lower}, {upper}], got {value}")
+
+
+def state_shapes(config: EdgeNetworkConfig) -> dict[str, tuple[int, ...]]:
+    """The exact state_dict of EdgeNetwork(config): key -> shape, in the module's order.
+
+    Q, K and V share one fused Linear (qkv: D -> 3r, rows ordered q | k | v, heads contiguous in each).
+    """
+    d, r, c = config.dims, config.rank, config.num_classes
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(config.num_blocks):
+        shapes[f"blocks.{i}.norm.weight"] = (d,)
+        shapes[f"blocks.{i}.norm.bias"] = (d,)
+        shapes[f"blocks.{i}.qkv.weight"] = (3 * r, d)
+        shapes[f"blocks.{i}.qkv.bias"] = (3 * r,)
+        shapes[f"blocks.{i}.proj.weight"] = (d, r)
+        shapes[f"blocks.{i}.proj.bias"] = (d,)
+    shapes["norm.weight"] = (d,)
+    shapes["norm.bias"] = (d,)
+    shapes["head.weight"] = (c, d)
+    shapes["head.bias"] = (c,)
+    return shapes
+
+
+def check_state_shapes(config: EdgeNetworkConfig, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Raises FailedPreconditionError unless `shapes` (name -> shape) is exactly state_shapes(config).
+
+    The message names every missing, unexpected and mis-shaped tensor (the first few of each), so a user
+    can tell weights of another config from a truncated file.
+    """
+    expected = state_shapes(config)
+    missing = [name for name in expected if name not in shapes]
+    extra = sorted(name for name in shapes if name not in expected)
+    wrong = [
+        f"{name} {tuple(shapes[name])} != {shape}"
+        for name, shape in expected.items()
+        if name in shapes and tuple(shapes[name]) != shape
+    ]
+    problems = [
+        f"{label}: {items[:5]}{' ...' if len(items) > 5 else ''}"
+        for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
+        if items
+    ]
+    if problems:
+        raise FailedPreconditionError(f"weights do not fit the edge network {config.to_json()}: {'; '.join(problems)}")
+
+
+@dataclass(frozen=True)
+class ParameterBreakdown:
+    """Trainable parameters of one edge network, split as the paper reports them."""
+
+    blocks: int  # the M low-rank attention blocks (LayerNorms, QKV, output projections, biases)
+    head: int  # final LayerNorm + Linear D -> C
+
+    @property
+    def total(self) -> int:
+        return self.blocks + self.head
+
+
+def parameter_breakdown(config: EdgeNetworkConfig) -> ParameterBreakdown:
+    """Counts from the layer formulas (not from state_shapes) so the two can check each other."""
+    d, r, c = config.dims, config.rank, config.num_classes
+    per_block = 2 * d + (d * 3 * r + 3 * r) + (r * d + d)  # LayerNorm, qkv Linear, proj Linear
+    head = 2 * d + (d * c + c)  # final LayerNorm, Linear
+    return ParameterBreakdown(blocks=config.num_blocks * per_block, head=head)
+
+
+def trainable_parameters(config: EdgeNetworkConfig) -> int:
+    """Every parameter of the edge network is trainable: blocks + head."""
+    return parameter_breakdown(config).total
+
+
+def macs_per_image(config: EdgeNetworkConfig) -> int:
+    """Multiply-accumulates of one forward pass for one image ([T, D] in, C logits out).
+
+    Per block: the Q, K and V projections (T*D*r each), attention scores Q K^T (T*T*r summed over heads),
+    attention times V (T*T*r) and the output projection (T*r*D); then the head Linear (D*C) on the pooled
+    token. Not counted: LayerNorm, softmax, the 1/sqrt(d) scale, bias and residual adds and mean pooling.
+    They are element-wise passes over [T, D] or [T, T] tensors (about 6 M operations at ViT-B geometry,
+    next to 44 M MACs) whose cost depends on how a kernel fuses them, whereas the matrix products are what
+    every paper's MAC column counts; counting only those keeps our figure comparable and exact. The head
+    count does not change the total: h heads of r/h dims do the same T*T*r work as one head of r dims.
+    """
+    t, d, r, c = config.tokens, config.dims, config.rank, config.num_classes
+    qkv = 3 * t * d * r
+    scores = t * t * r
+    weighted_values = t * t * r
+    projection = t * r * d
+    return config.num_blocks * (qkv + scores + weighted_values + projection) + d * c
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as a safetensors header describes it."""
+
+    dtype: str  # safetensors dtype name, e.g. "F32"
+    shape: tuple[int, ...]  # dimensions, outermost first
+    data_offsets: tuple[int, int]  # [start, end) in bytes, relative to the end of the header
+
+
+# Bytes per element of the safetensors dtypes we can size-check; anything else is rejected.
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_safetensors_header(blob: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parses and checks a safetensors blob's header without torch: (tensors by name, metadata).
+
+    Checks what the format promises (an 8-byte little-endian header length, a JSON object, string
+    metadata, known dtypes, byte ranges that match each shape and tile the data exactly), so that a blob
+    that passes can be loaded by any safetensors reader. Anything else raises InvalidArgumentError.
+    """
+    if len(blob) < 8:
+        raise InvalidArgumentError(f"not a safetensors blob: {len(blob)} bytes is shorter than its length prefix")
+    (header_bytes,) = struct.unpack("<Q", blob[:8])
+    if not 2 <= header_bytes <= min(len(blob) - 8, MAX_SAFETENSORS_HEADER_BYTES):
+        raise InvalidArgumentError(f"not a safetensors blob: header length {header_bytes} in a {len(blob)}-byte blob")
+    try:
+        header = json.loads(bytes(blob[8 : 8 + header_bytes]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise InvalidArgumentError(f"not a safetensors blob: header is not JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise InvalidArgumentError("not a safetensors blob: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidArgumentError("not a safetensors blob: __metadata__ must map strings to strings")
+    entries = {name: _tensor_entry(name, raw) for name, raw in header.items()}
+    _check_tiling(entries, len(blob) - 8 - header_bytes)
+    return entries, metadata
+
+
+def _tensor_entry(name: str, raw: object) -> TensorEntry:
+    if not isinstance(raw, dict):
+        raise InvalidArgumentError(f"not a safetensors blob: entry {name!r} is not an object")
+    dtype, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
+    if dtype not in _DTYPE_BYTES:
+        raise InvalidArgumentError(f"safetensors entry {name!r} has unsupported dtype {dtype!r}")
+    if not _is_int_list(shape) or not _is_int_list(offsets) or len(offsets) != 2:
+        raise InvalidArgumentError(f"not a safetensors blob: entry {name!r} has a malformed shape or data_offsets")
+    start, end = offsets
+    if end - start != math.prod(shape) * _DTYPE_BYTES[dtype]:
+        raise InvalidArgumentError(f"not a safetensors blob: entry {name!r} byte range does not match its shape")
+    return TensorEntry(dtype=dtype, shape=tuple(shape), data_offsets=(start, end))
+
+
+def _is_int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+def _check_tiling(entries: Mapping[str, TensorEntry], data_bytes: int) -> None:
+    # The format requires the byte ranges to cover the data exactly, without gaps or overlaps.
+    position = 0
+    for entry in sorted(entries.values(), key=lambda e: e.data_offsets):
+        if entry.data_offsets[0] != position:
+            raise InvalidArgumentError("not a safetensors blob: tensor byte ranges overlap or leave gaps")
+        position = entry.data_offsets[1]
+    if position != data_bytes:
+        raise InvalidArgumentError(f"not a safetensors blob: tensors cover {position} of {data_bytes} data bytes")
+
+
+def check_weights_blob(
+    blob: bytes, expected: EdgeNetworkConfig | None = None
+) -> tuple[EdgeNetworkConfig, dict[str, str]]:
+    """Checks pushed or pulled edge-network weights without torch: (the config they carry, metadata).
+
+    Not safetensors, or no valid config in the metadata -> InvalidArgumentError. A config other than
+    `expected` (the task's), tensors that do not match state_shapes, or a dtype other than float32 ->
+    FailedPreconditionError. NaN/Inf values are not looked at here (that needs the data decoded).
+    """
+    entries, metadata = read_safetensors_header(blob)
+    if CONFIG_METADATA_KEY not in metadata:
+        raise InvalidArgumentError(f"safetensors metadata lacks {CONFIG_METADATA_KEY!r}: not edge network weights")
+    config = EdgeNetworkConfig.from_json(metadata[CONFIG_METADATA_KEY])
+    if expected is not None and config != expected:
+        raise FailedPreconditionError(
+            f"weights are for edge network {config.to_json()}, the task expects {expected.to_json()}"
+        )
+    check_state_shapes(config, {name: entry.shape for name, entry in entries.items()})
+    not_f32 = sorted(name for name, entry in entries.items() if entry.dtype != "F32")
+    if not_f32:
+        raise FailedPreconditionError(f"edge network weights must be float32; not so: {not_f32[:5]}")
+    return config, metadata
