@@ -37,7 +37,6 @@ from services.common.errors import (
 )
 from services.registry.records import Principal, Task
 from services.registry.store import RegistryStore, hash_token, max_blob_bytes, open_store
-from tests.helpers.postgres import PostgresServer, PostgresUnavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = EdgeNetworkConfig(dims=16, tokens=5, num_classes=3, num_blocks=2, rank=4)
@@ -45,16 +44,6 @@ THREADS = 16
 
 
 # ---- fixtures and builders -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    try:
-        server = PostgresServer.start()
-    except PostgresUnavailable as error:
-        pytest.skip(f"PostgreSQL backend not tested: {error}")
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

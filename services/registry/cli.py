@@ -1,0 +1,472 @@
+"""`mist registry ...`: the registry for people (tables) and scripts (`--json`), over RegistryClient.
+
+    mist registry tasks                                      mist registry task cats
+    mist registry versions cats                              mist registry aliases cats
+    mist registry history cats production                    mist registry delete-version cats 3
+    mist registry promote cats 7 --alias production [--expect 5]
+    mist registry rollback cats --alias production
+    mist registry export cats --alias production -o cats.safetensors
+    mist registry create-token --task cats --scope read device-group-7
+
+Every subcommand takes the connection flags, each with a MIST_* variable (the flag wins): --registry
+(MIST_REGISTRY), --token (MIST_TOKEN) or --token-file (MIST_TOKEN_FILE), --tls (MIST_TLS), --tls-ca
+(MIST_TLS_CA), --client-cert / --client-key (MIST_CLIENT_CERT / MIST_CLIENT_KEY), --server-name
+(MIST_SERVER_NAME), --timeout-s (MIST_TIMEOUT_S). A refused call prints one line
+`mist registry: error: CODE: message` and exits 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.baselines import mode_from_proto
+from services.common.errors import MistError
+from services.common.pb import registry_pb2
+from services.common.registry_client import RegistryClient, status_name
+
+PROG = "mist registry"
+DEFAULT_REGISTRY = "127.0.0.1:50052"
+# Shown in `versions` when present, in this order; other metrics stay in --json and `task` details.
+KEY_METRICS = ("val_accuracy", "test_accuracy", "loss")
+SHA_PREFIX_CHARS = 12
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class CliError(Exception):
+    """A local failure (a file that cannot be written or read, a malformed variable): printed without a code."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a command prints: `data` as JSON with --json, else `text`."""
+
+    data: Any
+    text: str
+    to_stderr: bool = False  # when stdout carries the payload itself (export -o -)
+
+
+# ---- formatting ----------------------------------------------------------------------------------------
+
+
+def _when(stamp: Timestamp) -> str:
+    if not stamp.seconds and not stamp.nanos:
+        return ""
+    return stamp.ToDatetime(tzinfo=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _size(size_bytes: int) -> str:
+    value = float(size_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size_bytes} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _version_label(number: int) -> str:
+    return str(number) if number else "-"
+
+
+def format_table(columns: Sequence[tuple[str, str]], rows: Sequence[Mapping[str, Any]]) -> str:
+    """Left-aligned columns (key, header) separated by two spaces; '(none)' under the header when empty."""
+    cells = [[header for _, header in columns]] + [
+        ["" if row[key] is None else str(row[key]) for key, _ in columns] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in cells]
+    return "\n".join(lines if rows else [*lines, "(none)"])
+
+
+def task_dict(task: registry_pb2.Task) -> dict[str, Any]:
+    edge = task.edge
+    return {
+        "name": task.name, "description": task.description, "backbone": task.backbone.name,
+        "backbone_fingerprint": task.backbone.weights_fingerprint, "mode": mode_from_proto(task.mode),
+        "k": task.k, "codec": _codec_name(task), "class_names": list(task.class_names),
+        "edge": {"num_blocks": edge.num_blocks, "rank": edge.rank, "heads": edge.heads, "pooling": edge.pooling,
+                 "dims": edge.dims, "tokens": edge.tokens, "num_classes": edge.num_classes},
+        "latest_version": task.latest_version, "created_at": _when(task.created_at),
+    }  # fmt: skip
+
+
+def _codec_name(task: registry_pb2.Task) -> str:
+    from services.common.codec import CodecConfig  # numpy + zstandard: only when a task is shown
+
+    try:
+        return CodecConfig.from_proto(task.codec).name
+    except MistError:
+        return "unknown"
+
+
+def version_dict(version: registry_pb2.Version, aliases: Sequence[str] = ()) -> dict[str, Any]:
+    lineage = version.lineage
+    return {
+        "task": version.task, "version": version.number, "created_at": _when(lineage.created_at),
+        "sha256": version.sha256, "size_bytes": version.size_bytes, "metrics": dict(sorted(version.metrics.items())),
+        "parent_version": lineage.parent_version, "pushed_by": lineage.pushed_by, "tuner": lineage.tuner,
+        "dataset_fingerprint": lineage.dataset_fingerprint, "tags": dict(sorted(version.tags.items())),
+        "aliases": list(aliases),
+    }  # fmt: skip
+
+
+def alias_dict(alias: registry_pb2.Alias) -> dict[str, Any]:
+    return {
+        "task": alias.task,
+        "alias": alias.name,
+        "version": alias.version,
+        "updated_at": _when(alias.updated_at),
+        "updated_by": alias.updated_by,
+    }
+
+
+def move_dict(move: registry_pb2.AliasMove) -> dict[str, Any]:
+    return {
+        "task": move.task,
+        "alias": move.name,
+        "from_version": move.from_version,
+        "to_version": move.to_version,
+        "moved_at": _when(move.moved_at),
+        "moved_by": move.moved_by,
+    }
+
+
+def _metric(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+# ---- commands ------------------------------------------------------------------------------------------
+
+
+def cmd_tasks(client: RegistryClient, args: argparse.Namespace) -> Output:
+    tasks = [task_dict(t) for t in client.list_tasks()]
+    rows = [{**t, "classes": len(t["class_names"]), "latest": _version_label(t["latest_version"])} for t in tasks]
+    columns = [
+        ("name", "NAME"),
+        ("backbone", "BACKBONE"),
+        ("mode", "MODE"),
+        ("k", "K"),
+        ("classes", "CLASSES"),
+        ("latest", "LATEST"),
+        ("created_at", "CREATED"),
+    ]
+    return Output(tasks, format_table(columns, rows))
+
+
+def cmd_task(client: RegistryClient, args: argparse.Namespace) -> Output:
+    task = task_dict(client.get_task(args.task))
+    task["aliases"] = {a.name: a.version for a in client.list_aliases(args.task)}
+    edge = task["edge"]
+    classes = task["class_names"]
+    shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
+    lines = {
+        "name": task["name"], "description": task["description"],
+        "backbone": f"{task['backbone']} ({task['backbone_fingerprint']})",
+        "gather": f"{task['mode']}, k={task['k']}", "codec": task["codec"], "classes": shown,
+        "edge network": f"M={edge['num_blocks']} r={edge['rank']} heads={edge['heads']} pooling={edge['pooling']} "
+                        f"D={edge['dims']} T={edge['tokens']} C={edge['num_classes']}",
+        "latest version": _version_label(task["latest_version"]), "created": task["created_at"],
+        "aliases": ", ".join(f"{name} -> {v}" for name, v in task["aliases"].items()) or "(none)",
+    }  # fmt: skip
+    width = max(len(key) for key in lines)
+    return Output(task, "\n".join(f"{key + ':':<{width + 1}} {value}" for key, value in lines.items()))
+
+
+def cmd_versions(client: RegistryClient, args: argparse.Namespace) -> Output:
+    by_version: dict[int, list[str]] = {}
+    for alias in client.list_aliases(args.task):
+        by_version.setdefault(alias.version, []).append(alias.name)
+    versions = []
+    for version in client.list_versions(args.task, page_size=min(args.limit or 1000, 1000)):
+        versions.append(version_dict(version, by_version.get(version.number, [])))
+        if args.limit and len(versions) == args.limit:
+            break
+    present = {key for v in versions for key in v["metrics"]}
+    metrics = [key for key in KEY_METRICS if key in present] or sorted(present)[:3]
+    rows = [
+        {
+            **v,
+            "sha": v["sha256"][:SHA_PREFIX_CHARS],
+            "size": _size(v["size_bytes"]),
+            "parent": _version_label(v["parent_version"]),
+            "alias_list": ",".join(v["aliases"]),
+            **{f"m:{key}": _metric(v["metrics"].get(key)) for key in metrics},
+        }
+        for v in versions
+    ]
+    columns = [
+        ("version", "VERSION"),
+        ("created_at", "CREATED"),
+        ("sha", "SHA256"),
+        ("size", "SIZE"),
+        *[(f"m:{key}", key.upper()) for key in metrics],
+        ("parent", "PARENT"),
+        ("alias_list", "ALIASES"),
+    ]
+    return Output(versions, format_table(columns, rows))
+
+
+def cmd_aliases(client: RegistryClient, args: argparse.Namespace) -> Output:
+    aliases = [alias_dict(a) for a in client.list_aliases(args.task)]
+    columns = [("alias", "ALIAS"), ("version", "VERSION"), ("updated_at", "UPDATED"), ("updated_by", "BY")]
+    return Output(aliases, format_table(columns, aliases))
+
+
+def cmd_history(client: RegistryClient, args: argparse.Namespace) -> Output:
+    moves = [move_dict(m) for m in client.alias_history(args.task, args.alias, limit=args.limit)]
+    rows = [{**m, "from": _version_label(m["from_version"]), "to": _version_label(m["to_version"])} for m in moves]
+    columns = [("moved_at", "WHEN"), ("alias", "ALIAS"), ("from", "FROM"), ("to", "TO"), ("moved_by", "BY")]
+    return Output(moves, format_table(columns, rows))
+
+
+def cmd_promote(client: RegistryClient, args: argparse.Namespace) -> Output:
+    expected = args.expect
+    if expected is None:
+        # Compare-and-set on what we just read, so the "from" printed below is the truth.
+        try:
+            expected = client.get_alias(args.task, args.alias).version
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            expected = 0
+    alias = client.set_alias(args.task, args.alias, args.version, expected_version=expected)
+    data = {**alias_dict(alias), "from_version": expected}
+    return Output(data, f"{args.task}: {args.alias} {_version_label(expected)} -> {alias.version}")
+
+
+def cmd_rollback(client: RegistryClient, args: argparse.Namespace) -> Output:
+    alias = client.rollback_alias(args.task, args.alias)
+    move = client.alias_history(args.task, args.alias, limit=1)[0]
+    data = {**alias_dict(alias), "from_version": move.from_version}
+    return Output(
+        data, f"{args.task}: {args.alias} {_version_label(move.from_version)} -> {alias.version} (rolled back)"
+    )
+
+
+def cmd_export(client: RegistryClient, args: argparse.Namespace) -> Output:
+    pulled = client.pull(args.task, version=args.version, alias=args.alias, use_cache=False)  # sha256 verified
+    try:
+        if args.output == "-":
+            sys.stdout.buffer.write(pulled.blob)
+            sys.stdout.buffer.flush()
+        else:
+            _write_file(Path(args.output), pulled.blob)
+    except OSError as error:
+        raise CliError(f"cannot write {args.output}: {error.strerror or error}") from None
+    data = {**version_dict(pulled.version), "path": args.output}
+    return Output(
+        data,
+        f"wrote version {pulled.version.number} of {args.task} ({_size(len(pulled.blob))}, sha256 "
+        f"{pulled.version.sha256}) to {args.output}",
+        to_stderr=args.output == "-",
+    )
+
+
+def _write_file(path: Path, blob: bytes) -> None:
+    # Whole or absent: a file named like the weights but holding half of them would be worse than none.
+    fd, temp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(blob)
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_delete_version(client: RegistryClient, args: argparse.Namespace) -> Output:
+    client.delete_version(args.task, args.version)
+    return Output(
+        {"task": args.task, "version": args.version, "deleted": True}, f"deleted version {args.version} of {args.task}"
+    )
+
+
+def cmd_create_token(client: RegistryClient, args: argparse.Namespace) -> Output:
+    scope = args.scope.replace("-", "_")
+    token = client.create_token(args.name, task=args.task, scope=scope)
+    if not args.json:
+        print(f"token {args.name!r} ({args.scope} on task {args.task!r}); it is shown only this once", file=sys.stderr)
+    return Output({"name": args.name, "task": args.task, "scope": scope, "token": token}, token)
+
+
+def cmd_revoke_token(client: RegistryClient, args: argparse.Namespace) -> Output:
+    client.revoke_token(args.name)
+    return Output({"name": args.name, "revoked": True}, f"revoked token {args.name!r}")
+
+
+# ---- parsing -------------------------------------------------------------------------------------------
+
+# flag -> (env var, default); resolved after parsing so a flag may come before or after the subcommand.
+_CONNECTION: dict[str, tuple[str, Any]] = {
+    "registry": ("MIST_REGISTRY", DEFAULT_REGISTRY), "token": ("MIST_TOKEN", None),
+    "token_file": ("MIST_TOKEN_FILE", None), "tls": ("MIST_TLS", False), "tls_ca": ("MIST_TLS_CA", None),
+    "client_cert": ("MIST_CLIENT_CERT", None), "client_key": ("MIST_CLIENT_KEY", None),
+    "server_name": ("MIST_SERVER_NAME", None), "timeout_s": ("MIST_TIMEOUT_S", 30.0), "json": (None, False),
+}  # fmt: skip
+
+
+def _connection_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    group = flags.add_argument_group("connection (each flag also reads the MIST_* variable named)")
+    group.add_argument("--registry", metavar="HOST:PORT", help=f"registry address [MIST_REGISTRY; {DEFAULT_REGISTRY}]")
+    group.add_argument("--token", help="bearer token [MIST_TOKEN]; prefer --token-file: flags show in `ps`")
+    group.add_argument("--token-file", metavar="PATH", help="file holding the bearer token [MIST_TOKEN_FILE]")
+    group.add_argument("--tls", action="store_true", help="TLS with the system's CAs [MIST_TLS]")
+    group.add_argument(
+        "--tls-ca", metavar="PATH", help="PEM CA bundle that signed the server (implies TLS) [MIST_TLS_CA]"
+    )
+    group.add_argument("--client-cert", metavar="PATH", help="PEM client certificate for mutual TLS [MIST_CLIENT_CERT]")
+    group.add_argument("--client-key", metavar="PATH", help="PEM key of --client-cert [MIST_CLIENT_KEY]")
+    group.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="name on the server certificate when it differs from HOST [MIST_SERVER_NAME]",
+    )
+    group.add_argument("--timeout-s", type=float, metavar="SECONDS", help="deadline of each call [MIST_TIMEOUT_S; 30]")
+    group.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
+    return flags
+
+
+Command = Callable[[RegistryClient, argparse.Namespace], Output]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    flags = _connection_flags()
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        parents=[flags],
+        description="Inspect and operate the weights registry: tasks, versions with metrics, aliases, exports, tokens.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[flags], help=help_text, description=help_text)
+        sub.set_defaults(fn=fn)
+        return sub
+
+    add("tasks", cmd_tasks, "list tasks (a table)")
+    add("task", cmd_task, "show one task: backbone, gather, classes, edge network, aliases").add_argument("task")
+    versions = add("versions", cmd_versions, "list a task's versions, newest first, with key metrics and aliases")
+    versions.add_argument("task")
+    versions.add_argument("--limit", type=int, default=50, help="show at most N versions; 0 = all [50]")
+    add("aliases", cmd_aliases, "list a task's aliases").add_argument("task")
+    history = add("history", cmd_history, "alias moves, newest first (every alias of the task without ALIAS)")
+    history.add_argument("task")
+    history.add_argument("alias", nargs="?")
+    history.add_argument("--limit", type=int, default=0, help="at most N moves; 0 = the server's 100")
+    promote = add("promote", cmd_promote, "point an alias at a version (compare-and-set)")
+    promote.add_argument("task")
+    promote.add_argument("version", type=int)
+    promote.add_argument("--alias", required=True, help="e.g. production")
+    promote.add_argument(
+        "--expect",
+        type=int,
+        help="the version the alias must point at now (0: must not "
+        "exist); default: whatever it points at when read just before",
+    )
+    rollback = add("rollback", cmd_rollback, "move an alias back to where it pointed before its last move")
+    rollback.add_argument("task")
+    rollback.add_argument("--alias", required=True)
+    export = add("export", cmd_export, "write a version's safetensors weights to a file (sha256 verified)")
+    export.add_argument("task")
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int)
+    which.add_argument("--alias")
+    which.add_argument("--latest", action="store_true")
+    export.add_argument("-o", "--output", required=True, metavar="FILE", help="destination; '-' = stdout")
+    delete = add("delete-version", cmd_delete_version, "delete a version no alias points at")
+    delete.add_argument("task")
+    delete.add_argument("version", type=int)
+    token = add("create-token", cmd_create_token, "create a per-task token (admin); prints it once")
+    token.add_argument("name", help="a label for logs and lineage, e.g. device-group-7")
+    token.add_argument("--task", required=True)
+    token.add_argument("--scope", required=True, choices=("read", "read-write"))
+    add("revoke-token", cmd_revoke_token, "revoke a token by name (admin)").add_argument("name")
+    return parser
+
+
+def _resolve(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    """Fills each connection setting from its flag, else its MIST_* variable, else its default."""
+    for name, (variable, default) in _CONNECTION.items():
+        if hasattr(args, name):
+            continue
+        raw = env.get(variable) if variable else None
+        if raw is None:
+            value = default
+        elif name == "tls":
+            value = raw.strip().lower() in _TRUE
+        elif name == "timeout_s":
+            try:
+                value = float(raw)
+            except ValueError:
+                raise CliError(f"{variable} must be a number of seconds, got {raw!r}") from None
+        else:
+            value = raw
+        setattr(args, name, value)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file and not args.token:
+        try:
+            return Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise CliError(f"cannot read the token file {args.token_file}: {error.strerror}") from None
+    return args.token
+
+
+def _client(args: argparse.Namespace) -> RegistryClient:
+    return RegistryClient(
+        args.registry,
+        token=_token(args),
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        server_name=args.server_name,
+        timeout_s=args.timeout_s,
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the server said
+    return 1
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Runs one `mist registry` command; returns the exit code (0 ok, 1 refused or failed, 2 usage)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2): argparse already printed
+        return int(exit_.code or 0)
+    try:
+        _resolve(args, os.environ if env is None else env)
+        with _client(args) as client:
+            output = args.fn(client, args)
+    except grpc.RpcError as error:
+        details = error.details() if hasattr(error, "details") else str(error)
+        return _fail(f"{status_name(error)}: {details}")
+    except MistError as error:  # refused by a check the client makes (a pulled blob's sha256, rollback)
+        return _fail(f"{error.code}: {error}")
+    except CliError as error:
+        return _fail(str(error))
+    print(
+        json.dumps(output.data, indent=2) if args.json else output.text,
+        file=sys.stderr if output.to_stderr else sys.stdout,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Every conversion between the registry's records (services/registry/records.py) and its protobuf messages.
+
+The servicer calls these and nothing else touches both worlds; `*_from_proto` only reshapes, the store
+validates (so a bad field is INVALID_ARGUMENT with the store's message, whichever way it arrived).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.baselines import mode_from_proto, mode_to_proto
+from services.common.codec import CodecConfig
+from services.common.edge_spec import EdgeNetworkConfig
+from services.common.errors import InvalidArgumentError
+from services.common.pb import feature_pb2, registry_pb2
+from services.registry.records import Alias, AliasMove, ScopeName, Task, Version
+
+log = logging.getLogger(__name__)
+
+_SCOPE_TO_PROTO: Mapping[str, int] = {
+    "read": registry_pb2.TOKEN_SCOPE_READ,
+    "read_write": registry_pb2.TOKEN_SCOPE_READ_WRITE,
+}
+_SCOPE_FROM_PROTO: Mapping[int, ScopeName] = {value: name for name, value in _SCOPE_TO_PROTO.items()}  # type: ignore[misc]
+
+
+def timestamp_to_proto(moment: datetime | None) -> Timestamp | None:
+    if moment is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def timestamp_from_proto(stamp: Timestamp) -> datetime:
+    return stamp.ToDatetime(tzinfo=timezone.utc)
+
+
+# ---- tasks ---------------------------------------------------------------------------------------------
+
+
+def _codec_to_proto(name: str) -> feature_pb2.CodecSpec:
+    try:
+        return CodecConfig.parse(name).to_proto()
+    except InvalidArgumentError:
+        # Tasks written straight into the store may carry a free-form codec label; an unset spec (the
+        # server default) keeps them listable instead of failing every ListTasks page.
+        log.warning("task codec %r is not a codec name; sent as an unset CodecSpec", name[:80])
+        return feature_pb2.CodecSpec()
+
+
+def task_to_proto(task: Task) -> registry_pb2.Task:
+    return registry_pb2.Task(
+        name=task.name,
+        backbone=feature_pb2.BackboneId(name=task.backbone_name, weights_fingerprint=task.backbone_fingerprint),
+        mode=mode_to_proto(task.gather_mode),
+        k=task.k,
+        codec=_codec_to_proto(task.codec),
+        class_names=list(task.class_names),
+        edge=task.edge_config().to_proto(),
+        description=task.description,
+        created_at=timestamp_to_proto(task.created_at),
+        latest_version=task.latest_version,
+    )
+
+
+def task_from_proto(message: registry_pb2.Task) -> Task:
+    """A task definition from a CreateTask request; created_at and latest_version are the store's to set.
+
+    Zero edge-network hyperparameters take their defaults, and a zero num_classes is the class count.
+    """
+    classes = tuple(message.class_names)
+    edge = EdgeNetworkConfig.from_proto(message.edge, num_classes=len(classes) or None)
+    return Task(
+        name=message.name,
+        backbone_name=message.backbone.name,
+        backbone_fingerprint=message.backbone.weights_fingerprint,
+        gather_mode=mode_from_proto(message.mode),
+        k=message.k,
+        codec=CodecConfig.from_proto(message.codec).name,
+        class_names=classes,
+        edge=edge.to_dict(),
+        description=message.description,
+    )
+
+
+# ---- versions ------------------------------------------------------------------------------------------
+
+
+def version_to_proto(version: Version) -> registry_pb2.Version:
+    return registry_pb2.Version(
+        task=version.task,
+        number=version.number,
+        sha256=version.sha256,
+        size_bytes=version.size_bytes,
+        metrics=version.metrics,
+        details_json=version.details_json,
+        lineage=registry_pb2.Lineage(
+            parent_version=version.parent_version,
+            dataset_fingerprint=version.dataset_fingerprint,
+            pushed_by=version.pushed_by,
+            tuner=version.tuner,
+            created_at=timestamp_to_proto(version.created_at),
+        ),
+        tags=version.tags,
+    )
+
+
+def version_from_proto(message: registry_pb2.Version) -> Version:
+    """The record of a Version message (parameter_count does not travel: it is 0 here)."""
+    return Version(
+        task=message.task,
+        number=message.number,
+        sha256=message.sha256,
+        size_bytes=message.size_bytes,
+        metrics=dict(message.metrics),
+        details_json=message.details_json,
+        parent_version=message.lineage.parent_version,
+        dataset_fingerprint=message.lineage.dataset_fingerprint,
+        pushed_by=message.lineage.pushed_by,
+        tuner=message.lineage.tuner,
+        created_at=timestamp_from_proto(message.lineage.created_at),
+        tags=dict(message.tags),
+    )
+
+
+def version_ref_from_proto(ref: registry_pb2.VersionRef) -> tuple[int | None, str | None]:
+    """(number, alias) for store.get_version: (None, None) means the latest, as does an unset ref.
+
+    number 0 is passed on (not read as "latest"), so the store refuses it with INVALID_ARGUMENT.
+    """
+    which = ref.WhichOneof("ref")
+    if which == "number":
+        return ref.number, None
+    if which == "alias":
+        return None, ref.alias
+    if which == "latest" and not ref.latest:
+        raise InvalidArgumentError("VersionRef.latest must be true when set (leave ref unset for the latest)")
+    return None, None
+
+
+def push_arguments(header: registry_pb2.PushHeader) -> dict[str, Any]:
+    """Keyword arguments of store.push_version from a push header (blob and pushed_by come separately)."""
+    return {
+        "parent_version": header.parent_version,
+        "force": header.force,
+        "declared_sha256": header.sha256,
+        "declared_size": header.size_bytes or None,  # 0: not declared (no valid blob is empty)
+        "metrics": dict(header.metrics),
+        "details_json": header.details_json,
+        "dataset_fingerprint": header.dataset_fingerprint,
+        "tuner": header.tuner,
+        "tags": dict(header.tags),
+    }
+
+
+# ---- aliases -------------------------------------------------------------------------------------------
+
+
+def alias_to_proto(alias: Alias) -> registry_pb2.Alias:
+    return registry_pb2.Alias(
+        task=alias.task,
+        name=alias.name,
+        version=alias.version,
+        updated_at=timestamp_to_proto(alias.updated_at),
+        updated_by=alias.updated_by,
+    )
+
+
+def alias_from_proto(message: registry_pb2.Alias) -> Alias:
+    return Alias(
+        task=message.task,
+        name=message.name,
+        version=message.version,
+        updated_at=timestamp_from_proto(message.updated_at),
+        updated_by=message.updated_by,
+    )
+
+
+def alias_move_to_proto(move: AliasMove) -> registry_pb2.AliasMove:
+    return registry_pb2.AliasMove(
+        task=move.task,
+        name=move.name,
+        from_version=move.from_version,
+        to_version=move.to_version,
+        moved_at=timestamp_to_proto(move.moved_at),
+        moved_by=move.moved_by,
+    )
+
+
+def alias_move_from_proto(message: registry_pb2.AliasMove) -> AliasMove:
+    return AliasMove(
+        task=message.task,
+        name=message.name,
+        from_version=message.from_version,
+        to_version=message.to_version,
+        moved_at=timestamp_from_proto(message.moved_at),
+        moved_by=message.moved_by,
+    )
+
+
+def expected_version(has_expected: bool, expected: int) -> int | None:
+    """The compare-and-set argument of SetAlias / DeleteAlias: None unless has_expected_version is set."""
+    return expected if has_expected else None
+
+
+# ---- tokens --------------------------------------------------------------------------------------------
+
+
+def scope_from_proto(value: int) -> ScopeName:
+    """read or read_write; TOKEN_SCOPE_UNSPECIFIED and unknown values are INVALID_ARGUMENT."""
+    scope = _SCOPE_FROM_PROTO.get(value)
+    if scope is None:
+        raise InvalidArgumentError("token scope must be TOKEN_SCOPE_READ or TOKEN_SCOPE_READ_WRITE")
+    return scope
+
+
+def scope_to_proto(scope: ScopeName) -> int:
+    return _SCOPE_TO_PROTO[scope]

@@ -1,0 +1,221 @@
+"""Registry servers for tests, and the tiny task and real safetensors blobs they serve.
+
+with InProcessRegistry(RegistryConfig(db=url, metrics_listen="off")) as server:   # port 0, own thread
+    server.target, server.metric("mist_registry_pushes_total", code="OK")
+proc = RegistryProcess.start(url, "--grace-s", "5")     # `python -m services.registry.server`, port 0
+    proc.target, proc.metrics_port, proc.terminate() -> exit code, proc.kill(), proc.log()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+from prometheus_client import CollectorRegistry
+
+from services.common.edge_spec import EdgeNetworkConfig, state_shapes
+from services.common.pb import feature_pb2, registry_pb2
+from services.common.server import GrpcMetrics, create_server, new_metrics_registry, shutdown, start_metrics_server
+from services.registry.config import RegistryConfig
+from services.registry.server import SERVER_NAME, build
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# 32 dims x 17 tokens like the tiny test ViT; 2 blocks of rank 4: 1,403 parameters, a ~7 KB blob (2 chunks
+# of 4 KiB, so chunking is exercised).
+CONFIG = EdgeNetworkConfig(dims=32, tokens=17, num_classes=3, num_blocks=2, rank=4)
+CLASSES = ("cat", "dog", "fox")
+_LISTENING = re.compile(r"mist-registry listening on 127\.0\.0\.1:(\d+) \(metrics on 127\.0\.0\.1:(\d+)\)")
+_START_TIMEOUT_S = 30.0
+
+
+def task_proto(
+    name: str = "cats", config: EdgeNetworkConfig = CONFIG, classes: tuple[str, ...] = CLASSES
+) -> registry_pb2.Task:
+    """A CreateTask definition for `config` (i8-zstd features of a random tiny ViT, k = 2)."""
+    return registry_pb2.Task(
+        name=name,
+        backbone=feature_pb2.BackboneId(name="vit_tiny_patch16_224", weights_fingerprint="random-0"),
+        mode=feature_pb2.GATHER_MODE_MIST,
+        k=2,
+        codec=feature_pb2.CodecSpec(dtype=feature_pb2.DTYPE_I8, compression=feature_pb2.COMPRESSION_ZSTD),
+        class_names=list(classes),
+        edge=config.to_proto(),
+        description="test task",
+    )
+
+
+def make_blob(
+    seed: int = 0,
+    config: EdgeNetworkConfig = CONFIG,
+    *,
+    nan: bool = False,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> bytes:
+    """Safetensors weights of the config's exact shapes (or `shapes`), float32 from `seed`; one NaN if asked."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        name: rng.standard_normal(shape).astype(np.float32) for name, shape in (shapes or state_shapes(config)).items()
+    }
+    if nan:
+        arrays["head.bias"][0] = np.nan
+    return safetensors.numpy.save(arrays)
+
+
+class InProcessRegistry:
+    """A registry server on 127.0.0.1 port 0 served by its own event loop thread; stop() drains it."""
+
+    def __init__(self, config: RegistryConfig) -> None:
+        self.config = config
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.metrics_registry: CollectorRegistry = new_metrics_registry()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value (0.0 when absent), read like a scrape would."""
+        return self.metrics_registry.get_sample_value(name, labels) or 0.0
+
+    async def _serve(self) -> None:
+        try:
+            setup = await build(self.config, self.metrics_registry)
+            metrics = GrpcMetrics(self.metrics_registry, "mist_registry")
+            server, self.port, health = await create_server(
+                self.config, setup.add_services, token_validator=setup.token_validator, metrics=metrics
+            )
+            stop_metrics, self.metrics_port = start_metrics_server(self.config.metrics_listen, self.metrics_registry)
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        except BaseException as error:
+            self._error = error
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await shutdown(server, health, grace_s=2.0)
+            await setup.on_shutdown()
+            stop_metrics()
+
+    def start(self) -> InProcessRegistry:
+        self._thread.start()
+        if not self._ready.wait(_START_TIMEOUT_S):
+            raise RuntimeError(f"registry did not start within {_START_TIMEOUT_S} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> InProcessRegistry:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RegistryProcess:
+    """`python -m services.registry.server` on port 0; its stderr is drained into log() by a thread."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.port = 0
+        self.metrics_port = 0
+        self._lines: list[str] = []
+        self._first = threading.Event()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def start(cls, db_url: str, *flags: str, env: dict[str, str] | None = None) -> RegistryProcess:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("MIST_", "GRPC_TRACE", "GRPC_VERBOSITY"))}
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.registry.server",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--db",
+                db_url,
+                *flags,
+            ],
+            cwd=REPO_ROOT,
+            env={**clean, **(env or {})},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        server = cls(proc)
+        try:
+            server._wait_listening()
+        except BaseException:
+            server.kill()
+            raise
+        return server
+
+    def _drain(self) -> None:
+        # A server logs a line per push; an undrained pipe would fill and block it mid-test.
+        for line in self.proc.stderr:
+            self._lines.append(line.rstrip("\n"))
+            self._first.set()
+        self._first.set()
+
+    def _wait_listening(self) -> None:
+        if not self._first.wait(_START_TIMEOUT_S) or not self._lines:
+            raise RuntimeError(f"{SERVER_NAME} printed nothing within {_START_TIMEOUT_S} s (exit {self.proc.poll()})")
+        match = _LISTENING.search(self._lines[0])
+        if match is None:
+            time.sleep(0.2)  # let the rest of a startup error arrive
+            raise RuntimeError(f"{SERVER_NAME} did not start: {self.log()}")
+        self.port, self.metrics_port = int(match.group(1)), int(match.group(2))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return "\n".join(self._lines)
+
+    def terminate(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM, then the exit code once it drained."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.wait(10)
+
+    def wait(self, timeout_s: float) -> int:
+        code = self.proc.wait(timeout=timeout_s)
+        self._reader.join(timeout=5)
+        self.proc.stderr.close()
+        return code
+
+    def __enter__(self) -> RegistryProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.kill()
