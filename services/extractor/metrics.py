@@ -1,0 +1,120 @@
+"""Prometheus metrics of the extractor: traffic (images, bytes), batching, latency, cache, flow control, and what the
+baselines would send for the loaded backbone. One `ExtractorMetrics` per server, on that server's own registry.
+
+Names follow `mist_extractor_<what>_<unit>[_total]` in base units (bytes, seconds). The Grafana panel "bytes per
+image actually sent vs LST/LAST" is computed from them:
+
+    # bytes per image actually sent, per mode (features of every requested k count: that is what crossed the link)
+    sum by (mode) (rate(mist_extractor_feature_bytes_sent_total[5m]))
+      / sum by (mode) (rate(mist_extractor_images_served_total{status="ok"}[5m]))
+    # next to what each method would send as float32 for the same backbone (lst, last, partial, cls, mist_f32)
+    max by (method) (mist_extractor_baseline_bytes_per_image)
+    # compression ratio of the codecs in use: float32 bytes the features stand for / bytes sent
+    sum by (codec) (rate(mist_extractor_feature_float32_bytes_total[5m]))
+      / sum by (codec) (rate(mist_extractor_feature_bytes_sent_total[5m]))
+    # cache hit ratio (items)
+    rate(mist_extractor_cache_hits_total[5m])
+      / (rate(mist_extractor_cache_hits_total[5m]) + rate(mist_extractor_cache_misses_total[5m]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from services.common.codec import encoded_nbytes, float32_nbytes
+from services.common.pb import feature_pb2
+from services.extractor.batcher import BatchRecord
+from services.extractor.cache import FeatureCache
+
+PREFIX = "mist_extractor"
+# Powers of two up to well past any sensible --max-batch-size.
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Queue waits sit around --max-queue-delay-ms (5 ms by default) and grow under overload.
+_QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# One forward: ~1 ms (tiny ViT, GPU) to seconds (ViT-B at batch 32 on a few CPU cores).
+_FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ExtractorMetrics:
+    """Every extractor metric, registered on `registry` (shared gRPC request metrics are added by the server)."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str = PREFIX) -> None:
+        p = prefix
+        self.images_served = Counter(f"{p}_images_served_total", "Images answered, by gather mode, codec and status "
+                                     "('ok' or the per-item error reason)", ["mode", "codec", "status"],
+                                     registry=registry)
+        self.feature_bytes_sent = Counter(f"{p}_feature_bytes_sent_total", "Encoded feature bytes sent (serialized "
+                                          "FeatureTensor messages)", ["mode", "codec"], registry=registry)
+        self.feature_float32_bytes = Counter(f"{p}_feature_float32_bytes_total", "Bytes the sent features would "
+                                             "take as plain float32 (the paper's unit)", ["mode", "codec"],
+                                             registry=registry)
+        self.image_bytes_received = Counter(f"{p}_image_bytes_received_total", "Image bytes received",
+                                            registry=registry)
+        self.batch_size = Histogram(f"{p}_batch_size_images", "Images per forward batch (across all streams)",
+                                    buckets=_BATCH_BUCKETS, registry=registry)
+        self.queue_wait = Histogram(f"{p}_queue_wait_seconds", "Time an image waited for its batch to start",
+                                    buckets=_QUEUE_WAIT_BUCKETS, registry=registry)
+        self.forward_duration = Histogram(f"{p}_forward_duration_seconds", "Time one batch took in the backbone "
+                                          "(every gather mode it held)", buckets=_FORWARD_BUCKETS, registry=registry)
+        self.forward_passes = Counter(f"{p}_forward_passes_total", "Backbone forward passes, by gather mode (a "
+                                      "batch mixing modes runs one per mode)", ["mode"], registry=registry)
+        self.cache_hits = Counter(f"{p}_cache_hits_total", "Images answered from the cache (every requested k "
+                                  "cached: no decode, no forward)", registry=registry)
+        self.cache_misses = Counter(f"{p}_cache_misses_total", "Images that needed a forward pass while the cache "
+                                    "was enabled", registry=registry)
+        self.streams_in_flight = Gauge(f"{p}_streams_in_flight", "Extract streams open now", registry=registry)
+        self.items_in_flight = Gauge(f"{p}_items_in_flight", "Images read from streams and not yet answered",
+                                     registry=registry)
+        self.baseline_bytes_per_image = Gauge(f"{p}_baseline_bytes_per_image", "Float32 bytes per image each method "
+                                              "would send for the loaded backbone", ["method"], registry=registry)
+        self._registry = registry
+        self._prefix = prefix
+
+    def watch_cache(self, cache: FeatureCache) -> None:
+        """Export the cache's evictions and size, read from the cache itself at every scrape."""
+        self._registry.register(_CacheCollector(cache, self._prefix))
+
+    def set_baselines(self, bytes_per_image: Mapping[str, int]) -> None:
+        """One gauge value per method: {"lst": ..., "last": ..., "partial": ..., "cls": ..., "mist_f32": ...}."""
+        for method, size in bytes_per_image.items():
+            self.baseline_bytes_per_image.labels(method).set(size)
+
+    def observe_batch(self, record: BatchRecord) -> None:
+        """The batcher's on_batch callback."""
+        self.batch_size.observe(record.size)
+        for wait in record.queue_wait_s:
+            self.queue_wait.observe(wait)
+        self.forward_duration.observe(record.run_s)
+
+    def served(self, mode: str, codec: str, status: str, features: Iterable[feature_pb2.FeatureTensor] = ()) -> None:
+        """One answered image: its status ('ok' or an error reason) and the features it carried."""
+        self.images_served.labels(mode, codec, status).inc()
+        sent = stands_for = 0
+        for feature in features:
+            sent += encoded_nbytes(feature)
+            stands_for += float32_nbytes(feature)
+        if sent:
+            self.feature_bytes_sent.labels(mode, codec).inc(sent)
+            self.feature_float32_bytes.labels(mode, codec).inc(stands_for)
+
+
+class _CacheCollector(Collector):
+    """mist_extractor_cache_{evictions_total, bytes, entries, max_bytes} from FeatureCache.stats()."""
+
+    def __init__(self, cache: FeatureCache, prefix: str) -> None:
+        self._cache = cache
+        self._prefix = prefix
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._cache.stats()
+        p = self._prefix
+        yield CounterMetricFamily(f"{p}_cache_evictions", "Cache entries dropped to make room (LRU)",
+                                  value=stats.evictions)
+        yield GaugeMetricFamily(f"{p}_cache_bytes", "Encoded feature bytes held in the cache", value=stats.bytes)
+        yield GaugeMetricFamily(f"{p}_cache_entries", "Features held in the cache (one per image, mode, k, codec)",
+                                value=stats.entries)
+        yield GaugeMetricFamily(f"{p}_cache_max_bytes", "The cache's size bound (0: disabled)", value=stats.max_bytes)

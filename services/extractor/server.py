@@ -1,0 +1,58 @@
+"""The `mist-extractor` entry point: load the backbone once, start the engine, serve Extract and Describe through the
+shared server factory (health, reflection, /metrics, TLS, auth, SIGTERM drain).
+
+    python -m services.extractor.server --listen 127.0.0.1:50051 --metrics-listen 127.0.0.1:9101 \\
+        --backbone vit_tiny_patch16_224 --model-kwargs '{"img_size":32,"patch_size":8,"embed_dim":32,"depth":4,"num_heads":2}'
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Sequence
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from services.common.server import ServiceSetup, run_service
+from services.extractor.backbone import LoadedBackbone, load_backbone
+from services.extractor.config import ExtractorConfig
+from services.extractor.engine import ExtractionEngine
+from services.extractor.metrics import ExtractorMetrics
+from services.extractor.servicer import add_extractor
+
+SERVICE_NAME = "mist-extractor"
+logger = logging.getLogger(__name__)
+
+
+def load_configured_backbone(config: ExtractorConfig) -> LoadedBackbone:
+    """The backbone the flags name (a random init logs the loud warning itself)."""
+    return load_backbone(config.backbone, weights=config.weights or None, device=config.device,
+                         autocast=config.autocast, seed=config.seed, model_kwargs=config.model_kwargs_dict)
+
+
+async def build(config: ExtractorConfig, registry: CollectorRegistry, *,
+                backbone: LoadedBackbone | None = None) -> ServiceSetup:
+    """Load the backbone (unless one is given, as tests do), start the engine, and hand the servicer to serve()."""
+    torch.set_num_threads(config.forward_threads)  # this thread; the engine sets its own threads' counts
+    backbone = backbone if backbone is not None else load_configured_backbone(config)
+    engine = ExtractionEngine(backbone, config, ExtractorMetrics(registry))
+    await engine.start()
+    geometry = backbone.geometry
+    logger.info("serving %s (N=%d blocks, T=%d tokens, D=%d dims) on %s: batches of up to %d images within %g ms, "
+                "%d images in flight per stream, %d streams, cache %d bytes, %d decode threads, %d torch threads",
+                backbone.name, geometry.num_blocks, geometry.tokens, geometry.dims, backbone.device,
+                config.max_batch_size, config.max_queue_delay_ms, config.max_items_in_flight, config.max_streams,
+                config.cache_max_bytes, config.worker_threads, config.forward_threads)
+    return ServiceSetup(add_services=functools.partial(add_extractor, engine=engine),
+                        on_shutdown=functools.partial(engine.close, drain=True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`mist-extractor`: flags and MIST_* variables -> a running server until SIGTERM."""
+    return run_service(ExtractorConfig, build, service_name=SERVICE_NAME, argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Test helpers for the extractor: a real server in this process on 127.0.0.1 (its own event loop on a thread, so
+blocking and asyncio clients both work from a test), a `python -m services.extractor.server` subprocess for the
+SIGTERM tests, test images, and the in-process reference features to compare the service with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from services.common.baselines import GatherModeName
+from services.common.codec import CodecConfig
+from services.common.pb import extractor_pb2
+from services.common.server import GrpcMetrics, ServiceSetup, create_server, new_metrics_registry
+from services.common.synthetic import CLASS_NAMES, render_image
+from services.extractor.backbone import LoadedBackbone, load_backbone
+from services.extractor.config import ExtractorConfig
+from services.extractor.gather import gather
+from services.extractor.preprocess import ImagePreprocessor
+from services.extractor.server import build
+from tests.conftest import TINY_VIT_KWARGS
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_BACKBONE = "vit_tiny_patch16_224"
+TINY_MODEL_KWARGS_JSON = json.dumps(TINY_VIT_KWARGS)
+_LISTENING = re.compile(r"mist-extractor listening on 127\.0\.0\.1:(\d+) \(metrics on 127\.0\.0\.1:(\d+)\)$")
+
+
+def load_tiny_backbone(seed: int = 0) -> LoadedBackbone:
+    """The suite's tiny random ViT: N=4 blocks, T=17 tokens, D=32 dims, 32x32 input."""
+    return load_backbone(TINY_BACKBONE, seed=seed, model_kwargs=TINY_VIT_KWARGS)
+
+
+def tiny_config(**overrides: object) -> ExtractorConfig:
+    """A config for the tiny ViT on loopback; small thread counts, since the test machine has 2 cores."""
+    values: dict[str, object] = dict(backbone=TINY_BACKBONE, model_kwargs=TINY_MODEL_KWARGS_JSON,
+                                     listen="127.0.0.1:0", metrics_listen="off", decode_threads=2, torch_threads=1,
+                                     grace_s=1.0)
+    values.update(overrides)
+    return ExtractorConfig(**values)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def png_image(seed: int, size: int = 48) -> bytes:
+    """A distinct synthetic picture per seed, as PNG bytes."""
+    rng = np.random.default_rng(seed)
+    image = render_image(CLASS_NAMES[seed % len(CLASS_NAMES)], rng, size)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def huge_blank_png(width: int = 10_000, height: int = 10_000) -> bytes:
+    """A 1-bit PNG of a few KB that would decode to width x height pixels."""
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def reference_features(backbone: LoadedBackbone, image: bytes, mode: GatherModeName,
+                       ks: Sequence[int] = ()) -> dict[int, np.ndarray]:
+    """What the service must send for one image, computed here with the same preprocessing and gather."""
+    tensor = ImagePreprocessor(backbone.data_config).decode(image)
+    with backbone.autocast():
+        out = gather(backbone.model, tensor[None], mode, ks if mode == "mist" else ())
+    return {k: value[0].numpy() for k, value in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------- in-process server
+
+
+class ExtractorServer:
+    """A started extractor (via server.build, like `mist-extractor`) in this process, stopped by `stop()`."""
+
+    def __init__(self, config: ExtractorConfig, *, backbone: LoadedBackbone | None = None, port: int = 0) -> None:
+        host = config.listen.rpartition(":")[0]
+        self.config = dataclasses.replace(config, listen=f"{host}:{port}")
+        self.backbone = backbone
+        self.registry = new_metrics_registry()
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="extractor-test-server", daemon=True)
+        self._server = None
+        self._setup: ServiceSetup | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> ExtractorServer:
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout_s)
+        return self
+
+    async def _start(self) -> int:
+        self._setup = await build(self.config, self.registry, backbone=self.backbone)
+        self._server, port, _ = await create_server(self.config, self._setup.add_services,
+                                                    metrics=GrpcMetrics(self.registry, "mist_extractor"))
+        return port
+
+    def stop(self, grace_s: float = 0.0, timeout_s: float = 30.0) -> None:
+        """Stop the gRPC server (cancelling calls after `grace_s`), drain the engine, end the loop thread."""
+        if not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self._stop(grace_s), self._loop).result(timeout_s)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout_s)
+        self._loop.close()
+
+    async def _stop(self, grace_s: float) -> None:
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        if self._setup is not None and self._setup.on_shutdown is not None:
+            await self._setup.on_shutdown()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of this server's registry; 0.0 when it does not exist (yet)."""
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def __enter__(self) -> ExtractorServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def extract_request(item_id: str, image: bytes, *, ks: Sequence[int] = (4,), mode: int = 1,
+                    codec: str = "f32-none", **fields: object) -> extractor_pb2.ExtractRequest:
+    """An ExtractRequest with the codec given by name (mode 1 = GATHER_MODE_MIST)."""
+    return extractor_pb2.ExtractRequest(item_id=item_id, image=image, mode=mode, ks=list(ks),
+                                        codec=CodecConfig.parse(codec).to_proto(), **fields)
+
+
+# ---------------------------------------------------------------------------------------------- subprocess
+
+
+class ExtractorProcess:
+    """`python -m services.extractor.server` with the tiny ViT; stderr is collected line by line on a thread."""
+
+    def __init__(self, *flags: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MIST_", "GRPC_TRACE", "GRPC_VERBOSITY"))}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.extractor.server", "--listen", "127.0.0.1:0",
+             "--metrics-listen", "127.0.0.1:0", "--backbone", TINY_BACKBONE, "--model-kwargs", TINY_MODEL_KWARGS_JSON,
+             "--decode-threads", "1", "--torch-threads", "1", *flags],
+            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._first = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            self._first.set()
+        self._first.set()
+
+    def wait_listening(self, timeout_s: float = 60.0) -> tuple[str, int]:
+        """(gRPC target, metrics port) from the first log line, which must be the "listening on" line."""
+        if not self._first.wait(timeout_s) or not self.lines:
+            raise AssertionError(f"no log line from the extractor within {timeout_s}s")
+        match = _LISTENING.search(self.lines[0])
+        if match is None:
+            raise AssertionError(f"first log line is not the listening line: {self.lines[0]!r}")
+        return f"127.0.0.1:{match.group(1)}", int(match.group(2))
+
+    def stop(self) -> None:
+        """Kill it if it still runs and reap it (always call this in a finally)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join(5)
+
+
+def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.01) -> None:
+    """Poll a blocking predicate until it holds; AssertionError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval_s)
