@@ -7,8 +7,6 @@ torch, uses it to check pushed weights against a task's config and to report par
 from __future__ import annotations
 
 import json
-import math
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
@@ -31,8 +29,6 @@ MAX_NUM_CLASSES = 100_000
 MAX_NUM_BLOCKS = 64
 MAX_RANK = 1024
 MAX_TRAINABLE_PARAMETERS = 2**25  # 33.5 M: 128 MiB of float32 weights, ~100x the paper's network
-# A 64-block network's header is ~50 KB; the rest is room for user metadata, and a bound for hostile input.
-MAX_SAFETENSORS_HEADER_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -228,95 +224,3 @@ def macs_per_image(config: EdgeNetworkConfig) -> int:
     weighted_values = t * t * r
     projection = t * r * d
     return config.num_blocks * (qkv + scores + weighted_values + projection) + d * c
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor as a safetensors header describes it."""
-
-    dtype: str  # safetensors dtype name, e.g. "F32"
-    shape: tuple[int, ...]  # dimensions, outermost first
-    data_offsets: tuple[int, int]  # [start, end) in bytes, relative to the end of the header
-
-
-# Bytes per element of the safetensors dtypes we can size-check; anything else is rejected.
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def read_safetensors_header(blob: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parses and checks a safetensors blob's header without torch: (tensors by name, metadata).
-
-    Checks what the format promises (an 8-byte little-endian header length, a JSON object, string
-    metadata, known dtypes, byte ranges that match each shape and tile the data exactly), so that a blob
-    that passes can be loaded by any safetensors reader. Anything else raises InvalidArgumentError.
-    """
-    if len(blob) < 8:
-        raise InvalidArgumentError(f"not a safetensors blob: {len(blob)} bytes is shorter than its length prefix")
-    (header_bytes,) = struct.unpack("<Q", blob[:8])
-    if not 2 <= header_bytes <= min(len(blob) - 8, MAX_SAFETENSORS_HEADER_BYTES):
-        raise InvalidArgumentError(f"not a safetensors blob: header length {header_bytes} in a {len(blob)}-byte blob")
-    try:
-        header = json.loads(bytes(blob[8 : 8 + header_bytes]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise InvalidArgumentError(f"not a safetensors blob: header is not JSON ({error})") from error
-    if not isinstance(header, dict):
-        raise InvalidArgumentError("not a safetensors blob: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise InvalidArgumentError("not a safetensors blob: __metadata__ must map strings to strings")
-    entries = {name: _tensor_entry(name, raw) for name, raw in header.items()}
-    _check_tiling(entries, len(blob) - 8 - header_bytes)
-    return entries, metadata
-
-
-def _tensor_entry(name: str, raw: object) -> TensorEntry:
-    if not isinstance(raw, dict):
-        raise InvalidArgumentError(f"not a safetensors blob: entry {name!r} is not an object")
-    dtype, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
-    if dtype not in _DTYPE_BYTES:
-        raise InvalidArgumentError(f"safetensors entry {name!r} has unsupported dtype {dtype!r}")
-    if not _is_int_list(shape) or not _is_int_list(offsets) or len(offsets) != 2:
-        raise InvalidArgumentError(f"not a safetensors blob: entry {name!r} has a malformed shape or data_offsets")
-    start, end = offsets
-    if end - start != math.prod(shape) * _DTYPE_BYTES[dtype]:
-        raise InvalidArgumentError(f"not a safetensors blob: entry {name!r} byte range does not match its shape")
-    return TensorEntry(dtype=dtype, shape=tuple(shape), data_offsets=(start, end))
-
-
-def _is_int_list(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-
-
-def _check_tiling(entries: Mapping[str, TensorEntry], data_bytes: int) -> None:
-    # The format requires the byte ranges to cover the data exactly, without gaps or overlaps.
-    position = 0
-    for entry in sorted(entries.values(), key=lambda e: e.data_offsets):
-        if entry.data_offsets[0] != position:
-            raise InvalidArgumentError("not a safetensors blob: tensor byte ranges overlap or leave gaps")
-        position = entry.data_offsets[1]
-    if position != data_bytes:
-        raise InvalidArgumentError(f"not a safetensors blob: tensors cover {position} of {data_bytes} data bytes")
-
-
-def check_weights_blob(
-    blob: bytes, expected: EdgeNetworkConfig | None = None
-) -> tuple[EdgeNetworkConfig, dict[str, str]]:
-    """Checks pushed or pulled edge-network weights without torch: (the config they carry, metadata).
-
-    Not safetensors, or no valid config in the metadata -> InvalidArgumentError. A config other than
-    `expected` (the task's), tensors that do not match state_shapes, or a dtype other than float32 ->
-    FailedPreconditionError. NaN/Inf values are not looked at here (that needs the data decoded).
-    """
-    entries, metadata = read_safetensors_header(blob)
-    if CONFIG_METADATA_KEY not in metadata:
-        raise InvalidArgumentError(f"safetensors metadata lacks {CONFIG_METADATA_KEY!r}: not edge network weights")
-    config = EdgeNetworkConfig.from_json(metadata[CONFIG_METADATA_KEY])
-    if expected is not None and config != expected:
-        raise FailedPreconditionError(
-            f"weights are for edge network {config.to_json()}, the task expects {expected.to_json()}"
-        )
-    check_state_shapes(config, {name: entry.shape for name, entry in entries.items()})
-    not_f32 = sorted(name for name, entry in entries.items() if entry.dtype != "F32")
-    if not_f32:
-        raise FailedPreconditionError(f"edge network weights must be float32; not so: {not_f32[:5]}")
-    return config, metadata

@@ -69,7 +69,7 @@ from services.registry.records import (
     page_size_or_default,
 )
 from services.registry.sql import Cursor, Database, find_problems
-from services.registry.weights import MAX_HEADER_BYTES, WeightsSummary, sha256_hex, validate_weights
+from services.common.weights import MAX_HEADER_BYTES, WeightsSummary, sha256_hex, validate_weights
 
 DEFAULT_HISTORY_LIMIT = 100
 ADMIN_PRINCIPAL = Principal(name="admin", task=None, scope="admin")

@@ -13,8 +13,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from services.common.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig, check_weights_blob
+from services.common.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig
 from services.common.errors import InvalidArgumentError
+from services.common.weights import check_edge_weights
 
 # timm's ViTs use this epsilon; gathered features are sums of block outputs, far from zero variance.
 LAYER_NORM_EPS = 1e-6
@@ -124,7 +125,7 @@ def from_safetensors_bytes(
     Not safetensors, no config, NaN/Inf -> InvalidArgumentError; a config other than `expected`, missing,
     extra or mis-shaped tensors, non-float32 dtypes -> FailedPreconditionError (DESIGN.md's error table).
     """
-    config, metadata = check_weights_blob(blob, expected)  # header, config and shapes checked before any allocation
+    config, metadata = check_edge_weights(blob, expected)  # header, config and shapes checked before any allocation
     try:
         tensors = load_safetensors(bytes(blob))
     except SafetensorError as error:

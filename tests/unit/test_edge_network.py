@@ -20,15 +20,14 @@ from safetensors.torch import save as save_safetensors
 from services.common.edge_spec import (
     CONFIG_METADATA_KEY,
     EdgeNetworkConfig,
-    check_weights_blob,
     macs_per_image,
     parameter_breakdown,
-    read_safetensors_header,
     state_shapes,
     trainable_parameters,
 )
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import feature_pb2
+from services.common.weights import check_edge_weights, inspect_safetensors
 from services.tuner.edge_network import EdgeNetwork, from_safetensors_bytes, to_safetensors_bytes
 
 VIT_B16 = EdgeNetworkConfig(dims=768, tokens=197, num_classes=10)  # M = 4, r = 16, one head, CLS pooling
@@ -364,7 +363,7 @@ def test_non_finite_weights_are_invalid_argument_on_load_and_on_save(bad):
     ids=["empty", "short", "random", "huge-header-length", "not-an-object", "uncovered-data"],
 )
 def test_bytes_that_are_not_safetensors_are_invalid_argument(blob):
-    with pytest.raises(InvalidArgumentError, match="not a safetensors blob"):
+    with pytest.raises(InvalidArgumentError, match="not a valid safetensors file"):
         from_safetensors_bytes(blob)
 
 
@@ -405,7 +404,7 @@ def test_truncated_blob_and_blob_without_config_are_invalid_argument():
     good = to_safetensors_bytes(perturbed(SMALL))
     plain = save_safetensors(perturbed(SMALL).state_dict())
     # Execute / Assert
-    with pytest.raises(InvalidArgumentError, match="not a safetensors blob"):
+    with pytest.raises(InvalidArgumentError, match="not a valid safetensors file"):
         from_safetensors_bytes(good[:-4])
     with pytest.raises(InvalidArgumentError, match="lacks 'mist.edge_network_config'"):
         from_safetensors_bytes(plain)
@@ -415,8 +414,8 @@ def test_header_check_without_torch_reports_config_and_entries():
     # Prepare
     blob = to_safetensors_bytes(perturbed(SMALL), {"task": "t"})
     # Execute
-    config, metadata = check_weights_blob(blob, expected=SMALL)
-    entries, _ = read_safetensors_header(blob)
+    config, metadata = check_edge_weights(blob, expected=SMALL)
+    entries = inspect_safetensors(blob)
     # Assert
     assert config == SMALL and metadata["task"] == "t"
     assert entries["head.weight"].dtype == "F32" and entries["head.weight"].shape == (3, 32)

@@ -8,6 +8,7 @@ API:
     parse_safetensors(blob, *, max_header_bytes=MAX_HEADER_BYTES) -> ParsedSafetensors
     inspect_safetensors(blob, *, max_header_bytes=MAX_HEADER_BYTES) -> dict[str, TensorInfo]
     validate_weights(blob, expected_shapes, *, declared_sha256=None, declared_size=None) -> WeightsSummary
+    check_edge_weights(blob, expected=None) -> (EdgeNetworkConfig, metadata)   the tuner's check before loading
     sha256_hex(blob) -> str
 
 Errors: InvalidArgumentError ("not a valid safetensors file: ...", non-float dtype, NaN/Inf, malformed
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from services.common.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig, check_state_shapes
 from services.common.errors import DataLossError, FailedPreconditionError, InvalidArgumentError
 
 # A real edge network's header is a few KiB (about 40 tensors); 1 MiB leaves room for big metadata
@@ -290,3 +292,27 @@ def validate_weights(
         parameter_count=sum(info.num_elements for info in parsed.tensors.values()),
         metadata=parsed.metadata,
     )
+
+
+def check_edge_weights(
+    blob: bytes | memoryview, expected: EdgeNetworkConfig | None = None
+) -> tuple[EdgeNetworkConfig, dict[str, str]]:
+    """Checks edge-network weights before anything is loaded: (the config they carry, their metadata).
+
+    The same strict parse as the registry's, plus what the tuner needs to rebuild the network: a valid config
+    in the metadata (else InvalidArgumentError), equal to `expected` (the task's) when given, tensors exactly
+    as that config's state shapes, float32 only (else FailedPreconditionError). Values are checked later.
+    """
+    parsed = parse_safetensors(blob)
+    if CONFIG_METADATA_KEY not in parsed.metadata:
+        raise InvalidArgumentError(f"safetensors metadata lacks {CONFIG_METADATA_KEY!r}: not edge network weights")
+    config = EdgeNetworkConfig.from_json(parsed.metadata[CONFIG_METADATA_KEY])
+    if expected is not None and config != expected:
+        raise FailedPreconditionError(
+            f"weights are for edge network {config.to_json()}, the task expects {expected.to_json()}"
+        )
+    check_state_shapes(config, {name: info.shape for name, info in parsed.tensors.items()})
+    not_f32 = sorted(name for name, info in parsed.tensors.items() if info.dtype != "F32")
+    if not_f32:
+        raise FailedPreconditionError(f"edge network weights must be float32; not so: {not_f32[:5]}")
+    return config, parsed.metadata
