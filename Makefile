@@ -8,9 +8,13 @@ PY := $(VENV)/bin/python
 # torch wheel has no matching torchvision on PyPI). Override on other machines if needed.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.mist-installed
+# checkov pins old networkx/packaging that would downgrade torch's: it gets a virtualenv of its own.
+TOOLS_VENV ?= .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.mist-installed
+CHECKOV_VERSION ?= 3.3.30
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps proto proto-check test stress demo bench lint clean
+.PHONY: setup tools system-deps proto proto-check test stress demo bench lint clean
 
 setup: $(STAMP)
 
@@ -19,6 +23,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e '.[all,dev]'
 	@touch $@
+
+$(TOOLS_STAMP):
+	@test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install -q 'checkov==$(CHECKOV_VERSION)'
+	@touch $@
+
+tools: $(TOOLS_STAMP)
 
 system-deps:
 	@scripts/system_deps.sh
@@ -29,7 +40,7 @@ proto: setup
 proto-check: setup
 	$(PY) scripts/gen_proto.py --check
 
-test: setup system-deps
+test: setup tools system-deps
 	$(PY) -m pytest -q -m "not stress" $(PYTEST_ARGS)
 
 stress: setup system-deps
@@ -43,8 +54,9 @@ demo: setup
 bench: setup
 	$(PY) -m services.extractor.transfer --backbone vit_base_patch16_224 --images 8 --json bench/results/transfer.json
 
-lint: setup proto-check
-	$(PY) -m ruff check services tests scripts bench
+lint: setup tools proto-check
+	$(PY) -m ruff check services tests scripts
+	$(PY) scripts/check_manifests.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(TOOLS_VENV) var .pytest_cache .ruff_cache .hypothesis
