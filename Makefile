@@ -57,6 +57,7 @@ bench: setup
 lint: setup tools proto-check
 	$(PY) -m ruff check services tests scripts
 	$(PY) scripts/check_manifests.py
+	$(PY) scripts/build_monitoring.py --check
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) var .pytest_cache .ruff_cache .hypothesis
