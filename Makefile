@@ -47,9 +47,7 @@ stress: setup system-deps
 	$(PY) -m pytest -q -s -m stress $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m services.extractor.transfer --backbone vit_tiny_patch16_224 --images 4 \
-	  --model-kwargs '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}'
-	$(PY) -m services.extractor.transfer --backbone vit_base_patch16_224 --images 8 --json var/demo/transfer.json
+	$(PY) -m services.tuner.cli demo
 
 bench: setup
 	$(PY) -m services.extractor.transfer --backbone vit_base_patch16_224 --images 8 --json bench/results/transfer.json

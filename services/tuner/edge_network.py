@@ -6,6 +6,9 @@ CPU build on devices), never timm. Geometry, shapes and cost model: services/com
 
 from __future__ import annotations
 
+import json
+import struct
+
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -114,7 +117,21 @@ def to_safetensors_bytes(model: EdgeNetwork, metadata: dict[str, str] | None = N
     entries.setdefault("format", "pt")
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in model.state_dict().items()}
     _check_finite(tensors)
-    return save_safetensors(tensors, metadata=entries)
+    return _canonical_header(save_safetensors(tensors, metadata=entries))
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """The same file with its JSON header in sorted key order, so equal weights hash equally.
+
+    safetensors writes metadata in hash-map order, which differs between processes: the same weights would get
+    a new sha256 (and a new registry blob) on every run. Data offsets are relative to the end of the header, so
+    only the header changes; it is padded with spaces to 8 bytes as the reference writer does.
+    """
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + header_len])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + header_len :]
 
 
 def from_safetensors_bytes(

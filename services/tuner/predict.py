@@ -1,0 +1,231 @@
+"""Prediction and evaluation with a stored version: pull the weights (by number, alias or latest; cached locally by
+sha256), fetch each image's feature at the version's k and codec, classify on this machine.
+
+    with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
+        loaded = load_version(registry, "shapes", alias="production")
+        for prediction in predict_images(loaded, extractor, [ImageItem("a.png", data)]):
+            print(prediction.to_dict())   # {"item": "a.png", "label": "circle", "probability": 0.93, "top": [...]}
+        report = evaluate_path(loaded, extractor, "labelled/")   # accuracy, per class, confusion matrix
+
+The version's k and codec come from its safetensors metadata (`mist.k`, `mist.codec`, written by tune), else its
+metrics / tags, else the task's; the features are asked for with the task's backbone id, so an extractor serving
+other weights is refused (FAILED_PRECONDITION) instead of answering with features the network never saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import grpc
+import torch
+
+from services.common.codec import CodecConfig, decode_feature
+from services.common.edge_spec import EdgeNetworkConfig
+from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.common.extractor_client import ExtractorClient, ImageItem
+from services.common.pb import feature_pb2, registry_pb2
+from services.common.registry_client import PulledVersion, RegistryClient
+from services.tuner.data import IMAGE_EXTENSIONS, SPLITS, Dataset, load_dataset
+from services.tuner.edge_network import EdgeNetwork, from_safetensors_bytes
+from services.tuner.evaluation import EvaluationReport, evaluate
+from services.tuner.training import predict
+from services.tuner.tune import METADATA_CODEC, METADATA_K, extract_features, registry_errors
+
+DEFAULT_TOP_K = 5
+EvaluateSplit = Literal["auto", "all", "train", "val", "test"]
+_STATUS_NAMES = {status.value[0]: status.name for status in grpc.StatusCode}  # ItemError.code -> "INVALID_ARGUMENT"
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """A version's network, ready to classify, and what its features must look like."""
+
+    task: registry_pb2.Task  # class names, backbone, edge network
+    version: registry_pb2.Version  # number, sha256, metrics, lineage
+    model: EdgeNetwork  # in eval mode
+    k: int  # the gather depth the weights were trained on
+    codec: str  # canonical codec name the features were trained with
+    from_cache: bool  # the weights came from the local cache (only a header travelled)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.task.class_names)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer for one image: a label with its probability and the top classes, or an error."""
+
+    item_id: str  # as given (the CLI uses the file path)
+    version: int  # the version that answered
+    label: str = ""  # the most probable class; "" with an error
+    probability: float = 0.0  # its probability
+    top: tuple[tuple[str, float], ...] = ()  # (label, probability), most probable first
+    error_code: str = ""  # a status code name ("INVALID_ARGUMENT") when the image could not be classified
+    error_reason: str = ""  # machine-readable ("undecodable_image", "image_too_large", ...)
+    error_message: str = ""  # what a person can act on
+    feature_bytes: int = 0  # wire bytes of the image's feature (serialized FeatureTensor)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error_code
+
+    def to_dict(self, id_key: str = "item") -> dict[str, object]:
+        """One JSON line of `mist predict` (which names the item "file")."""
+        if not self.ok:
+            return {id_key: self.item_id, "version": self.version,
+                    "error": {"code": self.error_code, "reason": self.error_reason, "message": self.error_message}}
+        return {id_key: self.item_id, "version": self.version, "label": self.label, "probability": self.probability,
+                "top": [{"label": label, "probability": p} for label, p in self.top]}  # fmt: skip
+
+
+def load_version(registry: RegistryClient, task: str, *, version: int | None = None,
+                 alias: str | None = None) -> LoadedVersion:
+    """Pull (or take from the cache) a version by number, alias or, with neither, the latest; load it strictly."""
+    with registry_errors():
+        pulled = registry.pull(task, version=version, alias=alias)
+    config = EdgeNetworkConfig.from_proto(pulled.task.edge)
+    model, metadata = from_safetensors_bytes(pulled.blob, config)
+    return LoadedVersion(task=pulled.task, version=pulled.version, model=model.eval(),
+                         k=_version_k(pulled, metadata), codec=_version_codec(pulled, metadata),
+                         from_cache=pulled.from_cache)  # fmt: skip
+
+
+def _version_k(pulled: PulledVersion, metadata: dict[str, str]) -> int:
+    number = pulled.version.number
+    text = metadata.get(METADATA_K) or pulled.version.tags.get("k")
+    if text:
+        try:
+            return int(text)
+        except ValueError:
+            raise InvalidArgumentError(f"version {number} carries a bad k {text!r}") from None
+    k = int(pulled.version.metrics.get("k", 0)) or pulled.task.k
+    if k < 1:
+        raise FailedPreconditionError(f"version {number} says nothing about its k and the task has none")
+    return k
+
+
+def _version_codec(pulled: PulledVersion, metadata: dict[str, str]) -> str:
+    text = metadata.get(METADATA_CODEC) or pulled.version.tags.get("codec")
+    return CodecConfig.parse(text).name if text else CodecConfig.from_proto(pulled.task.codec).name
+
+
+def predict_images(loaded: LoadedVersion, extractor: ExtractorClient, items: Iterable[ImageItem | tuple[str, bytes]],
+                   *, top_k: int = DEFAULT_TOP_K, max_in_flight: int = 32) -> Iterator[Prediction]:
+    """One Prediction per item, in order; an image the extractor refuses gets an error and the rest go on.
+
+    Items are read lazily and classified one at a time as their features arrive, so memory stays flat.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InvalidArgumentError(f"top_k must be a positive integer, got {top_k!r}")
+    names = loaded.class_names
+    results = extractor.extract(items, mode="mist", ks=(loaded.k,), codec=loaded.codec,
+                                expect_backbone=loaded.task.backbone, max_in_flight=max_in_flight)
+    for result in results:
+        if result.error is not None:
+            yield _failed(result.item_id, loaded.version.number, result.error)
+            continue
+        probabilities = predict(loaded.model, torch.from_numpy(decode_feature(result.features[0])))[0]
+        values, indices = torch.topk(probabilities, min(top_k, len(names)))
+        top = tuple((names[i], float(v)) for v, i in zip(values.tolist(), indices.tolist(), strict=True))
+        yield Prediction(result.item_id, loaded.version.number, label=top[0][0], probability=top[0][1], top=top,
+                         feature_bytes=result.features[0].ByteSize())
+
+
+def _failed(item_id: str, version: int, error: feature_pb2.ItemError) -> Prediction:
+    code = _STATUS_NAMES.get(error.code, "UNKNOWN")
+    return Prediction(item_id, version, error_code=code, error_reason=error.reason, error_message=error.message)
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The image files named, with folders expanded to the images under them (sorted); a missing path is an error."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise InvalidArgumentError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InvalidArgumentError(f"no such image or folder: {raw}")
+    return files
+
+
+def file_items(files: Iterable[Path]) -> Iterator[ImageItem]:
+    """ImageItems named by path, read one at a time as the extractor asks for them."""
+    for path in files:
+        try:
+            yield ImageItem(str(path), path.read_bytes())
+        except OSError as error:
+            raise InvalidArgumentError(f"cannot read image {path}: {error.strerror or error}") from None
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class VersionEvaluation:
+    """`mist evaluate`: how a stored version does on a labelled folder."""
+
+    task: str
+    version: int
+    k: int
+    split: str  # the split scored: "all", "train", "val" or "test"
+    report: EvaluationReport
+
+    def to_dict(self) -> dict[str, object]:
+        return {"task": self.task, "version": self.version, "k": self.k, "split": self.split,
+                "chance_accuracy": 1 / len(self.report.class_names), **self.report.to_dict()}  # fmt: skip
+
+    def summary(self) -> str:
+        report = self.report
+        lines = [f"task {self.task} version {self.version} (k={self.k}) on {report.count} images ({self.split}): "
+                 f"accuracy {report.accuracy:.3f}, balanced {report.balanced_accuracy:.3f}, "
+                 f"chance {1 / len(report.class_names):.3f}"]
+        width = max(len(name) for name in report.class_names)
+        lines.append(f"  {'class':<{width}} {'acc':>6}  confusion row (predicted, in the order of the rows)")
+        for name, accuracy, row in zip(report.class_names, report.per_class_accuracy, report.confusion_matrix,
+                                       strict=True):
+            shown = "   -  " if accuracy is None else f"{accuracy:6.3f}"
+            lines.append(f"  {name:<{width}} {shown}  {' '.join(f'{n:3d}' for n in row)}")
+        return "\n".join(lines)
+
+
+def evaluate_path(loaded: LoadedVersion, extractor: ExtractorClient, path: str | Path, *,
+                  split: EvaluateSplit = "auto", max_in_flight: int = 32) -> VersionEvaluation:
+    """Score the version on a labelled folder or manifest (class folders must be among the task's classes).
+
+    split "auto" scores the test split when the data has one (test/ folders or a split column), else every image.
+    """
+    if split not in ("auto", "all", *SPLITS):
+        raise InvalidArgumentError(f"split must be auto, all, train, val or test, got {split!r}")
+    dataset = _remapped(load_dataset(path, val_fraction=0.0, test_fraction=0.0), loaded.class_names)
+    chosen = ("test" if dataset.indices("test") else "all") if split == "auto" else split
+    indices = list(range(len(dataset))) if chosen == "all" else dataset.indices(chosen)  # type: ignore[arg-type]
+    if not indices:
+        raise InvalidArgumentError(f"{path} has no {chosen} images")
+    subset = Dataset(dataset.root, dataset.class_names, tuple(dataset.items[i] for i in indices), dataset.layout)
+    store, _ = extract_features(subset, extractor, ks=(loaded.k,), codec=loaded.codec, backbone=loaded.task.backbone,
+                                max_in_flight=max_in_flight)
+    report = evaluate(loaded.model, store, loaded.k, list(range(len(subset))), loaded.class_names)
+    return VersionEvaluation(loaded.task.name, loaded.version.number, loaded.k, chosen, report)
+
+
+def _remapped(dataset: Dataset, task_classes: tuple[str, ...]) -> Dataset:
+    """The dataset with labels as the task's indices: a folder may hold a subset of the classes, never others."""
+    unknown = sorted(set(dataset.class_names) - set(task_classes))
+    if unknown:
+        raise InvalidArgumentError(f"classes {unknown} of {dataset.root} are not among the task's classes "
+                                   f"{list(task_classes)}")
+    index = {name: i for i, name in enumerate(task_classes)}
+    items = tuple(type(item)(item.name, index[dataset.class_names[item.label]], item.split, item.path, item.data)
+                  for item in dataset.items)
+    return Dataset(dataset.root, task_classes, items, dataset.layout, dataset.warnings)
+

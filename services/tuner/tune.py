@@ -1,0 +1,655 @@
+"""The tune pipeline behind `mist tune` and the worker's Tune RPC, as plain functions: find the task, ask the
+extractor what it serves, fetch every image's gathered features once, pick k, train, evaluate, push, move an alias.
+
+    with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
+        result = tune_path("data/", TuneOptions(task="shapes", alias="production"), extractor, registry)
+
+Decisions (README "mist tune"):
+- k belongs to a version, not to the task: `--k auto` may choose another k than the last version did. The chosen k
+  goes into the version's metrics (`k`), tags and safetensors metadata (`mist.k`), and predict uses it. A task
+  created by a tune gets the k chosen for its first version; its `k` is only a default after that.
+- The codec is a property of the transfer, not of the weights: a tune uses --codec, else the task's codec, else
+  i8-zstd, and records it the same way (`mist.codec`); predict fetches features with the version's codec.
+- An existing task must match what this tune would create: class names in order, backbone name and weights
+  fingerprint, the MIST gather, the features' [T, D] and every edge-network setting given explicitly (the ones not
+  given are taken from the task). Anything else is a FailedPreconditionError naming the difference.
+- A new task is created only after training succeeded, right before the push, so bad data leaves nothing behind.
+  The push names the task's latest version at the start as parent: if another run pushed meanwhile, the registry
+  refuses (ABORTED) unless `force` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+
+from services.common import errors
+from services.common.baselines import candidate_ks, validate_ks
+from services.common.codec import CodecConfig
+from services.common.edge_spec import EdgeNetworkConfig, Pooling, macs_per_image, trainable_parameters
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, MistError
+from services.common.extractor_client import ExtractorClient, ExtractResult, ImageItem, rpc_error_to_mist
+from services.common.pb import extractor_pb2, feature_pb2, registry_pb2
+from services.common.registry_client import RegistryClient
+from services.tuner.data import Dataset, load_dataset
+from services.tuner.edge_network import EdgeNetwork, to_safetensors_bytes
+from services.tuner.evaluation import EvaluationReport, evaluate
+from services.tuner.feature_store import FeatureStore
+from services.tuner.progress import ProgressReporter
+from services.tuner.training import EpochStats, KSelection, StepProgress, TrainConfig, select_k, train_edge_network
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CODEC_NAME = "i8-zstd"  # 4x smaller than float32 at 1/254 of a row's max error (README, codecs)
+DEFAULT_RANK = 16  # the paper's r for D = 768; capped at D for narrow backbones
+METADATA_K, METADATA_CODEC, METADATA_CLASSES = "mist.k", "mist.codec", "mist.class_names"
+METADATA_BACKBONE, METADATA_BACKBONE_FINGERPRINT = "mist.backbone", "mist.backbone_fingerprint"
+_MAX_LISTED_FAILURES = 5  # per-image problems quoted in one error message
+ToolKind = Literal["cli", "worker", "library"]
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("mist-suite")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0+source"  # running from a checkout that was not pip-installed
+
+
+def tuner_identity(kind: ToolKind = "library") -> str:
+    """Who tuned, for a version's lineage: 'mist/0.1.0 (cli) host-a'."""
+    name = "mist-tuner" if kind == "worker" else "mist"
+    return f"{name}/{package_version()} ({kind}) {platform.node() or 'unknown-host'}"
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """One tune: which task, how to fetch features, how to train, what to do with the result."""
+
+    task: str  # registry task name; created on success when it does not exist
+    k: int | None = None  # gather depth; None = auto: the best of N/4, N/2, 3N/4, N on the val split
+    codec: str | None = None  # feature codec name; None = the task's, else i8-zstd
+    epochs: int = 30  # final training epochs; a third of the paper's 100 suits a device and small data
+    batch_size: int = 32  # the paper's Raspberry Pi batch
+    lr: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay (matrices only)
+    warmup_epochs: int | None = None  # None: 10 % of epochs
+    seed: int = 0  # initialisation, batch order and the train/val split: same inputs, same weights
+    k_search_epochs: int | None = None  # epochs per candidate k; None: a fifth of epochs, at least 2
+    val_fraction: float = 0.2  # images without a given split that go to val (per class, deterministic)
+    test_fraction: float = 0.0  # ... and to test; 0 keeps every unsplit image for train/val
+    num_blocks: int | None = None  # edge network M; None: the task's, else 4
+    rank: int | None = None  # edge network r; None: the task's, else min(16, D)
+    heads: int | None = None  # attention heads in the rank-r space; None: the task's, else 1
+    pooling: Pooling | None = None  # "cls" or "mean"; None: the task's, else cls (mean without a class token)
+    alias: str | None = None  # move this alias (e.g. "production") to the new version on success
+    description: str = ""  # the task's description when this tune creates it
+    force: bool = False  # push even when the task gained a newer version during this tune
+    max_in_flight: int = 32  # images sent to the extractor and not yet answered
+    extract_attempts: int = 3  # passes over the missing images when the extractor stays unreachable
+    tuner: str = ""  # identity recorded in the lineage; "" = tuner_identity()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task, str) or not self.task.strip():
+            raise InvalidArgumentError("a task name is required")
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise InvalidArgumentError(f"k must be 'auto' or an integer >= 1, got {self.k!r}")
+        if self.codec is not None:
+            CodecConfig.parse(self.codec)
+        for name in ("max_in_flight", "extract_attempts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.k_search_epochs is not None and (not isinstance(self.k_search_epochs, int) or self.k_search_epochs < 1):
+            raise InvalidArgumentError(f"k_search_epochs must be an integer >= 1, got {self.k_search_epochs!r}")
+        if self.alias is not None and not self.alias.strip():
+            raise InvalidArgumentError("alias must not be empty")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise InvalidArgumentError(f"{name} must be a number in [0, 1), got {value!r}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise InvalidArgumentError("val_fraction + test_fraction must leave images to train on")
+        self.train_config()  # validates the training hyperparameters now, before any network traffic
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           warmup_epochs=self.warmup_epochs, seed=self.seed)
+
+
+class TuneObserver:
+    """What the pipeline reports as it goes; every hook is a no-op here. An exception raised by a hook aborts
+    the tune before anything is pushed (the worker cancels jobs this way)."""
+
+    def on_backbone(self, info: extractor_pb2.BackboneInfo) -> None:
+        """The extractor's Describe answer, before any image is sent."""
+
+    def on_extraction(self, done: int, total: int, feature_bytes: int) -> None:
+        """`done` of `total` images have every feature; `feature_bytes` wire bytes held so far."""
+
+    def on_step(self, progress: StepProgress) -> None:
+        """After each optimizer step."""
+
+    def on_epoch(self, stats: EpochStats) -> None:
+        """After each epoch (k-search runs and the final run)."""
+
+    def on_k_selection(self, selection: KSelection) -> None:
+        """`--k auto` chose."""
+
+    def message(self, text: str) -> None:
+        """A line for people: what happens next, warnings."""
+
+    def before_push(self) -> None:
+        """The last moment to abort: after this the version exists."""
+
+
+class ReporterObserver(TuneObserver):
+    """Shows the pipeline's progress with a ProgressReporter (a bar on a terminal, log lines elsewhere)."""
+
+    def __init__(self, reporter: ProgressReporter) -> None:
+        self.reporter = reporter
+
+    def on_extraction(self, done: int, total: int, feature_bytes: int) -> None:
+        self.reporter.on_extraction(done, total, feature_bytes)
+
+    def on_step(self, progress: StepProgress) -> None:
+        self.reporter.on_step(progress)
+
+    def on_epoch(self, stats: EpochStats) -> None:
+        self.reporter.on_epoch(stats)
+
+    def on_k_selection(self, selection: KSelection) -> None:
+        self.reporter.on_k_selection(selection)
+
+    def message(self, text: str) -> None:
+        self.reporter.message(text)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ExtractionStats:
+    """How the features arrived."""
+
+    images: int  # images with every requested feature
+    ks: tuple[int, ...]  # the k fetched for every image (all candidates for --k auto)
+    codec: str  # canonical codec name
+    feature_bytes: int  # wire bytes of every feature held (serialized FeatureTensor messages)
+    bytes_per_image_by_k: dict[int, float]  # mean wire bytes of one image's k feature
+    results: int  # results accepted: exactly one per image, however often the stream was resumed
+    passes: int  # extraction passes over the missing images (1 unless the extractor stayed away)
+    cache_hits: int  # images the extractor answered from its cache
+    seconds: float  # wall time of the extraction
+
+    def to_dict(self) -> dict[str, object]:
+        data = dataclasses.asdict(self)
+        data["bytes_per_image_by_k"] = {str(k): v for k, v in self.bytes_per_image_by_k.items()}
+        return data
+
+
+@dataclass(frozen=True)
+class TransferSummary:
+    """Bytes per image this task costs on the wire next to what the baselines send on the same backbone."""
+
+    k: int  # the version's k
+    codec: str  # the codec the features travelled in
+    bytes_per_image: float  # measured: mean serialized feature of the chosen k
+    fetched_bytes_per_image: float  # measured: everything fetched per image (every candidate k for --k auto)
+    baselines: dict[str, int]  # float32 bytes per image from Describe: lst, last, partial, cls, mist_f32
+
+    def times_smaller(self, method: str) -> float | None:
+        """How many times fewer bytes than `method` sends; None when Describe did not report it."""
+        other = self.baselines.get(method)
+        return other / self.bytes_per_image if other and self.bytes_per_image else None
+
+    def to_dict(self) -> dict[str, object]:
+        return {**dataclasses.asdict(self),
+                "times_smaller": {m: self.times_smaller(m) for m in self.baselines}}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    name: str  # e.g. "production"
+    from_version: int  # 0: the alias did not exist
+    to_version: int
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What a tune produced; `version` is what the registry stored."""
+
+    version: registry_pb2.Version  # number, sha256, metrics, lineage
+    task_created: bool  # this tune created the task
+    k: int  # the k the weights were trained on
+    k_selection: KSelection | None  # the candidates' scores with --k auto
+    kept_epoch: int  # the final run's epoch whose weights were pushed (best on val)
+    val: EvaluationReport | None  # None without a val split
+    test: EvaluationReport | None  # None without a test split
+    num_classes: int
+    transfer: TransferSummary
+    extraction: ExtractionStats
+    alias: AliasMove | None  # the alias moved, if asked
+    pretrained: bool  # False: the extractor runs a random backbone (accuracy only "above chance")
+    warnings: tuple[str, ...]
+    seconds: float  # wall time of the whole tune
+
+    def to_dict(self) -> dict[str, object]:
+        lineage = self.version.lineage
+        return {
+            "task": self.version.task, "version": self.version.number, "sha256": self.version.sha256,
+            "parent_version": lineage.parent_version, "dataset_fingerprint": lineage.dataset_fingerprint,
+            "tuner": lineage.tuner, "task_created": self.task_created, "k": self.k,
+            "k_selection": self.k_selection.to_dict() if self.k_selection else None, "kept_epoch": self.kept_epoch,
+            "val": self.val.to_dict() if self.val else None, "test": self.test.to_dict() if self.test else None,
+            "chance_accuracy": 1 / self.num_classes, "transfer": self.transfer.to_dict(),
+            "extraction": self.extraction.to_dict(), "alias": dataclasses.asdict(self.alias) if self.alias else None,
+            "pretrained_backbone": self.pretrained, "metrics": dict(sorted(self.version.metrics.items())),
+            "warnings": list(self.warnings), "seconds": self.seconds,
+        }  # fmt: skip
+
+    def summary(self) -> str:
+        """The lines `mist tune` prints on stdout."""
+        lineage = self.version.lineage
+        how = "chosen on validation" if self.k_selection else "as asked"
+        lines = [f"task {self.version.task}: version {self.version.number} (parent {lineage.parent_version or '-'}"
+                 f"{', task created' if self.task_created else ''}), k={self.k} {how}"]
+        scores = [f"{name} accuracy {report.accuracy:.3f} ({report.count} images)"
+                  for name, report in (("val", self.val), ("test", self.test)) if report is not None]
+        lines.append("  " + ", ".join(scores or ["no val or test split: nothing scored"])
+                     + f"; chance {1 / self.num_classes:.3f}")
+        lines.append("  " + transfer_line(self.transfer))
+        if self.alias:
+            lines.append(f"  alias {self.alias.name}: {self.alias.from_version or '-'} -> {self.alias.to_version}")
+        if not self.pretrained:
+            lines.append("  note: the extractor runs a RANDOMLY INITIALISED backbone; accuracy is only 'above chance'")
+        return "\n".join(lines)
+
+
+def transfer_line(transfer: TransferSummary) -> str:
+    """'received 3,412 B/image (i8-zstd, k=6) vs LST 10,880 (3.2x more), LAST 6,528 (1.9x more)'."""
+    parts = [f"{name} {transfer.baselines[method]:,} ({transfer.times_smaller(method):.1f}x more)"
+             for method, name in (("lst", "LST"), ("last", "LAST")) if transfer.baselines.get(method)]
+    versus = f" vs {', '.join(parts)}" if parts else ""
+    return f"received {transfer.bytes_per_image:,.0f} B/image ({transfer.codec}, k={transfer.k}){versus}"
+
+
+# ---------------------------------------------------------------------------------------------- registry errors
+
+
+@contextlib.contextmanager
+def registry_errors(what: str = "registry") -> Iterator[None]:
+    """Turn a refused registry call (grpc.RpcError) into the MistError of its status code, naming the server."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        mapped = rpc_error_to_mist(error)
+        if isinstance(mapped, MistError):
+            raise type(mapped)(f"{what}: {mapped}") from error
+        raise
+
+
+def describe(extractor: ExtractorClient) -> extractor_pb2.BackboneInfo:
+    """The extractor's Describe, with its address in any error (the first call a tune makes to it)."""
+    try:
+        return extractor.describe()
+    except MistError as error:
+        raise type(error)(f"extractor {extractor.target}: {error}") from error
+
+
+def find_task(registry: RegistryClient, name: str) -> registry_pb2.Task | None:
+    """The task, or None when the registry does not know it."""
+    try:
+        with registry_errors():
+            return registry.get_task(name)
+    except errors.NotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+
+
+def tune_path(path: str | os.PathLike[str], options: TuneOptions, extractor: ExtractorClient,
+              registry: RegistryClient, observer: TuneObserver | None = None) -> TuneResult:
+    """`mist tune --data PATH`: an ImageFolder tree, split folders or a manifest (see data.load_dataset).
+
+    When the task exists its class names fix the label order, and a folder of another class is refused.
+    """
+    task = find_task(registry, options.task)
+    dataset = load_dataset(path, val_fraction=options.val_fraction, test_fraction=options.test_fraction,
+                           seed=options.seed, class_names=tuple(task.class_names) if task else None)
+    return tune_dataset(dataset, options, extractor, registry, observer, task=task)
+
+
+def tune_dataset(dataset: Dataset, options: TuneOptions, extractor: ExtractorClient, registry: RegistryClient,
+                 observer: TuneObserver | None = None, *, task: registry_pb2.Task | None = None) -> TuneResult:
+    """The whole pipeline on a loaded dataset. `task`: the registry's task as read before the dataset was loaded
+    (its latest version is the parent of the push); None = not found (created on success)."""
+    observer = observer or TuneObserver()
+    started = time.perf_counter()
+    info = describe(extractor)
+    observer.on_backbone(info)
+    if not info.pretrained:
+        observer.message(f"warning: {info.warning or 'the extractor runs a randomly initialised backbone'}")
+    for warning in dataset.warnings:
+        observer.message(f"warning: {warning}")
+    edge = resolve_edge_config(task, info, dataset.class_names, options)
+    codec = CodecConfig.parse(options.codec or (_task_codec(task) if task else DEFAULT_CODEC_NAME)).name
+    ks = _ks_to_fetch(options.k, info.num_blocks)
+    observer.message(f"{options.task}: {len(dataset)} images ({_split_counts(dataset)}), {len(dataset.class_names)} "
+                     f"classes; fetching k={', '.join(map(str, ks))} as {codec} from {extractor.target}")
+    backbone = task.backbone if task else info.backbone
+    store, extraction = extract_features(dataset, extractor, ks=ks, codec=codec, backbone=backbone,
+                                         observer=observer, max_in_flight=options.max_in_flight,
+                                         attempts=options.extract_attempts)
+    trained = _train(store, dataset, ks, edge, options, observer)
+    reports = _evaluate(trained, store, dataset)
+    transfer = TransferSummary(trained.k, codec, extraction.bytes_per_image_by_k[trained.k],
+                               store.bytes_per_image(), {b.method: b.bytes_per_image for b in info.baselines})
+    observer.message(transfer_line(transfer))
+    observer.before_push()
+    created, task = _ensure_task(registry, task, options, info, dataset.class_names, edge, trained.k, codec)
+    draft = _Draft(dataset, options, info, edge, codec, trained, reports, transfer, extraction)
+    version = _push(registry, task, draft, parent=0 if created else task.latest_version)
+    observer.message(f"pushed version {version.number} of {options.task} (sha256 {version.sha256[:12]})")
+    alias = _move_alias(registry, options.task, options.alias, version.number) if options.alias else None
+    return TuneResult(
+        version=version, task_created=created, k=trained.k, k_selection=trained.selection,
+        kept_epoch=trained.kept_epoch, val=reports.get("val"), test=reports.get("test"),
+        num_classes=len(dataset.class_names), transfer=transfer, extraction=extraction, alias=alias,
+        pretrained=info.pretrained, warnings=dataset.warnings, seconds=time.perf_counter() - started,
+    )  # fmt: skip
+
+
+def resolve_edge_config(task: registry_pb2.Task | None, info: extractor_pb2.BackboneInfo,
+                        class_names: Sequence[str], options: TuneOptions) -> EdgeNetworkConfig:
+    """The edge network to train: the task's (checked against this tune), or a new one from options."""
+    given = {name: getattr(options, name) for name in ("num_blocks", "rank", "heads", "pooling")}
+    if task is None:
+        defaults = {"num_blocks": 4, "rank": min(DEFAULT_RANK, info.dims), "heads": 1,
+                    "pooling": "cls" if info.num_prefix_tokens else "mean"}  # fmt: skip
+        values = {name: defaults[name] if value is None else value for name, value in given.items()}
+        return EdgeNetworkConfig(dims=info.dims, tokens=info.tokens, num_classes=len(class_names), **values)
+    check_task_fits(task, info, class_names)
+    config = EdgeNetworkConfig.from_proto(task.edge)
+    differing = [f"{name} {value!r} (the task has {getattr(config, name)!r})"
+                 for name, value in given.items() if value is not None and value != getattr(config, name)]
+    if differing:
+        raise FailedPreconditionError(f"task {task.name!r} trains another edge network: {', '.join(differing)}; "
+                                      "leave those flags out or tune a new task")
+    return config
+
+
+def check_task_fits(task: registry_pb2.Task, info: extractor_pb2.BackboneInfo, class_names: Sequence[str]) -> None:
+    """FailedPreconditionError unless the task was made for this backbone, these classes and the MIST gather."""
+    theirs, ours = task.backbone, info.backbone
+    if (theirs.name, theirs.weights_fingerprint) != (ours.name, ours.weights_fingerprint):
+        raise FailedPreconditionError(
+            f"task {task.name!r} belongs to backbone {theirs.name} (weights {theirs.weights_fingerprint}) but the "
+            f"extractor serves {ours.name} (weights {ours.weights_fingerprint}): use an extractor with the task's "
+            "backbone, or tune a new task")
+    if task.mode not in (feature_pb2.GATHER_MODE_MIST, feature_pb2.GATHER_MODE_UNSPECIFIED):
+        raise FailedPreconditionError(f"task {task.name!r} is not a MIST task (gather mode {task.mode})")
+    if tuple(task.class_names) != tuple(class_names):
+        raise FailedPreconditionError(f"task {task.name!r} has classes {list(task.class_names)}, this data has "
+                                      f"{list(class_names)}: the class names and their order must match")
+    if (task.edge.tokens, task.edge.dims) != (info.tokens, info.dims):
+        raise FailedPreconditionError(
+            f"task {task.name!r} expects [{task.edge.tokens}, {task.edge.dims}] features but the extractor "
+            f"sends [{info.tokens}, {info.dims}]")
+
+
+def _task_codec(task: registry_pb2.Task) -> str:
+    return CodecConfig.from_proto(task.codec).name
+
+
+def _ks_to_fetch(k: int | None, num_blocks: int) -> tuple[int, ...]:
+    return tuple(candidate_ks(num_blocks)) if k is None else validate_ks([k], num_blocks)
+
+
+def _split_counts(dataset: Dataset) -> str:
+    counts = {split: sum(per_class) for split, per_class in dataset.counts().items()}
+    return ", ".join(f"{split} {n}" for split, n in counts.items() if n)
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+
+
+def extract_features(dataset: Dataset, extractor: ExtractorClient, *, ks: Sequence[int], codec: str,
+                     backbone: feature_pb2.BackboneId | None, observer: TuneObserver | None = None,
+                     max_in_flight: int = 32, attempts: int = 3) -> tuple[FeatureStore, ExtractionStats]:
+    """Every image's features for every k in `ks`, fetched once and kept compressed.
+
+    Within a pass the client resumes a broken stream by itself (re-sending only the unanswered images); when the
+    extractor stays away longer, another pass asks again for the images still missing, up to `attempts` passes.
+    A feature that fails its checksum is fetched again the same way. Images the extractor refuses (undecodable,
+    too large) fail the whole extraction with one message naming them: training on a silently smaller set would
+    hide the problem.
+    """
+    observer = observer or TuneObserver()
+    store = FeatureStore.for_dataset(dataset, backbone=backbone)
+    total, started = len(dataset), time.perf_counter()
+    refused: dict[int, feature_pb2.ItemError] = {}
+    results = cache_hits = passes = 0
+    while missing := [i for i in store.missing(range(total), ks) if i not in refused]:
+        if passes == attempts:
+            raise errors.UnavailableError(f"{len(missing)} image(s) still lack features after {attempts} passes "
+                                          f"over {extractor.target}; is the extractor up?")
+        passes += 1
+        answered = total - len(missing)  # refused images count as answered: asking again would not help
+        try:
+            for index, result in zip(missing, _extract(dataset, missing, extractor, ks, codec, backbone,
+                                                       max_in_flight), strict=False):
+                results += 1
+                cache_hits += result.cache_hit
+                if result.error is not None:
+                    refused[index] = result.error
+                    answered += 1
+                else:
+                    answered += _keep(store, index, ks, result.features, observer)
+                observer.on_extraction(answered, total, store.compressed_bytes())
+        except errors.UnavailableError as error:
+            observer.message(f"extractor unavailable ({error}); asking again for the missing images")
+    if refused:
+        raise InvalidArgumentError(_refusal_message(dataset, refused))
+    stats = ExtractionStats(images=total, ks=tuple(ks), codec=codec, feature_bytes=store.compressed_bytes(),
+                            bytes_per_image_by_k={k: store.bytes_per_image(k) for k in ks},
+                            results=results, passes=passes, cache_hits=cache_hits,
+                            seconds=time.perf_counter() - started)  # fmt: skip
+    return store, stats
+
+
+def _extract(dataset: Dataset, indices: list[int], extractor: ExtractorClient, ks: Sequence[int], codec: str,
+             backbone: feature_pb2.BackboneId | None, max_in_flight: int) -> Iterator[ExtractResult]:
+    items = (ImageItem(dataset.items[i].name, dataset.items[i].read_bytes()) for i in indices)  # read lazily
+    return extractor.extract(items, mode="mist", ks=ks, codec=codec, expect_backbone=backbone,
+                             max_in_flight=max_in_flight)
+
+
+def _keep(store: FeatureStore, index: int, ks: Sequence[int], features: Sequence[feature_pb2.FeatureTensor],
+          observer: TuneObserver) -> bool:
+    """Store one image's features; False when one was corrupted on the way (the next pass fetches it again)."""
+    if len(features) != len(ks):
+        raise errors.DataLossError(f"the extractor sent {len(features)} features for {len(ks)} requested k")
+    try:
+        for k, feature in zip(ks, features, strict=True):
+            store.add(index, k, feature)
+    except errors.DataLossError as error:
+        observer.message(f"image {index}: {error}; fetching it again")
+        return False
+    return True
+
+
+def _refusal_message(dataset: Dataset, refused: dict[int, feature_pb2.ItemError]) -> str:
+    shown = [f"{dataset.items[i].name}: {e.message or e.reason}" for i, e in list(refused.items())[:_MAX_LISTED_FAILURES]]
+    more = f" (and {len(refused) - len(shown)} more)" if len(refused) > len(shown) else ""
+    return (f"the extractor could not use {len(refused)} image(s){more}: {'; '.join(shown)}; "
+            "fix or remove them and tune again (nothing was pushed)")
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Trained:
+    k: int
+    selection: KSelection | None
+    model: EdgeNetwork
+    kept_epoch: int
+    history: list[EpochStats]
+    seconds: float
+
+
+def _train(store: FeatureStore, dataset: Dataset, ks: Sequence[int], edge: EdgeNetworkConfig,
+           options: TuneOptions, observer: TuneObserver) -> _Trained:
+    config = options.train_config()
+    train, val = dataset.indices("train"), dataset.indices("val")
+    selection = None
+    if len(ks) > 1:
+        if not val:
+            raise InvalidArgumentError("--k auto chooses k on a validation split, and this data has none: give val "
+                                       "images (a val/ folder or a split column), --val-fraction above 0, or --k N")
+        observer.message(f"choosing k among {', '.join(map(str, ks))} on {len(val)} validation images")
+        selection = select_k(store, ks, edge, config, train_indices=train, val_indices=val,
+                             short_epochs=options.k_search_epochs, on_epoch=observer.on_epoch,
+                             on_step=observer.on_step)  # fmt: skip
+        observer.on_k_selection(selection)
+    k = selection.chosen_k if selection else ks[0]
+    observer.message(f"training k={k}: {config.epochs} epochs on {len(train)} images, "
+                     f"{trainable_parameters(edge):,} parameters")
+    result = train_edge_network(store, k, edge, config, train_indices=train, val_indices=val,
+                                on_epoch=observer.on_epoch, on_step=observer.on_step)
+    return _Trained(k, selection, result.model, result.kept_epoch, result.history, result.seconds)
+
+
+def _evaluate(trained: _Trained, store: FeatureStore, dataset: Dataset) -> dict[str, EvaluationReport]:
+    reports = {}
+    for split in ("val", "test"):
+        indices = dataset.indices(split)
+        if indices:
+            reports[split] = evaluate(trained.model, store, trained.k, indices, dataset.class_names)
+    return reports
+
+
+# ---------------------------------------------------------------------------------------------- pushing
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """Everything a push records."""
+
+    dataset: Dataset
+    options: TuneOptions
+    info: extractor_pb2.BackboneInfo
+    edge: EdgeNetworkConfig
+    codec: str
+    trained: _Trained
+    reports: dict[str, EvaluationReport]
+    transfer: TransferSummary
+    extraction: ExtractionStats
+
+
+def _ensure_task(registry: RegistryClient, task: registry_pb2.Task | None, options: TuneOptions,
+                 info: extractor_pb2.BackboneInfo, class_names: Sequence[str], edge: EdgeNetworkConfig, k: int,
+                 codec: str) -> tuple[bool, registry_pb2.Task]:
+    """(created, task): the task read at the start, or a new one with this tune's settings."""
+    if task is not None:
+        return False, task
+    definition = registry_pb2.Task(
+        name=options.task, backbone=info.backbone, mode=feature_pb2.GATHER_MODE_MIST, k=k,
+        codec=CodecConfig.parse(codec).to_proto(), class_names=list(class_names), edge=edge.to_proto(),
+        description=options.description,
+    )  # fmt: skip
+    try:
+        with registry_errors():
+            return True, registry.create_task(definition)
+    except errors.AlreadyExistsError:
+        # Created by someone else while we trained: fine if it fits; the push then races on the parent.
+        with registry_errors():
+            existing = registry.get_task(options.task)
+        check_task_fits(existing, info, class_names)
+        if EdgeNetworkConfig.from_proto(existing.edge) != edge:
+            raise FailedPreconditionError(f"task {options.task!r} was created meanwhile with another edge network "
+                                          f"({EdgeNetworkConfig.from_proto(existing.edge).to_json()})") from None
+        return False, existing
+
+
+def _metrics(draft: _Draft) -> dict[str, float]:
+    trained, kept = draft.trained, draft.trained.history[draft.trained.kept_epoch - 1]
+    metrics: dict[str, float] = {
+        "k": trained.k, "epochs": draft.options.epochs, "kept_epoch": trained.kept_epoch,
+        "train_loss": kept.train_loss, "train_accuracy": kept.train_accuracy,
+        "train_images": len(draft.dataset.indices("train")), "val_images": len(draft.dataset.indices("val")),
+        "test_images": len(draft.dataset.indices("test")), "num_classes": len(draft.dataset.class_names),
+        "seed": draft.options.seed, "lr": draft.options.lr, "weight_decay": draft.options.weight_decay,
+        "batch_size": draft.options.batch_size, "parameters": trainable_parameters(draft.edge),
+        "macs_per_image": macs_per_image(draft.edge), "train_seconds": trained.seconds,
+        "bytes_per_image": draft.transfer.bytes_per_image,
+        "fetched_bytes_per_image": draft.transfer.fetched_bytes_per_image,
+    }  # fmt: skip
+    for split, report in draft.reports.items():
+        metrics.update({f"{split}_accuracy": report.accuracy, f"{split}_loss": report.loss,
+                        f"{split}_balanced_accuracy": report.balanced_accuracy})
+    for method, size in draft.transfer.baselines.items():
+        metrics[f"{method}_bytes_per_image"] = size
+    if trained.selection is not None:
+        for k, accuracy in trained.selection.val_accuracy_by_k.items():
+            metrics[f"k_search_val_accuracy_k{k}"] = accuracy
+    return {key: float(value) for key, value in metrics.items() if math.isfinite(float(value))}
+
+
+def _details(draft: _Draft) -> str:
+    details = {
+        "k": draft.trained.k, "codec": draft.codec,
+        "k_selection": draft.trained.selection.to_dict() if draft.trained.selection else None,
+        **{split: report.to_dict() for split, report in draft.reports.items()},
+        "transfer": draft.transfer.to_dict(), "extraction": draft.extraction.to_dict(),
+        "train_config": dataclasses.asdict(draft.options.train_config()),
+        "history": [stats.to_dict() for stats in draft.trained.history],
+        "edge_network": draft.edge.to_dict(),
+        "backbone": {"name": draft.info.backbone.name, "weights_fingerprint": draft.info.backbone.weights_fingerprint,
+                     "pretrained": draft.info.pretrained, "num_blocks": draft.info.num_blocks},
+        "dataset": {"layout": draft.dataset.layout, "class_names": list(draft.dataset.class_names),
+                    "counts": draft.dataset.counts()},
+        "warnings": list(draft.dataset.warnings),
+    }  # fmt: skip
+    return json.dumps(details, allow_nan=False)  # the registry stores JSON; NaN is not JSON
+
+
+def _push(registry: RegistryClient, task: registry_pb2.Task, draft: _Draft, *, parent: int) -> registry_pb2.Version:
+    metadata = {
+        METADATA_K: str(draft.trained.k), METADATA_CODEC: draft.codec,
+        METADATA_CLASSES: json.dumps(list(draft.dataset.class_names)),
+        METADATA_BACKBONE: task.backbone.name, METADATA_BACKBONE_FINGERPRINT: task.backbone.weights_fingerprint,
+    }  # fmt: skip
+    blob = to_safetensors_bytes(draft.trained.model, metadata)
+    with registry_errors():
+        return registry.push(
+            task.name, blob, parent_version=parent, force=draft.options.force, metrics=_metrics(draft),
+            details_json=_details(draft), dataset_fingerprint=draft.dataset.fingerprint(),
+            tuner=draft.options.tuner or tuner_identity(), tags={"k": str(draft.trained.k), "codec": draft.codec},
+        )  # fmt: skip
+
+
+def _move_alias(registry: RegistryClient, task: str, alias: str, version: int) -> AliasMove:
+    """Compare-and-set from what the alias points at now, so the move we report is the move that happened."""
+    with registry_errors():
+        try:
+            current = registry.get_alias(task, alias).version
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            current = 0
+        registry.set_alias(task, alias, version, expected_version=current)
+    return AliasMove(alias, current, version)

@@ -1,0 +1,346 @@
+"""End to end through real servers (subprocesses on port 0): `mist tune`, `mist predict` and `mist evaluate` on the
+synthetic data, an extractor killed and restarted in the middle of a tune, and bad data refused before any push.
+
+One registry + extractor stack serves the module; the tiny random ViT (4 blocks, 17 x 32 features) keeps it fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import socket
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from services.common.codec import decode_feature
+from services.common.extractor_client import ImageItem
+from services.tuner import cli
+from services.tuner.data import load_dataset
+from services.tuner.edge_network import from_safetensors_bytes
+from services.tuner.tune import TuneObserver, TuneOptions, find_task, tune_path
+from tests.helpers.stack import E2E_CLASSES, running_stack, write_e2e_dataset
+
+pytestmark = pytest.mark.timeout(300)
+
+TASK = "e2e-shapes"
+CHANCE = 1 / len(E2E_CLASSES)
+# 15 epochs at lr 3e-3 reach 0.675 held-out accuracy on this data; 0.45 leaves three standard errors of room.
+ABOVE_CHANCE = 0.45
+TRAIN_FLAGS = ["--epochs", "15", "--lr", "3e-3", "--k-search-epochs", "3"]
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """`mist ARGS` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args), env={})
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with running_stack(tmp_path_factory.mktemp("stack")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_e2e_dataset(tmp_path_factory.mktemp("data") / "shapes")
+
+
+@pytest.fixture(scope="module")
+def tuned(stack, data) -> dict:
+    """Version 1 of TASK: `mist tune --k auto --alias production --json`."""
+    code, out, err = run_cli("tune", "--task", TASK, "--data", str(data), "--alias", "production", "--json",
+                             *TRAIN_FLAGS, *stack.cli_flags())
+    assert code == 0, err
+    return json.loads(out)
+
+
+def registry_client(stack):
+    return stack.endpoints(cache_dir=None).registry_client()
+
+
+# ---------------------------------------------------------------------------------------------- tune
+
+
+def test_tune_with_auto_k_beats_chance_and_pushes_metrics_lineage_and_alias(tuned, stack, data):
+    # Prepare: what the registry holds after the module's first tune
+    with registry_client(stack) as registry:
+        version = registry.get_version(TASK, alias="production")
+        pulled = registry.pull(TASK, version=1, use_cache=False)
+    details = json.loads(version.details_json)
+
+    # Assert: the tune's own report
+    assert tuned["version"] == 1 and tuned["task_created"] is True and tuned["parent_version"] == 0
+    assert tuned["k"] in (1, 2, 3, 4) and sorted(tuned["k_selection"]["val_accuracy_by_k"]) == ["1", "2", "3", "4"]
+    assert tuned["test"]["count"] == 40 and tuned["test"]["accuracy"] >= ABOVE_CHANCE > CHANCE
+    assert tuned["alias"] == {"name": "production", "from_version": 0, "to_version": 1}
+    # ... what the registry stored: metrics, lineage, details, alias
+    assert version.number == 1
+    assert version.metrics["k"] == tuned["k"] and version.metrics["test_accuracy"] == tuned["test"]["accuracy"]
+    assert version.metrics["lst_bytes_per_image"] == 5 * 17 * 32 * 4  # x_0 + 4 blocks of [17, 32] float32
+    assert version.metrics["bytes_per_image"] < version.metrics["mist_f32_bytes_per_image"] == 17 * 32 * 4
+    assert version.lineage.parent_version == 0 and version.lineage.tuner.startswith("mist/")
+    assert version.lineage.dataset_fingerprint == load_dataset(data).fingerprint()
+    assert version.tags["k"] == str(tuned["k"]) and version.tags["codec"] == "i8-zstd"
+    assert np.array(details["test"]["confusion_matrix"]).sum(axis=1).tolist() == [10, 10, 10, 10]
+    assert set(details["test"]["per_class_accuracy"]) == set(E2E_CLASSES)
+    assert details["k_selection"]["chosen_k"] == tuned["k"]
+    # ... and the weights carry their k and codec for predict
+    assert pulled.task.k == tuned["k"] and list(pulled.task.class_names) == sorted(E2E_CLASSES)
+    _, metadata = from_safetensors_bytes(pulled.blob)
+    assert metadata["mist.k"] == str(tuned["k"]) and metadata["mist.codec"] == "i8-zstd"
+
+
+def test_second_tune_with_fixed_k_names_its_parent_and_moves_the_alias(tuned, stack, data):
+    # Execute: version 2 from another seed at k = 2
+    code, out, err = run_cli("tune", "--task", TASK, "--data", str(data), "--k", "2", "--seed", "1",
+                             "--alias", "production", "--json", *TRAIN_FLAGS, *stack.cli_flags())
+
+    # Assert
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["version"], result["parent_version"], result["k"], result["task_created"]) == (2, 1, 2, False)
+    assert result["k_selection"] is None
+    assert result["alias"] == {"name": "production", "from_version": 1, "to_version": 2}
+    with registry_client(stack) as registry:
+        assert registry.get_alias(TASK, "production").version == 2
+        assert registry.get_version(TASK, version=2).metrics["k"] == 2
+        assert registry.get_task(TASK).k == tuned["k"]  # the task keeps the k its first version chose
+
+
+def test_the_same_seed_gives_bitwise_the_same_weights(stack, data):
+    # Execute: two tasks tuned from the same data with the same seed
+    for task in ("e2e-repro-a", "e2e-repro-b"):
+        code, _, err = run_cli("tune", "--task", task, "--data", str(data), "--k", "2", "--epochs", "4", "--seed", "7",
+                               *stack.cli_flags())
+        assert code == 0, err
+
+    # Assert: every tensor equal to the bit (the blobs' sha256 may differ: see the report on metadata order)
+    with registry_client(stack) as registry:
+        first, second = (load_safetensors(registry.pull(task, use_cache=False).blob)
+                         for task in ("e2e-repro-a", "e2e-repro-b"))
+    assert first.keys() == second.keys() and len(first) == 4 * 6 + 4
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_existing_task_refuses_another_edge_network(tuned, stack, data):
+    # Prepare
+    with registry_client(stack) as registry:
+        before = [v.number for v in registry.list_versions(TASK)]
+
+    # Execute
+    code, out, err = run_cli("tune", "--task", TASK, "--data", str(data), "--num-blocks", "2", *stack.cli_flags(),
+                             "--progress", "quiet")
+
+    # Assert: one line naming the difference, nothing pushed
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("mist tune: error: FAILED_PRECONDITION:")
+    assert "num_blocks 2 (the task has 4)" in err
+    with registry_client(stack) as registry:
+        assert [v.number for v in registry.list_versions(TASK)] == before
+
+
+def test_unreachable_extractor_is_one_unavailable_line_naming_it(stack, data):
+    # Prepare: the registry answers, nothing listens where the extractor should be
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{sock.getsockname()[1]}"
+
+    # Execute
+    code, out, err = run_cli("tune", "--task", "e2e-no-extractor", "--data", str(data), *stack.cli_flags(),
+                             "--extractor", nowhere, "--progress", "quiet")
+
+    # Assert
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"mist tune: error: UNAVAILABLE: extractor {nowhere}: ")
+
+
+# ---------------------------------------------------------------------------------------------- predict, evaluate
+
+
+def in_process_probabilities(stack, paths: list[Path], version: int) -> tuple[list[str], np.ndarray]:
+    """Labels and probabilities computed here from the pulled weights and features decoded from the extractor."""
+    with registry_client(stack) as registry:
+        pulled = registry.pull(TASK, version=version, use_cache=False)
+    model, metadata = from_safetensors_bytes(pulled.blob)
+    k, codec = int(metadata["mist.k"]), metadata["mist.codec"]
+    with stack.endpoints().extractor_client() as extractor:
+        results = list(extractor.extract([ImageItem(str(p), p.read_bytes()) for p in paths], ks=(k,), codec=codec))
+    features = torch.from_numpy(np.stack([decode_feature(r.features[0]) for r in results]))
+    with torch.inference_mode():
+        probabilities = torch.softmax(model.eval()(features), dim=1).numpy()
+    names = list(pulled.task.class_names)
+    return [names[i] for i in probabilities.argmax(axis=1)], probabilities
+
+
+def test_predict_matches_in_process_inference(tuned, stack, data):
+    # Prepare
+    paths = sorted((data / "test").rglob("*.png"))
+    labels, probabilities = in_process_probabilities(stack, paths, version=1)
+
+    # Execute
+    code, out, err = run_cli("predict", "--task", TASK, "--version", "1", "--top-k", "4", str(data / "test"),
+                             *stack.cli_flags())
+
+    # Assert: one JSON line per image, in order, equal to the in-process answer
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["file"] for line in lines] == [str(p) for p in paths]
+    assert [line["label"] for line in lines] == labels
+    names = sorted(E2E_CLASSES)
+    for line, row in zip(lines, probabilities, strict=True):
+        assert line["version"] == 1 and len(line["top"]) == 4
+        assert line["probability"] == pytest.approx(float(row.max()), abs=1e-5)
+        for entry in line["top"]:
+            assert entry["probability"] == pytest.approx(float(row[names.index(entry["label"])]), abs=1e-5)
+    accuracy = np.mean([line["label"] == Path(line["file"]).parent.name for line in lines])
+    assert accuracy == pytest.approx(tuned["test"]["accuracy"])
+
+
+def test_predict_by_alias_answers_per_image_and_flags_a_bad_one(tuned, stack, data, tmp_path):
+    # Prepare: a good image, an undecodable one, another good one
+    good = sorted((data / "test" / "red_cross").glob("*.png"))[:2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a png")
+    with registry_client(stack) as registry:
+        production = registry.get_alias(TASK, "production").version
+
+    # Execute
+    code, out, err = run_cli("predict", "--task", TASK, "--alias", "production", str(good[0]), str(broken),
+                             str(good[1]), *stack.cli_flags())
+
+    # Assert: three lines in order, the middle one an error; exit 1 with one line on stderr
+    assert code == 1 and err.strip().startswith("mist predict: error: 1 of 3 image(s) could not be classified")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["file"] for line in lines] == [str(good[0]), str(broken), str(good[1])]
+    assert {line["version"] for line in lines} == {production}
+    assert lines[1]["error"]["code"] == "INVALID_ARGUMENT" and lines[1]["error"]["reason"] == "undecodable_image"
+    assert lines[0]["label"] in E2E_CLASSES and lines[2]["label"] in E2E_CLASSES
+
+
+def test_evaluate_scores_the_test_split_as_the_tune_did(tuned, stack, data):
+    # Execute
+    code, out, err = run_cli("evaluate", "--task", TASK, "--version", "1", "--data", str(data), "--json",
+                             *stack.cli_flags())
+
+    # Assert: the same 40 test images, the same accuracy and confusion matrix as the tune reported
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["version"], report["split"], report["count"]) == (1, "test", 40)
+    assert report["accuracy"] == pytest.approx(tuned["test"]["accuracy"])
+    assert report["confusion_matrix"] == tuned["test"]["confusion_matrix"]
+
+
+# ---------------------------------------------------------------------------------------------- resilience
+
+
+class RestartExtractorOnce(TuneObserver):
+    """Kills the extractor (SIGKILL) and starts a new one on the same port once a third of the images are in."""
+
+    def __init__(self, stack) -> None:
+        self.stack = stack
+        self.restarted_at: int | None = None
+
+    def on_extraction(self, done: int, total: int, feature_bytes: int) -> None:
+        if self.restarted_at is None and done >= total // 3:
+            self.restarted_at = done
+            self.stack.restart_extractor()
+
+
+def served_images(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mist_extractor_images_served_total{"))
+
+
+def test_extractor_restart_during_a_tune_loses_no_image_and_duplicates_none(stack, data):
+    # Prepare
+    observer = RestartExtractorOnce(stack)
+    options = TuneOptions(task="e2e-restart", epochs=3, k_search_epochs=1)
+    total = len(load_dataset(data))
+
+    # Execute
+    with stack.endpoints().extractor_client() as extractor, stack.endpoints().registry_client() as registry:
+        result = tune_path(data, options, extractor, registry, observer)
+        _, metrics_port = stack.extractor.wait_listening()
+
+    # Assert: the restart happened mid-extraction, the new server answered the rest, each image got one result
+    assert observer.restarted_at is not None and observer.restarted_at < total
+    assert 0 < served_images(metrics_port) <= total - observer.restarted_at
+    assert result.extraction.results == result.extraction.images == total
+    assert result.version.number == 1 and result.version.metrics["train_images"] == 80
+
+
+# ---------------------------------------------------------------------------------------------- bad data
+
+
+def copy_class(data: Path, name: str, into: Path, count: int = 4) -> None:
+    (into / name).mkdir(parents=True)
+    for image in sorted((data / "train" / name).glob("*.png"))[:count]:
+        shutil.copy(image, into / name / image.name)
+
+
+def make_empty_class(data: Path, root: Path) -> None:
+    copy_class(data, "red_cross", root)
+    copy_class(data, "blue_cross", root)
+    (root / "vertical_stripes").mkdir()
+
+
+def make_unreadable_image(data: Path, root: Path) -> None:
+    copy_class(data, "red_cross", root)
+    copy_class(data, "blue_cross", root)
+    (root / "blue_cross" / "broken.png").write_bytes(b"\x89PNG but not really")
+
+
+def make_one_class(data: Path, root: Path) -> None:
+    copy_class(data, "red_cross", root)
+
+
+def make_foreign_class(data: Path, root: Path) -> None:
+    for name in E2E_CLASSES:
+        copy_class(data, name, root)
+    (root / "zebra").mkdir()
+    shutil.copy(sorted((data / "train" / "red_cross").glob("*.png"))[0], root / "zebra" / "z.png")
+
+
+@pytest.mark.parametrize(
+    ("make", "task", "expected"),
+    [
+        (make_empty_class, "bad-empty", "holds no images"),
+        (make_unreadable_image, "bad-image", "could not use 1 image(s)"),
+        (make_one_class, "bad-one-class", "found only one class ('red_cross')"),
+        (make_foreign_class, TASK, "['zebra'] that are not among the task's classes"),
+    ],
+    ids=["empty-class-folder", "unreadable-image", "one-class", "labels-not-in-task"],
+)
+def test_bad_data_gets_one_clear_line_and_pushes_nothing(tuned, stack, data, tmp_path, make, task, expected):
+    # Prepare
+    root = tmp_path / "bad"
+    root.mkdir()
+    make(data, root)
+    with registry_client(stack) as registry:
+        before = find_task(registry, task)
+
+    # Execute
+    code, out, err = run_cli("tune", "--task", task, "--data", str(root), "--epochs", "2", *stack.cli_flags())
+
+    # Assert: exit 1, one line on stderr (progress aside), the registry unchanged
+    errors = [line for line in err.splitlines() if line.startswith("mist tune: error:")]
+    assert code == 1 and out == ""
+    assert len(errors) == 1 and errors[0].startswith("mist tune: error: INVALID_ARGUMENT:")
+    assert expected in errors[0]
+    with registry_client(stack) as registry:
+        after = find_task(registry, task)
+    if before is None:
+        assert after is None  # no task was created
+    else:
+        assert after.latest_version == before.latest_version
