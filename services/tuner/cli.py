@@ -30,6 +30,7 @@ import grpc
 from services.common.config import env_name, flag_name
 from services.common.errors import InvalidArgumentError, MistError
 from services.tuner.config import DEFAULT_EXTRACTOR, DEFAULT_REGISTRY, DEFAULT_TIMEOUT_S
+from services.tuner.memory import limit_heap_growth
 
 PROG = "mist"
 DEFAULT_CACHE_DIR = "~/.cache/mist/registry"  # pulled weights by sha256, shared by predict and evaluate
@@ -370,6 +371,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     """Runs one `mist` command; returns the exit code (0 ok, 1 refused or failed, 2 usage, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     env = os.environ if env is None else env
+    limit_heap_growth()
     if argv[:1] == ["registry"]:
         from services.registry.cli import main as registry_main
 

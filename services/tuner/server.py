@@ -19,6 +19,7 @@ from services.common.pb import tuner_pb2_grpc
 from services.common.server import ServiceSetup, run_service
 from services.tuner.cli import CLI_ENV
 from services.tuner.config import TunerConfig
+from services.tuner.memory import limit_heap_growth
 from services.tuner.metrics import TunerMetrics
 from services.tuner.servicer import SERVICE_NAME, TunerServicer
 
@@ -45,6 +46,7 @@ async def build(config: TunerConfig, registry: CollectorRegistry) -> ServiceSetu
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`mist-tuner`: flags and MIST_* variables (the `mist` command's too) -> a running worker until SIGTERM."""
+    limit_heap_growth()
     return run_service(TunerConfig, build, service_name=SERVER_NAME, argv=argv, allowed_env=CLI_ENV)
 
 
