@@ -65,7 +65,8 @@ def quantile(q: float, histogram: str, by: Sequence[str] = ()) -> str:
 
 
 def ratio(numerator: str, denominator: str) -> str:
-    return f"{numerator}\n  / {denominator}"
+    # `> 0` drops series with no traffic in the window: "no data" instead of a NaN from 0 / 0.
+    return f"{numerator}\n  / ({denominator} > 0)"
 
 
 def sent_per_image(*matchers: str, by: Sequence[str] = ()) -> str:
