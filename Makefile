@@ -14,14 +14,14 @@ TOOLS_STAMP := $(TOOLS_VENV)/.mist-installed
 CHECKOV_VERSION ?= 3.3.30
 PYTEST_ARGS ?=
 
-.PHONY: setup tools system-deps proto proto-check test stress demo bench lint clean
+.PHONY: setup tools system-deps proto proto-check test stress demo bench bench-quick lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[all,dev]'
+	$(PY) -m pip install -q -e '.[all,dev,bench]'
 	@touch $@
 
 $(TOOLS_STAMP):
@@ -49,11 +49,14 @@ stress: setup system-deps
 demo: setup
 	$(PY) -m services.tuner.cli demo
 
-bench: setup
-	$(PY) -m services.extractor.transfer --backbone vit_base_patch16_224 --images 8 --json bench/results/transfer.json
+bench: setup system-deps
+	$(PY) -m bench.run
+
+bench-quick: setup system-deps
+	$(PY) -m bench.run --quick
 
 lint: setup tools proto-check
-	$(PY) -m ruff check services tests scripts
+	$(PY) -m ruff check services tests scripts bench
 	$(PY) scripts/check_manifests.py
 	$(PY) scripts/build_monitoring.py --check
 
