@@ -441,12 +441,16 @@ def extract_features(dataset: Dataset, extractor: ExtractorClient, *, ks: Sequen
     store = FeatureStore.for_dataset(dataset, backbone=backbone)
     total, started = len(dataset), time.perf_counter()
     refused: dict[int, feature_pb2.ItemError] = {}
-    results = cache_hits = passes = 0
+    results = cache_hits = passes = corrupt = 0
     while missing := [i for i in store.missing(range(total), ks) if i not in refused]:
+        if passes == attempts and corrupt:  # the extractor answered, but its features kept failing their checks
+            raise errors.DataLossError(f"{corrupt} image(s) got corrupted features on every one of {attempts} "
+                                       f"passes over {extractor.target}; nothing was pushed")
         if passes == attempts:
             raise errors.UnavailableError(f"{len(missing)} image(s) still lack features after {attempts} passes "
                                           f"over {extractor.target}; is the extractor up?")
         passes += 1
+        corrupt = 0
         answered = total - len(missing)  # refused images count as answered: asking again would not help
         try:
             for index, result in zip(missing, _extract(dataset, missing, extractor, ks, codec, backbone,
@@ -456,8 +460,10 @@ def extract_features(dataset: Dataset, extractor: ExtractorClient, *, ks: Sequen
                 if result.error is not None:
                     refused[index] = result.error
                     answered += 1
+                elif _keep(store, index, ks, result.features, observer):
+                    answered += 1
                 else:
-                    answered += _keep(store, index, ks, result.features, observer)
+                    corrupt += 1
                 observer.on_extraction(answered, total, store.compressed_bytes())
         except errors.UnavailableError as error:
             observer.message(f"extractor unavailable ({error}); asking again for the missing images")
