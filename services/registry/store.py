@@ -48,6 +48,7 @@ from services.common.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from services.common.weights import MAX_HEADER_BYTES, WeightsSummary, sha256_hex, validate_weights
 from services.registry.records import (
     MAX_PAGE_SIZE,
     RESERVED_ALIASES,
@@ -69,7 +70,6 @@ from services.registry.records import (
     page_size_or_default,
 )
 from services.registry.sql import Cursor, Database, find_problems
-from services.common.weights import MAX_HEADER_BYTES, WeightsSummary, sha256_hex, validate_weights
 
 DEFAULT_HISTORY_LIMIT = 100
 ADMIN_PRINCIPAL = Principal(name="admin", task=None, scope="admin")
