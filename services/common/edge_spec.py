@@ -159,25 +159,32 @@ def state_shapes(config: EdgeNetworkConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_shapes(config: EdgeNetworkConfig, shapes: Mapping[str, Sequence[int]]) -> None:
-    """Raises FailedPreconditionError unless `shapes` (name -> shape) is exactly state_shapes(config).
+def shape_problems(
+    expected: Mapping[str, Sequence[int]], shapes: Mapping[str, Sequence[int]], *, label_sep: str = ": "
+) -> list[str]:
+    """What keeps `shapes` (name -> shape) from being exactly `expected`; [] when they match.
 
-    The message names every missing, unexpected and mis-shaped tensor (the first few of each), so a user
-    can tell weights of another config from a truncated file.
+    One entry per kind (missing, unexpected, wrong shape) naming the first few tensors, so a user can tell
+    weights of another config from a truncated file. Unexpected names are cut to 80 characters: they may
+    come from a hostile file.
     """
-    expected = state_shapes(config)
     missing = [name for name in expected if name not in shapes]
-    extra = sorted(name for name in shapes if name not in expected)
+    extra = sorted(name[:80] for name in shapes if name not in expected)
     wrong = [
-        f"{name} {tuple(shapes[name])} != {shape}"
+        f"{name} {shapes[name]} != {shape}"  # shown as the caller passed them (tuples or lists)
         for name, shape in expected.items()
-        if name in shapes and tuple(shapes[name]) != shape
+        if name in shapes and tuple(shapes[name]) != tuple(shape)
     ]
-    problems = [
-        f"{label}: {items[:5]}{' ...' if len(items) > 5 else ''}"
+    return [
+        f"{label}{label_sep}{items[:5]}{' ...' if len(items) > 5 else ''}"
         for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
         if items
     ]
+
+
+def check_state_shapes(config: EdgeNetworkConfig, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Raises FailedPreconditionError unless `shapes` (name -> shape) is exactly state_shapes(config)."""
+    problems = shape_problems(state_shapes(config), shapes)
     if problems:
         raise FailedPreconditionError(f"weights do not fit the edge network {config.to_json()}: {'; '.join(problems)}")
 

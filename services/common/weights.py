@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig, check_state_shapes
+from services.common.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig, check_state_shapes, shape_problems
 from services.common.errors import DataLossError, FailedPreconditionError, InvalidArgumentError
 
 # A real edge network's header is a few KiB (about 40 tensors); 1 MiB leaves room for big metadata
@@ -240,18 +240,8 @@ def _check_declared(blob: memoryview, declared_sha256: str | None, declared_size
 
 
 def _check_shapes(tensors: Mapping[str, TensorInfo], expected: Mapping[str, Sequence[int]]) -> None:
-    missing = [name for name in expected if name not in tensors]
-    extra = [name[:80] for name in tensors if name not in expected]
-    wrong = [
-        f"{name} {list(tensors[name].shape)} != {list(shape)}"
-        for name, shape in expected.items()
-        if name in tensors and tensors[name].shape != tuple(shape)
-    ]
-    problems = [
-        f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}"
-        for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
-        if items
-    ]
+    problems = shape_problems({name: list(shape) for name, shape in expected.items()},
+                              {name: list(info.shape) for name, info in tensors.items()}, label_sep=" ")
     if problems:
         raise FailedPreconditionError(f"weights do not match the task's edge network: {'; '.join(problems)}")
 
