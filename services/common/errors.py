@@ -71,3 +71,9 @@ class UnavailableError(MistError):
     """Server draining or a dependency down; clients retry elsewhere."""
 
     code = "UNAVAILABLE"
+
+
+class DeadlineExceededError(MistError):
+    """A call that waited too long: e.g. an Extract stream on which nothing moved for --stream-idle-timeout-s."""
+
+    code = "DEADLINE_EXCEEDED"

@@ -10,8 +10,9 @@ Imports grpc, protobuf and services.common only (no torch, no timm, nothing of s
             features = [decode_feature(f) for f in result.features] if result.ok else result.error.reason
 
 Resuming: results arrive in order, so the images without a result are always the last ones sent. When the stream
-fails with UNAVAILABLE (a draining replica, a restart, a dropped link) the client waits for the channel, opens a new
-stream and re-sends exactly those, then carries on with the rest: each image gets exactly one result. Other errors are
+fails with UNAVAILABLE (a draining replica, a restart, a dropped link) or DEADLINE_EXCEEDED (the server ended a stream
+left idle past its --stream-idle-timeout-s) the client waits for the channel, opens a new stream and re-sends exactly
+those, then carries on with the rest: each image gets exactly one result. Other errors are
 raised as the matching MistError (InvalidArgumentError for INVALID_ARGUMENT, ...), with the gRPC error as the cause.
 """
 
@@ -37,13 +38,17 @@ from services.common.pb import extractor_pb2, extractor_pb2_grpc, feature_pb2
 
 DEFAULT_MAX_IN_FLIGHT = 32  # the server's default window: enough to fill its batches from one stream
 _FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.2, 5.0
+# UNAVAILABLE: a draining replica, a restart, a dropped link. DEADLINE_EXCEEDED: the server ended a stream on which
+# nothing moved for its --stream-idle-timeout-s (say `items` produced nothing for a while); no deadline is ever set on
+# Extract here, so it cannot mean anything else.
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # Status codes -> domain errors, from each error's own `code` (errors.py keeps the one list).
 _ERROR_BY_CODE: dict[grpc.StatusCode, type[MistError]] = {
     getattr(grpc.StatusCode, cls.code): cls
     for cls in (errors.NotFoundError, errors.AlreadyExistsError, errors.InvalidArgumentError,
                 errors.FailedPreconditionError, errors.AbortedError, errors.DataLossError,
                 errors.ResourceExhaustedError, errors.UnauthenticatedError, errors.PermissionDeniedError,
-                errors.UnavailableError)
+                errors.UnavailableError, errors.DeadlineExceededError)
 }
 
 
@@ -152,7 +157,7 @@ class ExtractorClient:
                                        client_key=client_key, token=token, server_name=server_name,
                                        max_message_bytes=max_message_bytes)
         self._stub = extractor_pb2_grpc.ExtractorStub(self._channel)
-        self._max_resumes = max_resumes  # consecutive UNAVAILABLE failures without a new result
+        self._max_resumes = max_resumes  # consecutive resumable failures without a new result
         self._resume_timeout_s = resume_timeout_s  # how long one resume waits for a server to come back
 
     def close(self) -> None:
@@ -201,7 +206,7 @@ class ExtractorClient:
                     yield result
                 return
             except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or failures >= self._max_resumes:
+                if error.code() not in _RESUMABLE or failures >= self._max_resumes:
                     raise rpc_error_to_mist(error) from None
                 failures += 1
             finally:

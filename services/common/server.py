@@ -81,6 +81,7 @@ STATUS_BY_ERROR: Mapping[type[MistError], grpc.StatusCode] = MappingProxyType({
     errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     MistError: grpc.StatusCode.INTERNAL,
 })
 _MAX_DETAILS_CHARS = 1024  # status details travel in HTTP/2 trailers; keep them well under header limits

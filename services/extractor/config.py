@@ -72,6 +72,11 @@ class ExtractorConfig(ServerConfig):
                                        minimum=1, metavar="N")
     max_streams: int = setting(64, help="concurrent Extract streams; more fail with RESOURCE_EXHAUSTED", minimum=1,
                                metavar="N")
+    stream_idle_timeout_s: float = setting(30.0, help="end an Extract stream with DEADLINE_EXCEEDED when nothing "
+                                           "moves on it for this long: no request arrives while none is in progress, "
+                                           "or an answer is not read; frees its --max-streams slot (the client "
+                                           "library opens a new stream by itself). 0 = never", minimum=0.0,
+                                           metavar="SECONDS")
     cache_max_bytes: int = setting(256 * _MiB, help="LRU cache of encoded features, in bytes; 0 disables it",
                                    minimum=0, metavar="BYTES")
     max_image_bytes: int = setting(DEFAULT_MAX_IMAGE_BYTES, help="largest image accepted (bytes); larger ones get "

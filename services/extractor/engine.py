@@ -8,7 +8,9 @@ API
         engine.validate(request, index) -> WorkItem   InvalidArgumentError (mode, k, codec) or
                                                       FailedPreconditionError (expect_backbone), naming the item
         await engine.extract(item) -> ExtractResponse one image; image and encoding failures are per-item errors
-        engine.run_stream(requests) -> async iterator of ExtractResponse, in order: the whole Extract call
+        engine.run_stream(requests) -> async iterator of ExtractResponse, in order: the whole Extract call;
+                                      DeadlineExceededError after config.stream_idle_timeout_s with nothing in
+                                      progress and no request (engine.idle_error("response") for the write side)
         engine.run_batch(batch) -> list[dict[int, ndarray]]   blocking: one forward per gather mode in the batch
 
 Cache: an image is a hit only when every requested k is cached (one forward serves them all anyway); a hit skips
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ from services.common.baselines import (
 )
 from services.common.codec import CodecConfig, FeatureCodec
 from services.common.errors import (
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     MistError,
@@ -299,8 +303,10 @@ class ExtractionEngine:
         While the window is full nothing more is read, so gRPC flow control pushes back on the sender; while the
         consumer has not taken the next answer (a slow reader), nothing is read either. A request that fails
         validation stops the reading: the answers before it are still delivered, then its error ends the stream.
+        With nothing in progress and no request for --stream-idle-timeout-s, the stream ends (DeadlineExceededError)
+        so that a client which opens streams and sends nothing cannot hold the --max-streams slots.
         """
-        limit = self._config.max_items_in_flight
+        limit, idle_timeout = self._config.max_items_in_flight, self.idle_timeout_s
         with self._stream_slot():
             reader = aiter(requests)
             pending: collections.deque[asyncio.Task[extractor_pb2.ExtractResponse]] = collections.deque()
@@ -313,7 +319,11 @@ class ExtractionEngine:
                     waiting = [task for task in (read, pending[0] if pending else None) if task is not None]
                     if not waiting:
                         break
-                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    # Nothing in progress: only the client can move this stream, and it gets idle_timeout to do so.
+                    done, _ = await asyncio.wait(waiting, timeout=idle_timeout if not pending else None,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if not done:
+                        raise self.idle_error("request")
                     if read is not None and read.done():
                         finished, read = read, None
                         try:
@@ -335,12 +345,30 @@ class ExtractionEngine:
                     task.cancel()
                 self._gauge("items_in_flight", -len(pending))
 
+    @property
+    def idle_timeout_s(self) -> float | None:
+        """--stream-idle-timeout-s (None: streams may idle forever)."""
+        return self._config.stream_idle_timeout_s or None
+
+    def idle_error(self, waiting_for: str) -> DeadlineExceededError:
+        """The error that ends a stream idle for too long, counted: waiting_for is 'request' or 'response'."""
+        if self._metrics is not None:
+            self._metrics.streams_ended_idle.labels(waiting_for).inc()
+        what = ("no request arrived while nothing was in progress" if waiting_for == "request"
+                else "the client did not read the next answer")
+        return DeadlineExceededError(
+            f"stream ended after {self._config.stream_idle_timeout_s:g}s without progress: {what} "
+            f"(--stream-idle-timeout-s); open a new stream to send more images")
+
     def _admit(self, request: extractor_pb2.ExtractRequest, index: int) -> asyncio.Task[extractor_pb2.ExtractResponse]:
         """Count, validate and start one request; raises the validation error."""
         if self._metrics is not None:
             self._metrics.image_bytes_received.inc(len(request.image))
         task = asyncio.ensure_future(self.extract(self.validate(request, index)))
         self._gauge("items_in_flight", +1)
+        if self._metrics is not None:
+            histogram, started = self._metrics.image_latency, time.perf_counter()
+            task.add_done_callback(lambda t: t.cancelled() or histogram.observe(time.perf_counter() - started))
         return task
 
 

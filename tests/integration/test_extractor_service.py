@@ -5,6 +5,7 @@ process, and the blocking client library (order, per-item errors, resuming after
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 import urllib.request
@@ -425,6 +426,70 @@ def test_the_client_library_resumes_after_a_restart_without_resending_answered_i
     expected = reference_features(backbone, items[29].image, "mist", (4,))[4]
     bound = np.abs(expected).max(axis=-1, keepdims=True) / 254 * 1.01 + 1e-5
     assert (np.abs(decode_feature(results[29].features[0]) - expected) <= bound).all()
+
+
+# ---------------------------------------------------------------------------------------------- idle streams
+
+
+@pytest.fixture(scope="module")
+def impatient_server(backbone: LoadedBackbone):
+    """A server that ends streams after 0.4 s without progress."""
+    with ExtractorServer(tiny_config(stream_idle_timeout_s=0.4, cache_max_bytes=0), backbone=backbone) as running:
+        yield running
+
+
+def test_a_client_that_stops_reading_is_ended_after_the_idle_timeout_and_frees_its_slot(impatient_server) -> None:
+    # Prepare: a 64 KiB receive window (no BDP growth) that a few f32 answers of every k fill
+    images = [png_image(900 + i) for i in range(10)]
+
+    async def scenario() -> tuple[grpc.StatusCode, int, float]:
+        async with grpc.aio.insecure_channel(impatient_server.target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+            call = extractor_pb2_grpc.ExtractorStub(channel).Extract()
+
+            async def send() -> None:
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    for i in range(300):
+                        await call.write(extract_request(f"i{i}", images[i % 10], ks=(1, 2, 3, 4)))
+                    await call.done_writing()
+
+            sender = asyncio.ensure_future(send())
+            await asyncio.sleep(2.0)  # read nothing for five idle timeouts
+            streams_while_stalled = impatient_server.metric("mist_extractor_streams_in_flight")
+            received = 0
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                async for _ in call:
+                    received += 1
+            sender.cancel()
+            return await call.code(), received, streams_while_stalled
+
+    # Execute
+    code, received, streams_while_stalled = asyncio.run(scenario())
+
+    # Assert: what had been written before the stall still arrived, then the documented code
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 1 <= received < 300
+    assert streams_while_stalled == 0
+    assert impatient_server.metric("mist_extractor_streams_ended_idle_total", waiting_for="response") >= 1
+    assert_still_serves(impatient_server, impatient_server.backbone, seed=905)
+
+
+def test_the_client_library_reopens_a_stream_the_server_ended_as_idle(impatient_server) -> None:
+    # Prepare: items that trickle in, 1 s apart: every gap is longer than the server's idle timeout
+    def trickle():
+        for i in range(3):
+            if i:
+                time.sleep(1.0)
+            yield ImageItem(f"t{i}", png_image(950 + i))
+
+    ended_before = impatient_server.metric("mist_extractor_streams_ended_idle_total", waiting_for="request")
+
+    # Execute
+    with ExtractorClient(impatient_server.target) as client:
+        results = list(client.extract(trickle(), ks=(2,), max_in_flight=1))
+
+    # Assert: one result per image, all fine, and the server did end streams in the gaps
+    assert [(r.item_id, r.ok) for r in results] == [("t0", True), ("t1", True), ("t2", True)]
+    assert impatient_server.metric("mist_extractor_streams_ended_idle_total", waiting_for="request") - ended_before >= 1
 
 
 # ---------------------------------------------------------------------------------------------- SIGTERM

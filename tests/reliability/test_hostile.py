@@ -195,26 +195,36 @@ def test_slowloris_connections_leave_other_clients_served_and_memory_bounded(
     assert rss_during - rss_start < max(32 * MiB, connections * 64 * 1024), (rss_start, rss_during)
 
 
-@pytest.mark.xfail(strict=True, reason="finding: streams that never send hold every --max-streams slot (no idle "
-                   "timeout, and --max-concurrent-streams 100 > --max-streams 64 lets one connection take them all)")
-def test_idle_streams_from_one_connection_cannot_lock_other_clients_out(tiny_backbone) -> None:
-    # Prepare: a server with 8 stream slots; one client opens 8 streams and never sends a single image
-    with ExtractorServer(tiny_config(max_streams=8), backbone=tiny_backbone) as server:
-        async def hold_and_probe() -> grpc.StatusCode:
+def test_idle_streams_from_one_connection_cannot_lock_other_clients_out(tiny_backbone, figures) -> None:
+    # Prepare: a server with 8 stream slots and a 1 s idle timeout; one client opens 8 streams and never sends
+    config = tiny_config(max_streams=8, stream_idle_timeout_s=1.0)
+    with ExtractorServer(config, backbone=tiny_backbone) as server:
+        async def hold_and_probe() -> tuple[grpc.StatusCode, list[grpc.StatusCode], float, grpc.StatusCode]:
             async with create_aio_channel(server.target, retried_methods=NO_RETRY) as channel:
                 idle = [extractor_pb2_grpc.ExtractorStub(channel).Extract() for _ in range(8)]
-                await asyncio.sleep(0.5)
                 try:
-                    # Execute: another device asks for one image
-                    return await asyncio.to_thread(probe, server.target)
+                    await asyncio.sleep(0.3)
+                    # Execute: another device asks for one image while the slots are held, and after they are freed
+                    while_held = await asyncio.to_thread(probe, server.target)
+                    started = time.monotonic()
+                    codes = [await call.code() for call in idle]
+                    freed_after_s = time.monotonic() - started
+                    return while_held, codes, freed_after_s, await asyncio.to_thread(probe, server.target)
                 finally:
                     for call in idle:
                         call.cancel()
 
-        code = asyncio.run(hold_and_probe())
+        while_held, codes, freed_after_s, after = asyncio.run(hold_and_probe())
+        streams_left, ended_idle = (server.metric("mist_extractor_streams_in_flight"),
+                                    server.metric("mist_extractor_streams_ended_idle_total", waiting_for="request"))
 
-    # Assert
-    assert code == grpc.StatusCode.OK
+    # Assert: refused while held (the documented code), each idle stream ended by the server, then served
+    figures.add(idle_streams=8, idle_timeout_s=1.0, slots_freed_after_s=round(freed_after_s, 2))
+    assert while_held == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 8
+    assert freed_after_s < 5.0
+    assert after == grpc.StatusCode.OK
+    assert (streams_left, ended_idle) == (0, 8)
 
 
 def probe(target: str) -> grpc.StatusCode:

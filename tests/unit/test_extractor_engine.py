@@ -12,7 +12,12 @@ import pytest
 from services.common.baselines import baseline_bytes_per_image
 from services.common.codec import CodecConfig, decode_feature
 from services.common.config import ConfigError, parse_config
-from services.common.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
+from services.common.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 from services.common.pb import extractor_pb2, feature_pb2
 from services.common.server import new_metrics_registry
 from services.extractor.backbone import LoadedBackbone
@@ -279,6 +284,63 @@ def test_streams_beyond_the_limit_are_refused_and_slots_are_released(backbone) -
     assert [r.item_id for r in firsts] == ["s0", "s1"]
     assert "already serves 2 streams (--max-streams 2)" in str(error)
     assert (gauge_full, after, gauge_end) == (2, ["x"], 0)
+
+
+async def pausing_requests(items: Sequence[extractor_pb2.ExtractRequest], pause_s: float,
+                           ) -> AsyncIterator[extractor_pb2.ExtractRequest]:
+    """The first item at once, each next one after `pause_s` (a client with nothing to send for a while)."""
+    for i, item in enumerate(items):
+        if i:
+            await asyncio.sleep(pause_s)
+        yield item
+
+
+def test_a_stream_with_nothing_in_progress_and_no_request_ends_after_the_idle_timeout(backbone) -> None:
+    # Prepare: the client answers its first image, then sends nothing for 0.6 s; the idle timeout is 0.25 s
+    items = [extract_request("a", png_image(60)), extract_request("b", png_image(61))]
+
+    async def scenario(engine: ExtractionEngine, registry):
+        answered: list[str] = []
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(DeadlineExceededError) as caught:
+            async for response in engine.run_stream(pausing_requests(items, 0.6)):
+                answered.append(response.item_id)
+        return (answered, caught.value, loop.time() - started, sample(registry, "mist_extractor_streams_in_flight"),
+                sample(registry, "mist_extractor_streams_ended_idle_total", waiting_for="request"))
+
+    answered, error, took_s, streams_left, ended = run_with_engine(backbone, scenario, stream_idle_timeout_s=0.25)
+
+    assert answered == ["a"]
+    assert "after 0.25s without progress: no request arrived while nothing was in progress" in str(error)
+    assert 0.25 <= took_s < 0.6  # ended by the timeout, not by the late request
+    assert (streams_left, ended) == (0, 1)
+
+
+def test_slow_work_in_progress_never_counts_as_idle(backbone) -> None:
+    # Prepare: every forward waits 0.5 s for its batch to fill, twice the idle timeout; pauses below the timeout
+    items = [extract_request(f"i{i}", png_image(70 + i)) for i in range(3)]
+
+    async def scenario(engine: ExtractionEngine, registry):
+        answered = [r.item_id async for r in engine.run_stream(pausing_requests(items, 0.1))]
+        return (answered, sample(registry, "mist_extractor_streams_ended_idle_total", waiting_for="request"),
+                sample(registry, "mist_extractor_image_latency_seconds_count"),
+                sample(registry, "mist_extractor_image_latency_seconds_sum"))
+
+    answered, ended, timed, latency_sum = run_with_engine(
+        backbone, scenario, stream_idle_timeout_s=0.25, max_queue_delay_ms=500.0, cache_max_bytes=0)
+
+    assert (answered, ended) == (["i0", "i1", "i2"], 0)
+    assert timed == 3 and latency_sum >= 0.25  # every image timed; the waits for a batch are in it
+
+
+def test_an_idle_timeout_of_zero_lets_a_stream_wait_for_its_client(backbone) -> None:
+    items = [extract_request("a", png_image(80)), extract_request("b", png_image(81))]
+
+    async def scenario(engine: ExtractionEngine, registry):
+        return [r.item_id async for r in engine.run_stream(pausing_requests(items, 0.3))]
+
+    assert run_with_engine(backbone, scenario, stream_idle_timeout_s=0.0) == ["a", "b"]
 
 
 # ---------------------------------------------------------------------------------------------- config
