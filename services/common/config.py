@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from services.common.errors import InvalidArgumentError
+from services.common.logging_setup import loggable_path
 
 ENV_PREFIX = "MIST_"
 _META_KEY = "mist"
@@ -415,6 +416,13 @@ def load_config(cls: type[C], argv: Sequence[str] | None = None, env: Mapping[st
 
 
 def redacted(config: object) -> dict[str, object]:
-    """Field values for a startup log line, with secret fields masked."""
-    return {f.name: ("***" if _meta(f).secret and getattr(config, f.name) else getattr(config, f.name))
-            for f, _ in _config_fields(type(config))}
+    """Field values for a startup log line: secret fields masked, file paths (metavar PATH) cut to their name."""
+    shown: dict[str, object] = {}
+    for f, _ in _config_fields(type(config)):
+        meta, value = _meta(f), getattr(config, f.name)
+        if meta.secret and value:
+            value = "***"
+        elif meta.metavar == "PATH" and isinstance(value, str):
+            value = loggable_path(value)
+        shown[f.name] = value
+    return shown

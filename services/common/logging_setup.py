@@ -8,6 +8,8 @@ API summary:
     hold_logs() -> HeldLogs      buffer every record until HeldLogs.release(first_message) prints
                                  first_message, then the held records, then resumes normal logging
     redact(text) -> str          "Bearer abc" -> "Bearer ***" (also applied to every formatted line)
+    loggable_path(path) -> str   "/srv/secrets/tokens.txt" -> ".../tokens.txt": logs name files, never the
+                                 host's directory layout (relative paths and "" stay as they are)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import re
 import sys
 import time
@@ -30,6 +33,15 @@ _HOLD_CAPACITY = 10_000  # records; startup logs a few dozen at most
 def redact(text: str) -> str:
     """Mask bearer tokens: a token must never reach a log file, whoever formatted the message."""
     return _BEARER.sub(r"\1***", text)
+
+
+def loggable_path(path: str | os.PathLike[str]) -> str:
+    """An absolute path shortened to its file name for a log line; a relative one is kept (it names no host)."""
+    text = os.fspath(path)
+    if not os.path.isabs(text):
+        return text
+    name = os.path.basename(text.rstrip("/\\"))
+    return f".../{name}" if name else "..."
 
 
 def _utc_timestamp(record: logging.LogRecord) -> str:

@@ -115,7 +115,7 @@ class BlobCache:
         except OSError:
             return None
         if _sha256(blob) != sha256:
-            log.warning("cached blob %s is damaged; dropping it", path)
+            log.warning("cached blob %s is damaged; dropping it", path.name)
             path.unlink(missing_ok=True)
             return None
         with contextlib.suppress(OSError):  # a read-only cache still serves; eviction order is a nicety

@@ -46,6 +46,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from services.common.baselines import BackboneGeometry
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, MistError, NotFoundError
+from services.common.logging_setup import loggable_path
 from services.extractor.gather import backbone_geometry, check_supported
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def load_backbone(
         data_config=types.MappingProxyType(_data_config(model)),
         geometry=backbone_geometry(model),
     )
-    logger.info("backbone %s loaded from %s on %s (fingerprint %s)", name, source, device, fingerprint)
+    logger.info("backbone %s loaded from %s on %s (fingerprint %s)", name, loggable_path(source), device, fingerprint)
     return loaded
 
 

@@ -19,6 +19,7 @@ from typing import Literal
 
 from services.common.config import ConfigError, ServerConfig, check_existing_file, setting
 from services.common.errors import InvalidArgumentError
+from services.common.logging_setup import loggable_path
 from services.registry.sql import parse_url
 
 # Short tokens can be guessed; 16 characters of a random alphabet is ~95 bits and above.
@@ -35,7 +36,10 @@ DEFAULT_MAX_BLOB_BYTES = 64 * 1024 * 1024
 
 
 def describe_db(url: str) -> str:
-    """The URL with any password (user:PASSWORD@ or password=PASSWORD) masked, for log lines."""
+    """The URL for log lines: any password (user:PASSWORD@ or password=PASSWORD) masked, an absolute SQLite path cut
+    to its file name (sqlite:////srv/mist/registry.db -> sqlite:///.../registry.db)."""
+    if url.startswith("sqlite:///"):
+        return "sqlite:///" + loggable_path(url[len("sqlite:///"):])
     masked = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
     return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", masked)
 

@@ -2,7 +2,8 @@
 settings of the `mist-tuner` worker (TunerConfig: every flag also a MIST_* variable, as for every server).
 
     mist-tuner --listen 127.0.0.1:50053 --metrics-listen 127.0.0.1:9103 --extractor 127.0.0.1:50051 \\
-        --registry 127.0.0.1:50052 [--registry-token-file PATH] [--max-concurrent-jobs 1]
+        --registry 127.0.0.1:50052 [--registry-token-file PATH] [--max-concurrent-jobs 1] \\
+        [--upstream-tls-ca PATH [--upstream-tls-cert PATH --upstream-tls-key PATH]]
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class TunerConfig(ServerConfig):
                                         parser=check_existing_file, metavar="PATH")
     upstream_tls_ca: str = setting("", help="PEM CA bundle of the extractor and registry; set: talk TLS to them",
                                    parser=check_existing_file, metavar="PATH")
+    upstream_tls_cert: str = setting("", help="PEM client certificate the worker presents upstream (mutual TLS); "
+                                     "needs --upstream-tls-ca and --upstream-tls-key", parser=check_existing_file,
+                                     metavar="PATH")
+    upstream_tls_key: str = setting("", help="PEM private key of --upstream-tls-cert", parser=check_existing_file,
+                                    metavar="PATH")
     upstream_server_name: str = setting("", help="name on the upstream certificates when it differs from HOST",
                                         metavar="NAME")
     max_concurrent_jobs: int = setting(1, help="Tune calls trained at once; more fail with RESOURCE_EXHAUSTED so "
@@ -105,6 +111,10 @@ class TunerConfig(ServerConfig):
         super().check()
         if self.upstream_server_name and not self.upstream_tls_ca:
             raise ConfigError("upstream_server_name", "only applies with --upstream-tls-ca")
+        if bool(self.upstream_tls_cert) != bool(self.upstream_tls_key):
+            raise ConfigError("upstream_tls_cert", "--upstream-tls-cert and --upstream-tls-key go together")
+        if self.upstream_tls_cert and not self.upstream_tls_ca:
+            raise ConfigError("upstream_tls_cert", "a client certificate needs --upstream-tls-ca (mutual TLS)")
 
     def endpoints(self) -> Endpoints:
         """The worker's own connections; nothing is cached across calls (the worker keeps no state)."""
@@ -114,4 +124,5 @@ class TunerConfig(ServerConfig):
             registry_token=read_token_file(self.registry_token_file, "registry"),
             extractor_token=read_token_file(self.extractor_token_file, "extractor"),
             tls=tls_ca is not None, tls_ca=tls_ca, server_name=self.upstream_server_name or None,
+            client_cert=self.upstream_tls_cert or None, client_key=self.upstream_tls_key or None,
         )  # fmt: skip

@@ -589,6 +589,8 @@ def test_admin_token_files_are_checked_and_db_passwords_masked(tmp_path):
         read_admin_token(str(tmp_path / "short"))
     assert "abc" not in str(raised.value)
     assert describe_db("postgresql://mist:hunter2@db:5432/r") == "postgresql://mist:***@db:5432/r"
+    assert describe_db("sqlite:////srv/mist/registry.db") == "sqlite:///.../registry.db"
+    assert describe_db("sqlite:///data/registry.db") == "sqlite:///data/registry.db"
     off_with_file = {"MIST_DB": "sqlite:///x.db", "MIST_ADMIN_TOKEN_FILE": str(tmp_path / "good")}
     with pytest.raises(InvalidArgumentError, match="pass --auth on"):
         parse_config(RegistryConfig, [], off_with_file)

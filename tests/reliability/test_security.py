@@ -98,6 +98,37 @@ def test_a_tune_runs_end_to_end_over_mutual_tls_and_every_other_client_is_refuse
     assert answers == {name: ("UNAVAILABLE", "UNAVAILABLE") for name in outsiders}
 
 
+def test_a_tuner_worker_tunes_through_mutual_tls_upstream_with_its_certificate_flags(
+        tiny_backbone: LoadedBackbone, tmp_path: Path, figures) -> None:
+    # Prepare: extractor and registry demand client certificates; a mist-tuner process is given its own
+    certs: CertPaths = make_certs(tmp_path)
+    tls = dict(tls_cert=str(certs.server_cert), tls_key=str(certs.server_key), tls_client_ca=str(certs.ca))
+    with ExtractorServer(tiny_config(**tls), backbone=tiny_backbone) as extractor, \
+            InProcessRegistry(RegistryConfig(db=f"sqlite:///{tmp_path}/r.db", metrics_listen="off", **tls)) as registry:
+        worker = TunerProcess(extractor.target, registry.target, "--upstream-tls-ca", str(certs.ca),
+                              "--upstream-tls-cert", str(certs.client_cert), "--upstream-tls-key",
+                              str(certs.client_key))
+        try:
+            worker.wait_listening()
+            spec = tuner_pb2.TuneSpec(task="through-mtls", k=2, epochs=2)
+            requests = [tuner_pb2.TuneRequest(spec=spec)] + [
+                tuner_pb2.TuneRequest(image=tuner_pb2.LabelledImage(item_id=i, image=b, label=label))
+                for i, b, label, _ in labelled_images()]
+            # Execute
+            with grpc.insecure_channel(worker.target) as channel:
+                outcome = status(lambda: tuner_pb2_grpc.TunerStub(channel).Tune(iter(requests), timeout=120))
+        finally:
+            worker.kill()
+        with RegistryClient(registry.target, tls_ca=certs.ca, client_cert=certs.client_cert,
+                            client_key=certs.client_key) as reader:
+            versions = [v.number for v in reader.list_versions("through-mtls")]
+
+    # Assert
+    figures.add(tune=outcome[0], versions=versions)
+    assert outcome == ("OK", ""), worker.log()[-3000:]
+    assert versions == [1]
+
+
 # ---------------------------------------------------------------------------------------------- a session with secrets
 
 
@@ -259,8 +290,6 @@ def test_no_metric_label_holds_a_secret_or_a_host_path(session: Session) -> None
     assert found == {server: [] for server in session.scrapes}
 
 
-@pytest.mark.xfail(strict=True, reason="finding: the servers log absolute host paths (--db, --weights, token and "
-                   "TLS file flags) in the effective-config and startup lines")
 def test_no_log_line_holds_an_absolute_host_path(session: Session, figures) -> None:
     found = {server: lines_containing(lines, [session.host_paths["directory"]])
              for server, lines in session.logs.items()}

@@ -21,6 +21,7 @@ from services.common.config import (
     split_host_port,
 )
 from services.common.errors import InvalidArgumentError
+from services.common.logging_setup import loggable_path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,6 +216,32 @@ def test_redacted_masks_secrets() -> None:
     assert values["backbone"] == "b"
 
 
+def test_redacted_cuts_absolute_file_paths_to_their_names(tmp_path) -> None:
+    # Prepare: a TLS pair and a tokens file (metavar PATH) at absolute paths, one relative path
+    for name in ("server.pem", "server.key", "tokens.txt"):
+        (tmp_path / name).write_text("x")
+    argv = ["--backbone", "b", "--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key"),
+            "--auth-tokens-file", str(tmp_path / "tokens.txt")]
+
+    values = redacted(parse(argv))
+
+    assert (values["tls_cert"], values["tls_key"], values["auth_tokens_file"]) == (
+        ".../server.pem", ".../server.key", ".../tokens.txt")
+    assert str(tmp_path) not in repr(values)
+    assert values["tls_client_ca"] == ""  # unset stays unset
+
+
+@pytest.mark.parametrize(("path", "shown"), [
+    ("/srv/mist/secrets/tokens.txt", ".../tokens.txt"),
+    ("/srv/mist/cache/", ".../cache"),
+    ("/", "..."),
+    ("weights/vit.safetensors", "weights/vit.safetensors"),
+    ("", ""),
+])
+def test_loggable_path_keeps_only_the_name_of_an_absolute_path(path: str, shown: str) -> None:
+    assert loggable_path(path) == shown
+
+
 def test_names() -> None:
     assert flag_name("metrics_listen") == "--metrics-listen"
     assert env_name("metrics_listen") == "MIST_METRICS_LISTEN"
@@ -253,3 +280,23 @@ def test_parser_has_no_positional_arguments() -> None:
     parser = build_parser(ServerConfig)
 
     assert all(action.option_strings for action in parser._actions)
+
+
+# ---------------------------------------------------------------------------------------------- mist-tuner upstream TLS
+
+
+def test_the_tuner_worker_takes_a_client_certificate_for_mutual_tls_upstream(tmp_path) -> None:
+    from services.tuner.config import TunerConfig
+
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (tmp_path / name).write_text("x")
+    ca, cert, key = (str(tmp_path / n) for n in ("ca.pem", "client.pem", "client.key"))
+
+    endpoints = parse_config(TunerConfig, ["--upstream-tls-ca", ca, "--upstream-tls-cert", cert,
+                                           "--upstream-tls-key", key], {}).endpoints()
+
+    assert (endpoints.tls, endpoints.tls_ca, endpoints.client_cert, endpoints.client_key) == (True, ca, cert, key)
+    with pytest.raises(ConfigError, match="go together"):
+        parse_config(TunerConfig, ["--upstream-tls-ca", ca, "--upstream-tls-cert", cert], {})
+    with pytest.raises(ConfigError, match="needs --upstream-tls-ca"):
+        parse_config(TunerConfig, ["--upstream-tls-cert", cert, "--upstream-tls-key", key], {})
