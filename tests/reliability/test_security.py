@@ -62,13 +62,21 @@ def refused(call: Callable[[], object]) -> str:
     return "OK"
 
 
+@contextlib.contextmanager
+def mtls_servers(backbone: LoadedBackbone, directory: Path
+                 ) -> Iterator[tuple[CertPaths, ExtractorServer, InProcessRegistry]]:
+    """An extractor and a registry that both demand a client certificate signed by the test CA."""
+    certs = make_certs(directory)
+    tls = dict(tls_cert=str(certs.server_cert), tls_key=str(certs.server_key), tls_client_ca=str(certs.ca))
+    with ExtractorServer(tiny_config(**tls), backbone=backbone) as extractor, \
+            InProcessRegistry(RegistryConfig(db=f"sqlite:///{directory}/r.db", metrics_listen="off", **tls)) as registry:
+        yield certs, extractor, registry
+
+
 def test_a_tune_runs_end_to_end_over_mutual_tls_and_every_other_client_is_refused(
         tiny_backbone: LoadedBackbone, tmp_path: Path, figures) -> None:
     # Prepare: both servers demand a client certificate signed by the test CA
-    certs: CertPaths = make_certs(tmp_path)
-    tls = dict(tls_cert=str(certs.server_cert), tls_key=str(certs.server_key), tls_client_ca=str(certs.ca))
-    with ExtractorServer(tiny_config(**tls), backbone=tiny_backbone) as extractor, \
-            InProcessRegistry(RegistryConfig(db=f"sqlite:///{tmp_path}/r.db", metrics_listen="off", **tls)) as registry:
+    with mtls_servers(tiny_backbone, tmp_path) as (certs, extractor, registry):
         endpoints = Endpoints(extractor=extractor.target, registry=registry.target, tls_ca=str(certs.ca),
                               client_cert=str(certs.client_cert), client_key=str(certs.client_key))
         dataset = dataset_from_memory(labelled_images())
@@ -101,10 +109,7 @@ def test_a_tune_runs_end_to_end_over_mutual_tls_and_every_other_client_is_refuse
 def test_a_tuner_worker_tunes_through_mutual_tls_upstream_with_its_certificate_flags(
         tiny_backbone: LoadedBackbone, tmp_path: Path, figures) -> None:
     # Prepare: extractor and registry demand client certificates; a mist-tuner process is given its own
-    certs: CertPaths = make_certs(tmp_path)
-    tls = dict(tls_cert=str(certs.server_cert), tls_key=str(certs.server_key), tls_client_ca=str(certs.ca))
-    with ExtractorServer(tiny_config(**tls), backbone=tiny_backbone) as extractor, \
-            InProcessRegistry(RegistryConfig(db=f"sqlite:///{tmp_path}/r.db", metrics_listen="off", **tls)) as registry:
+    with mtls_servers(tiny_backbone, tmp_path) as (certs, extractor, registry):
         worker = TunerProcess(extractor.target, registry.target, "--upstream-tls-ca", str(certs.ca),
                               "--upstream-tls-cert", str(certs.client_cert), "--upstream-tls-key",
                               str(certs.client_key))
