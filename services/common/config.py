@@ -171,8 +171,10 @@ class ServerConfig(ConfigBase):
                                     parser=check_existing_file, metavar="PATH")
     max_message_bytes: int = setting(DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message sent or received; larger "
                                      "requests fail with RESOURCE_EXHAUSTED", minimum=1024, metavar="BYTES")
-    max_concurrent_streams: int = setting(100, help="concurrent calls per client connection (HTTP/2 streams); "
-                                          "more wait in the client", minimum=1, metavar="N")
+    max_concurrent_streams: int = setting(1000, help="concurrent calls per client connection (HTTP/2 streams); "
+                                          "gRPC Python shares one connection among all channels of a process, and "
+                                          "its client does not queue beyond this: more fail UNAVAILABLE "
+                                          "(REFUSED_STREAM)", minimum=1, metavar="N")
     max_concurrent_rpcs: int = setting(0, help="concurrent calls over all connections; beyond it calls fail with "
                                        "RESOURCE_EXHAUSTED; 0 = unlimited", minimum=0, metavar="N")
     keepalive_time_s: float = setting(60.0, help="ping idle clients this often to find dead connections "

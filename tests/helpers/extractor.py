@@ -9,14 +9,9 @@ import asyncio
 import dataclasses
 import io
 import json
-import os
-import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -32,11 +27,10 @@ from services.extractor.gather import gather
 from services.extractor.preprocess import ImagePreprocessor
 from services.extractor.server import build
 from tests.conftest import TINY_VIT_KWARGS
+from tests.helpers.process import ServiceProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY_BACKBONE = "vit_tiny_patch16_224"
 TINY_MODEL_KWARGS_JSON = json.dumps(TINY_VIT_KWARGS)
-_LISTENING = re.compile(r"mist-extractor listening on 127\.0\.0\.1:(\d+) \(metrics on 127\.0\.0\.1:(\d+)\)$")
 
 
 def load_tiny_backbone(seed: int = 0) -> LoadedBackbone:
@@ -150,43 +144,12 @@ def extract_request(item_id: str, image: bytes, *, ks: Sequence[int] = (4,), mod
 # ---------------------------------------------------------------------------------------------- subprocess
 
 
-class ExtractorProcess:
-    """`python -m services.extractor.server` with the tiny ViT; stderr is collected line by line on a thread."""
+class ExtractorProcess(ServiceProcess):
+    """`python -m services.extractor.server` with the tiny ViT (helpers.process.ServiceProcess)."""
 
     def __init__(self, *flags: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MIST_", "GRPC_TRACE", "GRPC_VERBOSITY"))}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.extractor.server", "--listen", "127.0.0.1:0",
-             "--metrics-listen", "127.0.0.1:0", "--backbone", TINY_BACKBONE, "--model-kwargs", TINY_MODEL_KWARGS_JSON,
-             "--decode-threads", "1", "--torch-threads", "1", *flags],
-            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._first = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            self._first.set()
-        self._first.set()
-
-    def wait_listening(self, timeout_s: float = 60.0) -> tuple[str, int]:
-        """(gRPC target, metrics port) from the first log line, which must be the "listening on" line."""
-        if not self._first.wait(timeout_s) or not self.lines:
-            raise AssertionError(f"no log line from the extractor within {timeout_s}s")
-        match = _LISTENING.search(self.lines[0])
-        if match is None:
-            raise AssertionError(f"first log line is not the listening line: {self.lines[0]!r}")
-        return f"127.0.0.1:{match.group(1)}", int(match.group(2))
-
-    def stop(self) -> None:
-        """Kill it if it still runs and reap it (always call this in a finally)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._reader.join(5)
+        super().__init__("services.extractor.server", "--backbone", TINY_BACKBONE, "--model-kwargs",
+                         TINY_MODEL_KWARGS_JSON, "--decode-threads", "1", "--torch-threads", "1", *flags)
 
 
 def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.01) -> None:

@@ -9,15 +9,7 @@ proc = RegistryProcess.start(url, "--grace-s", "5")     # `python -m services.re
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import safetensors.numpy
@@ -27,14 +19,13 @@ from services.common.edge_spec import EdgeNetworkConfig, state_shapes
 from services.common.pb import feature_pb2, registry_pb2
 from services.common.server import GrpcMetrics, create_server, new_metrics_registry, shutdown, start_metrics_server
 from services.registry.config import RegistryConfig
-from services.registry.server import SERVER_NAME, build
+from services.registry.server import build
+from tests.helpers.process import ServiceProcess
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # 32 dims x 17 tokens like the tiny test ViT; 2 blocks of rank 4: 1,403 parameters, a ~7 KB blob (2 chunks
 # of 4 KiB, so chunking is exercised).
 CONFIG = EdgeNetworkConfig(dims=32, tokens=17, num_classes=3, num_blocks=2, rank=4)
 CLASSES = ("cat", "dog", "fox")
-_LISTENING = re.compile(r"mist-registry listening on 127\.0\.0\.1:(\d+) \(metrics on 127\.0\.0\.1:(\d+)\)")
 _START_TIMEOUT_S = 30.0
 
 
@@ -134,88 +125,17 @@ class InProcessRegistry:
         self.stop()
 
 
-class RegistryProcess:
-    """`python -m services.registry.server` on port 0; its stderr is drained into log() by a thread."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        self.port = 0
-        self.metrics_port = 0
-        self._lines: list[str] = []
-        self._first = threading.Event()
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
+class RegistryProcess(ServiceProcess):
+    """`python -m services.registry.server` (helpers.process.ServiceProcess), started and listening by `start()`."""
 
     @classmethod
     def start(cls, db_url: str, *flags: str, env: dict[str, str] | None = None) -> RegistryProcess:
-        clean = {k: v for k, v in os.environ.items() if not k.startswith(("MIST_", "GRPC_TRACE", "GRPC_VERBOSITY"))}
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.registry.server",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--db",
-                db_url,
-                *flags,
-            ],
-            cwd=REPO_ROOT,
-            env={**clean, **(env or {})},
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        server = cls(proc)
+        server = cls("services.registry.server", "--db", db_url, *flags, env=env)
         try:
-            server._wait_listening()
+            server.wait_listening()
         except BaseException:
             server.kill()
             raise
         return server
 
-    def _drain(self) -> None:
-        # A server logs a line per push; an undrained pipe would fill and block it mid-test.
-        for line in self.proc.stderr:
-            self._lines.append(line.rstrip("\n"))
-            self._first.set()
-        self._first.set()
 
-    def _wait_listening(self) -> None:
-        if not self._first.wait(_START_TIMEOUT_S) or not self._lines:
-            raise RuntimeError(f"{SERVER_NAME} printed nothing within {_START_TIMEOUT_S} s (exit {self.proc.poll()})")
-        match = _LISTENING.search(self._lines[0])
-        if match is None:
-            time.sleep(0.2)  # let the rest of a startup error arrive
-            raise RuntimeError(f"{SERVER_NAME} did not start: {self.log()}")
-        self.port, self.metrics_port = int(match.group(1)), int(match.group(2))
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return "\n".join(self._lines)
-
-    def terminate(self, timeout_s: float = 15.0) -> int:
-        """SIGTERM, then the exit code once it drained."""
-        self.proc.send_signal(signal.SIGTERM)
-        return self.wait(timeout_s)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.wait(10)
-
-    def wait(self, timeout_s: float) -> int:
-        code = self.proc.wait(timeout=timeout_s)
-        self._reader.join(timeout=5)
-        self.proc.stderr.close()
-        return code
-
-    def __enter__(self) -> RegistryProcess:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.kill()

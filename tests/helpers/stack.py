@@ -10,12 +10,6 @@ folder), an extractor running the suite's tiny random ViT, and optionally a tune
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +17,9 @@ from pathlib import Path
 from services.common.synthetic import SplitSizes, generate_dataset
 from services.tuner.config import Endpoints
 from tests.helpers.extractor import ExtractorProcess
+from tests.helpers.process import ServiceProcess
 from tests.helpers.registry import RegistryProcess
 
-ROOT = Path(__file__).resolve().parents[2]
-_TUNER_LISTENING = re.compile(r"mist-tuner listening on 127\.0\.0\.1:(\d+) \(metrics on 127\.0\.0\.1:(\d+)\)")
-_START_TIMEOUT_S = 90.0  # torch + grpc imports on a loaded 2-core machine
 # The four synthetic classes the tiny test ViT tells apart best (colour and orientation cues): measured 0.675
 # held-out accuracy (chance 0.25) from 20 training images per class.
 E2E_CLASSES = ("red_cross", "blue_cross", "horizontal_stripes", "vertical_stripes")
@@ -41,49 +33,12 @@ def write_e2e_dataset(root: Path, seed: int = 0) -> Path:
     return root
 
 
-class TunerProcess:
-    """`python -m services.tuner.server` on port 0 against the given extractor and registry."""
+class TunerProcess(ServiceProcess):
+    """`python -m services.tuner.server` against the given extractor and registry (helpers.process.ServiceProcess)."""
 
     def __init__(self, extractor: str, registry: str, *flags: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MIST_", "GRPC_TRACE", "GRPC_VERBOSITY"))}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.tuner.server", "--listen", "127.0.0.1:0", "--metrics-listen",
-             "127.0.0.1:0", "--extractor", extractor, "--registry", registry, "--torch-threads", "1", *flags],
-            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        self.lines: list[str] = []
-        self._first = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.port = self.metrics_port = 0
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:  # type: ignore[union-attr]
-            self.lines.append(line.rstrip("\n"))
-            self._first.set()
-        self._first.set()
-
-    def wait_listening(self, timeout_s: float = _START_TIMEOUT_S) -> TunerProcess:
-        if not self._first.wait(timeout_s) or not self.lines:
-            raise RuntimeError(f"mist-tuner printed nothing within {timeout_s} s (exit {self.proc.poll()})")
-        match = _TUNER_LISTENING.search(self.lines[0])
-        if match is None:
-            raise RuntimeError(f"mist-tuner did not start: {self.log()}")
-        self.port, self.metrics_port = int(match.group(1)), int(match.group(2))
-        return self
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def kill(self) -> None:
-        """SIGKILL (no drain: what a crash or an OOM kill looks like) and reap."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._reader.join(5)
+        super().__init__("services.tuner.server", "--extractor", extractor, "--registry", registry,
+                         "--torch-threads", "1", *flags)
 
 
 @dataclass

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -47,6 +45,7 @@ from tests.helpers.prometheus import (
     run_promtool,
 )
 from tests.helpers.registry import RegistryProcess, make_blob, task_proto
+from tests.helpers.stack import TunerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -59,7 +58,6 @@ TOLERANCE = 1e-3  # relative; what remains of rate()'s extrapolation with the wi
 DIRECT_STREAMS: tuple[tuple[GatherModeName, tuple[int, ...], str], ...] = (
     ("mist", (2, 4), "i8-zstd"), ("mist", (4,), "f16-zstd"), ("lst", (), "f16-zstd"))
 TUNER_CODEC = "bf16-zstd"
-_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(metrics on 127\.0\.0\.1:(\d+)\)")
 
 
 # ---------------------------------------------------------------------------------------------- fast checks
@@ -296,42 +294,6 @@ def tuner_load(target: str, phase: int, counted: Counted | None) -> None:
 # ---------------------------------------------------------------------------------------------- the services
 
 
-class TunerProcess:
-    """`python -m services.tuner.server` on port 0, pointed at the extractor and the registry; its stderr is
-    drained by a thread (an undrained pipe would block the worker once full)."""
-
-    def __init__(self, extractor: str, registry: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MIST_", "GRPC_TRACE", "GRPC_VERBOSITY"))}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.tuner.server", "--listen", "127.0.0.1:0", "--metrics-listen",
-             "127.0.0.1:0", "--extractor", extractor, "--registry", registry, "--torch-threads", "1"],
-            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._first = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:  # type: ignore[union-attr]
-            self.lines.append(line.rstrip("\n"))
-            self._first.set()
-        self._first.set()
-
-    def wait_listening(self, timeout_s: float = 60.0) -> tuple[int, int]:
-        """(gRPC port, metrics port) from the first log line."""
-        self._first.wait(timeout_s)
-        match = _LISTENING.search(self.lines[0]) if self.lines else None
-        if match is None:
-            raise AssertionError(f"mist-tuner did not start (exit {self.proc.poll()}): {self.lines[:5]}")
-        return int(match.group(1)), int(match.group(2))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._reader.join(5)
-
-
 def prometheus_config(metrics_ports: dict[str, int]) -> dict:
     """deploy/prometheus/prometheus.yml with this test's ports, a 1 s scrape and evaluation interval, and the
     rules file by absolute path."""
@@ -387,7 +349,7 @@ def observed(tmp_path_factory) -> Iterator[Observed]:
         target, extractor_metrics = extractor.wait_listening()
         tuner = TunerProcess(target, registry.target)
         stops.append(tuner.stop)
-        tuner_port, tuner_metrics = tuner.wait_listening()
+        tuner_target, tuner_metrics = tuner.wait_listening()
         ports = {"mist-extractor": extractor_metrics, "mist-registry": registry.metrics_port,
                  "mist-tuner": tuner_metrics}
         prometheus = PrometheusServer.start(prometheus_config(ports), tmp / "prometheus")
@@ -396,7 +358,7 @@ def observed(tmp_path_factory) -> Iterator[Observed]:
         for phase, counter in ((1, None), (2, counted)):
             extractor_load(target, phase, counter)
             registry_load(registry.target, phase)
-            tuner_load(f"127.0.0.1:{tuner_port}", phase, counter)
+            tuner_load(tuner_target, phase, counter)
             scrapes = prometheus.wait_scraped_after(time.time(), JOBS)
             if phase == 1:
                 starts = {job: t - 0.001 for job, t in scrapes.items()}  # phase 1 whole, none of phase 2

@@ -16,7 +16,8 @@ import pytest
 from services.common.registry_client import RegistryClient
 from services.registry.cli import main
 from services.registry.config import RegistryConfig
-from tests.helpers.registry import REPO_ROOT, InProcessRegistry, make_blob, task_proto
+from tests.helpers.process import ROOT as REPO_ROOT
+from tests.helpers.registry import InProcessRegistry, make_blob, task_proto
 
 ADMIN_TOKEN = "admin-cli-7Hq2Lw9ZpX"
 METRICS = [{"val_accuracy": 0.5, "test_accuracy": 0.45}, {"val_accuracy": 0.625}, {"val_accuracy": 0.75}]

@@ -34,9 +34,9 @@ from services.registry.metrics import StoreCollector
 from services.registry.serde import task_from_proto, version_from_proto
 from services.registry.store import max_blob_bytes, open_store
 from tests.helpers.certs import make_certs
+from tests.helpers.process import ROOT as REPO_ROOT
 from tests.helpers.registry import (
     CONFIG,
-    REPO_ROOT,
     InProcessRegistry,
     RegistryProcess,
     make_blob,

@@ -33,13 +33,13 @@ from services.common.pb import extractor_pb2, extractor_pb2_grpc
 from services.extractor.backbone import LoadedBackbone
 from tests.conftest import TINY_VIT_KWARGS
 from tests.helpers.extractor import (
-    ROOT,
     TINY_BACKBONE,
     ExtractorProcess,
     ExtractorServer,
     png_image,
     tiny_config,
 )
+from tests.helpers.process import ROOT
 from tests.reliability import Scale, metric_value, reference_gathers, wait_for
 
 K = 4  # the deepest gather of the tiny ViT

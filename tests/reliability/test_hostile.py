@@ -50,7 +50,8 @@ from services.tuner.data import Dataset, dataset_from_memory
 from services.tuner.feature_store import FeatureStore
 from services.tuner.server import build as build_tuner
 from services.tuner.tune import extract_features
-from tests.helpers.extractor import ROOT, ExtractorServer, extract_request, png_image, tiny_config
+from tests.helpers.extractor import ExtractorServer, extract_request, png_image, tiny_config
+from tests.helpers.process import ROOT
 from tests.helpers.registry import InProcessRegistry, make_blob, task_proto
 from tests.reliability import (
     MiB,

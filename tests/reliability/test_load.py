@@ -182,8 +182,8 @@ def device_client(target: str, device: int) -> RegistryClient:
     """A client on a connection of its own, as a separate device has.
 
     gRPC shares one connection among all channels of a process with the same target and arguments, so 232
-    clients here would otherwise be 232 streams on one connection (see README.md, finding on REFUSED_STREAM); a
-    message limit differing by a few bytes per client (far above any message sent) keeps them apart.
+    clients here would otherwise be 232 streams on one connection (the case the next test covers); a message
+    limit differing by a few bytes per client (far above any message sent) keeps them apart.
     """
     return RegistryClient(target, timeout_s=60, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES - device)
 
@@ -292,3 +292,53 @@ def test_concurrent_pushers_and_pullers_lose_and_duplicate_no_version(scale: Sca
     assert all(stored[number] == sha for number, sha in load.pulled)  # every pull returned that version's own bytes
     assert problems == [] and exit_code == 0
     assert rss_end - rss_start < max(64 * MiB, 0.5 * rss_start), (rss_start, rss_end)
+
+
+def test_hundreds_of_clients_in_one_process_share_a_connection_and_none_is_refused(
+        scale: Scale, tmp_path: Path, figures) -> None:
+    """gRPC Python multiplexes every channel of a process to one target over one connection: an application with
+    many RegistryClients (a gateway, a worker pool) puts hundreds of streams on it at once. Pushes are not retried
+    by the client (not idempotent), so a refused stream would surface as a lost push."""
+    # Prepare: clients with default options (so: one shared connection), all released at once
+    clients, rounds = scale.pick(240, 480), scale.pick(3, 20)
+    server = RegistryProcess.start(f"sqlite:///{tmp_path}/registry.db", "--log-level", "warning")
+    failures: list[str] = []
+    acked: list[int] = []
+    lock, start = threading.Lock(), threading.Barrier(clients)
+
+    def push_and_pull(client_index: int) -> None:
+        try:
+            with RegistryClient(server.target, timeout_s=120) as client:
+                client.get_task("shared")  # connected before the barrier
+                start.wait(60)
+                for i in range(rounds):
+                    version = client.push("shared", make_blob(client_index * 1000 + i), parent_version=0, force=True)
+                    client.pull("shared", version=version.number, use_cache=False)
+                    with lock:
+                        acked.append(version.number)
+        except Exception as error:  # noqa: BLE001 - reported by the test
+            with lock:
+                failures.append(f"client {client_index}: {type(error).__name__}: {error}"[:300])
+
+    try:
+        with RegistryClient(server.target) as admin:
+            admin.create_task(task_proto("shared"))
+        threads = [threading.Thread(target=push_and_pull, args=(i,)) for i in range(clients)]
+
+        # Execute
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        elapsed_s = time.perf_counter() - started
+        with RegistryClient(server.target) as reader:
+            latest = reader.get_task("shared").latest_version
+    finally:
+        server.kill()
+
+    # Assert
+    figures.add(clients=clients, pushes=len(acked), failures=len(failures), seconds=round(elapsed_s, 1),
+                first_failure=failures[0] if failures else "")
+    assert failures == []
+    assert sorted(acked) == list(range(1, clients * rounds + 1)) and latest == clients * rounds

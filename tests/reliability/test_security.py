@@ -33,7 +33,8 @@ from services.tuner.config import Endpoints
 from services.tuner.data import dataset_from_memory
 from services.tuner.tune import TuneOptions, tune_dataset
 from tests.helpers.certs import CertPaths, make_certs
-from tests.helpers.extractor import ROOT, TINY_BACKBONE, ExtractorProcess, ExtractorServer, png_image, tiny_config
+from tests.helpers.extractor import TINY_BACKBONE, ExtractorProcess, ExtractorServer, png_image, tiny_config
+from tests.helpers.process import ROOT
 from tests.helpers.registry import InProcessRegistry, RegistryProcess, task_proto
 from tests.helpers.stack import TunerProcess
 from tests.reliability import label_values, lines_containing, scrape
