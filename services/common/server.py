@@ -1,25 +1,9 @@
-"""gRPC server plumbing every mist service shares: one server factory, one error table, auth, metrics, drain.
-
-Servicers stay thin: they call plain functions that raise MistError, and `@handles_errors` maps the error.
+"""The gRPC server every mist service runs: one factory (TLS, auth, metrics, health, reflection, limits), graceful
+drain on SIGTERM, and the main() body of each server. What runs around each call lives in rpc.py (error table,
+@handles_errors), auth.py (bearer tokens) and server_metrics.py (Prometheus).
 
 API summary (names are stable; the extractor, registry and tuner build on them):
 
-    STATUS_BY_ERROR: Mapping[type[MistError], grpc.StatusCode]     the one error -> status table (DESIGN.md)
-    status_for(error) -> grpc.StatusCode                             walks the error's MRO through the table
-    @handles_errors        on async servicer methods / async generators (all four call shapes): MistError ->
-                           abort(mapped code, its message); anything else -> INTERNAL "internal error (incident
-                           <id>)", traceback logged with the same id, no exception text sent to the client
-    current_principal() -> object | None    who is calling, inside a handler: None with auth off; a Principal
-                           (name) with the tokens-file validator; whatever a custom token_validator returned
-    Principal(name)        what the default validator returns
-    TokenValidator = Callable[[str | None, str], object | Awaitable[object]]
-                           (bearer token or None, full method "/pkg.Service/Method") -> principal; raise
-                           UnauthenticatedError / PermissionDeniedError to refuse (health, reflection are exempt)
-    StaticTokenValidator(tokens: Mapping[name, token]); load_tokens_file(path) -> dict[name, token]
-    GrpcMetrics(registry, prefix)          <prefix>_grpc_requests_total{method,code},
-                           <prefix>_grpc_request_duration_seconds{method}, <prefix>_grpc_requests_in_flight{method}
-    new_metrics_registry() -> CollectorRegistry   own registry per server + process/platform/gc collectors
-    start_metrics_server(listen, registry) -> (stop_fn, port | None)   "" / "off" -> (no-op, None)
     server_options(config) -> list[(name, value)]  every grpc channel arg of a server, each commented
     await create_server(config, add_services, *, token_validator=None, extra_interceptors=(), metrics=None)
         -> (grpc.aio.Server, bound port, HealthHandle)     started; add_services(server) returns service names
@@ -31,347 +15,40 @@ API summary (names are stable; the extractor, registry and tuner build on them):
         (metrics on HOST:PORT)" as the first line; SIGTERM/SIGINT drain within config.grace_s, then run
         on_shutdown (after the gRPC server stopped), exit 0; a second signal cancels in-flight calls at once
     run_service(config_cls, build, *, service_name, argv=None, allowed_env=()) -> int   the body of a main()
-    BindError              an address that cannot be bound (names the flag)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import hmac
-import inspect
 import logging
-import re
-import secrets
 import signal
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-import prometheus_client
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
-from services.common import errors
+from services.common.auth import AuthInterceptor, StaticTokenValidator, TokenValidator, load_tokens_file
 from services.common.config import ConfigError, ServerConfig, load_config, redacted, split_host_port
 from services.common.errors import MistError
 from services.common.logging_setup import configure_logging, hold_logs
+from services.common.rpc import wrap_handler
+from services.common.server_metrics import (
+    BindError,
+    GrpcMetrics,
+    metric_prefix,
+    new_metrics_registry,
+    start_metrics_server,
+)
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------- errors
-
-# The one table from DESIGN.md ("Errors"). Subclasses a service defines map through their base class.
-STATUS_BY_ERROR: Mapping[type[MistError], grpc.StatusCode] = MappingProxyType({
-    errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
-    errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.AbortedError: grpc.StatusCode.ABORTED,
-    errors.DataLossError: grpc.StatusCode.DATA_LOSS,
-    errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
-    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
-    errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
-    MistError: grpc.StatusCode.INTERNAL,
-})
-_MAX_DETAILS_CHARS = 1024  # status details travel in HTTP/2 trailers; keep them well under header limits
 HEALTH_SERVICE = grpc_health.SERVICE_NAME
-_AUTH_EXEMPT = (f"/{HEALTH_SERVICE}/", f"/{reflection.SERVICE_NAME}/", "/grpc.reflection.v1.ServerReflection/")
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def status_for(error: BaseException) -> grpc.StatusCode:
-    """The status code of a domain error (INTERNAL for anything not in STATUS_BY_ERROR)."""
-    for cls in type(error).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
-    return grpc.StatusCode.INTERNAL
-
-
-def _clip(message: str) -> str:
-    return message if len(message) <= _MAX_DETAILS_CHARS else message[: _MAX_DETAILS_CHARS - 3] + "..."
-
-
-async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, where: str) -> None:
-    if isinstance(error, MistError):  # abort() raises, so a domain error stops here
-        await context.abort(status_for(error), _clip(str(error) or type(error).__name__))
-    incident = secrets.token_hex(4)
-    log.error("unexpected error in %s (incident %s)", where, incident, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server log has details")
-
-
-def handles_errors(fn: F) -> F:
-    """Turn MistError into its status code and anything else into a leak-free INTERNAL, for aio handlers."""
-    where = fn.__qualname__
-    if inspect.isasyncgenfunction(fn):
-
-        @functools.wraps(fn)
-        async def stream_wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            try:
-                async for item in fn(*args, **kwargs):
-                    yield item
-            except grpc.aio.AbortError:
-                raise  # the handler aborted with its own status
-            except Exception as e:
-                await _abort_for(e, args[-1], where)
-
-        return stream_wrapper  # type: ignore[return-value]
-    if inspect.iscoroutinefunction(fn):
-
-        @functools.wraps(fn)
-        async def call_wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return await fn(*args, **kwargs)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as e:
-                await _abort_for(e, args[-1], where)
-
-        return call_wrapper  # type: ignore[return-value]
-    raise TypeError(f"handles_errors wraps async functions or async generators, not {fn!r}")
-
-
-# ---------------------------------------------------------------------------------------------- handler wrapping
-
-Around = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
-
-
-def _handler_kind(handler: grpc.RpcMethodHandler) -> str:
-    return {(False, False): "unary_unary", (False, True): "unary_stream",
-            (True, False): "stream_unary", (True, True): "stream_stream"}[
-        (handler.request_streaming, handler.response_streaming)]
-
-
-def _wrap_handler(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour run inside `around(context)`, keeping its call shape."""
-    kind = _handler_kind(handler)
-    behavior = getattr(handler, kind)
-    if inspect.isasyncgenfunction(behavior):
-
-        async def wrapped_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with around(context):
-                async for item in behavior(request, context):
-                    yield item
-
-        return handler._replace(**{kind: wrapped_stream})  # type: ignore[attr-defined]
-
-    async def wrapped_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with around(context):
-            result = behavior(request, context)
-            return await result if inspect.isawaitable(result) else result
-
-    return handler._replace(**{kind: wrapped_call})  # type: ignore[attr-defined]
-
-
-def _refusing_handler(like: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same call shape that only aborts (requests stay undecoded bytes)."""
-
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
-
-    factory = getattr(grpc, f"{_handler_kind(like)}_rpc_method_handler")
-    return factory(refuse)
-
-
-# ---------------------------------------------------------------------------------------------- auth
-
-_principal: ContextVar[object | None] = ContextVar("mist_principal", default=None)
-TokenValidator = Callable[[str | None, str], Any]
-_BEARER = re.compile(r"^bearer\s+(\S+)$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Principal:
-    """An authenticated caller: the token's name from the tokens file (logs and lineage use it)."""
-
-    name: str
-
-
-def current_principal() -> object | None:
-    """The caller of the RPC this handler serves (each RPC runs in its own task, so this never leaks)."""
-    return _principal.get()
-
-
-def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-    """The token of an `authorization: Bearer <token>` entry; None when absent."""
-    for key, value in metadata or ():
-        if key.lower() == "authorization":
-            text = value.decode("latin-1") if isinstance(value, bytes) else value
-            match = _BEARER.match(text.strip())
-            if match is None:
-                raise errors.UnauthenticatedError("malformed authorization metadata: expected 'Bearer <token>'")
-            return match.group(1)
-    return None
-
-
-def load_tokens_file(path: str | Path) -> dict[str, str]:
-    """`name:token` per line ('#' comments and blank lines skipped) -> {name: token}. Never echoes a token."""
-    tokens: dict[str, str] = {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, token = (part.strip() for part in line.partition(":"))
-        if not sep or not name or not token or any(c.isspace() for c in token):
-            raise ConfigError("auth_tokens_file", f"line {number}: expected 'name:token' with a non-empty token")
-        if name in tokens:
-            raise ConfigError("auth_tokens_file", f"line {number}: duplicate name {name!r}")
-        if token in tokens.values():
-            raise ConfigError("auth_tokens_file", f"line {number}: token of {name!r} is used by another name")
-        tokens[name] = token
-    if not tokens:
-        raise ConfigError("auth_tokens_file", f"{path}: no tokens (leave the flag empty to turn auth off)")
-    return tokens
-
-
-class StaticTokenValidator:
-    """Checks a bearer token against a fixed {name: token} set in constant time."""
-
-    def __init__(self, tokens: Mapping[str, str]) -> None:
-        self._tokens = [(name, token.encode()) for name, token in tokens.items()]
-
-    def __call__(self, token: str | None, method: str) -> Principal:
-        if token is None:
-            raise errors.UnauthenticatedError("missing bearer token: send metadata 'authorization: Bearer <token>'")
-        given = token.encode()
-        found = None
-        for name, known in self._tokens:  # compare with every token so timing says nothing about which matched
-            if hmac.compare_digest(given, known):
-                found = name
-        if found is None:
-            raise errors.UnauthenticatedError("unknown or revoked bearer token")
-        return Principal(found)
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Validates bearer tokens; health and reflection stay open for probes and grpcurl."""
-
-    def __init__(self, validator: TokenValidator) -> None:
-        self._validator = validator
-
-    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(_AUTH_EXEMPT):
-            return handler
-        try:
-            principal = self._validator(bearer_token(details.invocation_metadata), details.method)
-            if inspect.isawaitable(principal):
-                principal = await principal
-        except MistError as e:
-            return _refusing_handler(handler, status_for(e), _clip(str(e)))
-        except Exception as e:  # neither the message nor the traceback: they might quote the token
-            log.error("token validator raised %s on %s", type(e).__name__, details.method)
-            return _refusing_handler(handler, grpc.StatusCode.INTERNAL, "authentication failed: internal error")
-
-        @contextlib.asynccontextmanager
-        async def as_principal(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-            _principal.set(principal)  # set in this RPC's own task; no reset needed
-            yield
-
-        return _wrap_handler(handler, as_principal)
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-
-def _outcome(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    if isinstance(error, asyncio.CancelledError):
-        return "CANCELLED"
-    return "OK" if error is None else "UNKNOWN"
-
-
-class GrpcMetrics:
-    """Per-method request counts by status code, latency histogram and in-flight gauge for one server."""
-
-    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
-        self.requests = Counter(f"{prefix}_grpc_requests_total", "gRPC calls finished, by method and status code",
-                                ["method", "code"], registry=registry)
-        # Calls range from a health check (sub-ms) to a dataset extraction stream (minutes).
-        self.duration = Histogram(f"{prefix}_grpc_request_duration_seconds", "gRPC call duration, whole stream",
-                                  ["method"], registry=registry,
-                                  buckets=(0.001, 0.005, 0.025, 0.1, 0.25, 1, 2.5, 10, 30, 120, 600))
-        self.in_flight = Gauge(f"{prefix}_grpc_requests_in_flight", "gRPC calls being handled",
-                               ["method"], registry=registry)
-        self.interceptor = _MetricsInterceptor(self)
-
-
-class _MetricsInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: GrpcMetrics) -> None:
-        self._m = metrics
-
-    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        method, m = details.method, self._m
-
-        @contextlib.asynccontextmanager
-        async def measured(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-            start, error = time.perf_counter(), None
-            m.in_flight.labels(method).inc()
-            try:
-                yield
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                m.in_flight.labels(method).dec()
-                m.duration.labels(method).observe(time.perf_counter() - start)
-                m.requests.labels(method, _outcome(context, error)).inc()
-
-        return _wrap_handler(handler, measured)
-
-
-def metric_prefix(service_name: str) -> str:
-    """'mist-registry' -> 'mist_registry' (Prometheus names allow [a-zA-Z0-9_:])."""
-    return re.sub(r"[^a-zA-Z0-9_]", "_", service_name)
-
-
-def new_metrics_registry() -> CollectorRegistry:
-    """A registry of its own (so several servers fit in one process) with process, platform and GC metrics."""
-    registry = CollectorRegistry()
-    prometheus_client.ProcessCollector(registry=registry)
-    prometheus_client.PlatformCollector(registry=registry)
-    prometheus_client.GCCollector(registry=registry)
-    return registry
-
-
-class BindError(OSError):
-    """An address a server cannot listen on."""
-
-
-def start_metrics_server(listen: str, registry: CollectorRegistry) -> tuple[Callable[[], None], int | None]:
-    """Serve `registry` on http://listen/metrics; returns (stop, bound port). '' or 'off' serve nothing."""
-    if listen in ("", "off"):
-        return (lambda: None), None
-    host, port = split_host_port(listen)
-    try:
-        httpd, thread = prometheus_client.start_http_server(port, addr=host.strip("[]"), registry=registry)
-    except OSError as e:
-        raise BindError(f"cannot serve metrics on {listen} (--metrics-listen / MIST_METRICS_LISTEN): "
-                        f"{e.strerror or e}") from None
-
-    def stop() -> None:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
-
-    return stop, httpd.server_port
-
 
 # ---------------------------------------------------------------------------------------------- drain + health
 
@@ -407,7 +84,7 @@ class _DrainGate(grpc.aio.ServerInterceptor):
         # Health stays answerable while draining (it says NOT_SERVING) and is never refused as "busy".
         if handler is None or details.method.startswith(f"/{HEALTH_SERVICE}/"):
             return handler
-        return _wrap_handler(handler, self._admit)
+        return wrap_handler(handler, self._admit)
 
 
 class HealthHandle:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from services.common.pb import extractor_pb2, extractor_pb2_grpc
-from services.common.server import handles_errors
+from services.common.rpc import handles_errors
 from services.extractor.engine import ExtractionEngine
 
 SERVICE_NAME = extractor_pb2.DESCRIPTOR.services_by_name["Extractor"].full_name  # "mist.v1.Extractor"

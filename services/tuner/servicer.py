@@ -24,7 +24,7 @@ from services.common.edge_spec import POOLINGS
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError
 from services.common.extractor_client import ImageItem
 from services.common.pb import extractor_pb2, registry_pb2, tuner_pb2, tuner_pb2_grpc
-from services.common.server import handles_errors, status_for
+from services.common.rpc import handles_errors, status_for
 from services.tuner.config import Endpoints, TunerConfig
 from services.tuner.data import Split, dataset_from_memory
 from services.tuner.metrics import JobKind, TunerMetrics

@@ -19,7 +19,8 @@ from PIL import Image
 from services.common.baselines import GatherModeName
 from services.common.codec import CodecConfig
 from services.common.pb import extractor_pb2
-from services.common.server import GrpcMetrics, ServiceSetup, create_server, new_metrics_registry
+from services.common.server import ServiceSetup, create_server
+from services.common.server_metrics import GrpcMetrics, new_metrics_registry
 from services.common.synthetic import CLASS_NAMES, render_image
 from services.extractor.backbone import LoadedBackbone, load_backbone
 from services.extractor.config import ExtractorConfig

@@ -27,8 +27,10 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from services.common import errors
+from services.common.auth import current_principal
 from services.common.config import ServerConfig
-from services.common.server import ServiceSetup, current_principal, handles_errors, run_service
+from services.common.rpc import handles_errors
+from services.common.server import ServiceSetup, run_service
 
 SERVICE = "mist.test.v1.Plumbing"
 FAKE_SECRET = "postgres://mist:hunter2@db"  # appears only in the RuntimeError that Raise throws

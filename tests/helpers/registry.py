@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from services.common.edge_spec import EdgeNetworkConfig, state_shapes
 from services.common.pb import feature_pb2, registry_pb2
-from services.common.server import GrpcMetrics, create_server, new_metrics_registry, shutdown, start_metrics_server
+from services.common.server import create_server, shutdown
+from services.common.server_metrics import GrpcMetrics, new_metrics_registry, start_metrics_server
 from services.registry.config import RegistryConfig
 from services.registry.server import build
 from tests.helpers.process import ServiceProcess

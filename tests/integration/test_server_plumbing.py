@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from services.common import errors
+from services.common.auth import Principal
 from services.common.client import (
     create_aio_channel,
     create_channel,
@@ -35,18 +36,9 @@ from services.common.client import (
 )
 from services.common.config import ConfigError, ServerConfig
 from services.common.logging_setup import TextFormatter, redact
-from services.common.server import (
-    STATUS_BY_ERROR,
-    BindError,
-    GrpcMetrics,
-    Principal,
-    ServiceSetup,
-    create_server,
-    handles_errors,
-    new_metrics_registry,
-    serve,
-    start_metrics_server,
-)
+from services.common.rpc import STATUS_BY_ERROR, handles_errors
+from services.common.server import ServiceSetup, create_server, serve
+from services.common.server_metrics import BindError, GrpcMetrics, new_metrics_registry, start_metrics_server
 from tests.helpers.certs import CertPaths, make_certs
 from tests.helpers.plumbing_server import FAKE_SECRET, SERVICE, Plumbing, add_plumbing
 

@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.config import ServerConfig
-from services.common.server import GrpcMetrics, ServiceSetup, create_server, metric_prefix, new_metrics_registry
+from services.common.server import ServiceSetup, create_server
+from services.common.server_metrics import GrpcMetrics, metric_prefix, new_metrics_registry
 from services.extractor.backbone import LoadedBackbone
 from services.extractor.gather import gather
 from services.extractor.preprocess import ImagePreprocessor

@@ -19,7 +19,7 @@ from services.common.errors import (
     ResourceExhaustedError,
 )
 from services.common.pb import extractor_pb2, feature_pb2
-from services.common.server import new_metrics_registry
+from services.common.server_metrics import new_metrics_registry
 from services.extractor.backbone import LoadedBackbone
 from services.extractor.config import ExtractorConfig
 from services.extractor.engine import BatchItem, ExtractionEngine, WorkItem
