@@ -262,7 +262,8 @@ def _print(data: Any, text: str, as_json: bool) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from services.tuner.progress import ProgressReporter
-    from services.tuner.tune import ReporterObserver, TuneOptions, tune_path, tuner_identity
+    from services.tuner.reports import ReporterObserver
+    from services.tuner.tune import TuneOptions, tune_path, tuner_identity
 
     options = _checked(lambda: TuneOptions(
         task=args.task, k=args.k, codec=args.codec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

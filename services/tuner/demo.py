@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, TextIO
 from services.common.errors import InvalidArgumentError, UnavailableError
 
 if TYPE_CHECKING:  # torch comes with them; the demo imports them when it tunes
-    from services.tuner.tune import TransferSummary, TuneResult
+    from services.tuner.reports import TransferSummary, TuneResult
 
 # A ViT-Ti-shaped backbone shrunk to demo size: 32 px images cut into 4 px patches (64 patches + CLS = 65 tokens),
 # 64 dims, 6 blocks. Small patches keep the random patch embedding close to lossless (48 -> 64 dims), which is what
@@ -227,7 +227,8 @@ def _write_dataset(workdir: Path, seed: int, say: _Say) -> Path:
 def _tune(data: Path, extractor: str, registry: str, options: DemoOptions, say: _Say) -> TuneResult:
     from services.tuner.config import Endpoints
     from services.tuner.progress import ProgressReporter
-    from services.tuner.tune import ReporterObserver, TuneOptions, tune_path, tuner_identity
+    from services.tuner.reports import ReporterObserver
+    from services.tuner.tune import TuneOptions, tune_path, tuner_identity
 
     say(f"mist tune --task {DEMO_TASK} --data {data} --k auto --epochs {options.epochs} --alias {DEMO_ALIAS} "
         f"--seed {options.seed}  (progress on stderr)")

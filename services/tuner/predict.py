@@ -31,8 +31,9 @@ from services.common.registry_client import PulledVersion, RegistryClient
 from services.tuner.data import IMAGE_EXTENSIONS, SPLITS, Dataset, load_dataset
 from services.tuner.edge_network import EdgeNetwork, from_safetensors_bytes
 from services.tuner.evaluation import EvaluationReport, evaluate
+from services.tuner.extraction import extract_features
 from services.tuner.training import predict
-from services.tuner.tune import METADATA_CODEC, METADATA_K, extract_features, registry_errors
+from services.tuner.tune import METADATA_CODEC, METADATA_K, registry_errors
 
 DEFAULT_TOP_K = 5
 EvaluateSplit = Literal["auto", "all", "train", "val", "test"]

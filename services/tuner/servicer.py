@@ -29,8 +29,9 @@ from services.tuner.config import Endpoints, TunerConfig
 from services.tuner.data import Split, dataset_from_memory
 from services.tuner.metrics import JobKind, TunerMetrics
 from services.tuner.predict import DEFAULT_TOP_K, Prediction, load_version, predict_images
+from services.tuner.reports import TuneObserver, TuneResult
 from services.tuner.training import EpochStats, KSelection, StepProgress
-from services.tuner.tune import TuneObserver, TuneOptions, TuneResult, find_task, tune_dataset, tuner_identity
+from services.tuner.tune import TuneOptions, find_task, tune_dataset, tuner_identity
 
 SERVICE_NAME = tuner_pb2.DESCRIPTOR.services_by_name["Tuner"].full_name  # "mist.v1.Tuner"
 _SPLITS: dict[int, Split | None] = {tuner_pb2.SPLIT_UNSPECIFIED: None, tuner_pb2.SPLIT_TRAIN: "train",

@@ -1,5 +1,6 @@
 """The tune pipeline behind `mist tune` and the worker's Tune RPC, as plain functions: find the task, ask the
 extractor what it serves, fetch every image's gathered features once, pick k, train, evaluate, push, move an alias.
+The fetching is extraction.py; the progress hooks and the result are reports.py.
 
     with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
         result = tune_path("data/", TuneOptions(task="shapes", alias="production"), extractor, registry)
@@ -40,15 +41,23 @@ from services.common.baselines import candidate_ks, validate_ks
 from services.common.codec import CodecConfig
 from services.common.edge_spec import EdgeNetworkConfig, Pooling, macs_per_image, trainable_parameters
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, MistError
-from services.common.extractor_client import ExtractorClient, ExtractResult, ImageItem, rpc_error_to_mist
+from services.common.extractor_client import ExtractorClient, rpc_error_to_mist
 from services.common.pb import extractor_pb2, feature_pb2, registry_pb2
 from services.common.registry_client import RegistryClient
 from services.tuner.data import Dataset, load_dataset
 from services.tuner.edge_network import EdgeNetwork, to_safetensors_bytes
 from services.tuner.evaluation import EvaluationReport, evaluate
+from services.tuner.extraction import extract_features
 from services.tuner.feature_store import FeatureStore
-from services.tuner.progress import ProgressReporter
-from services.tuner.training import EpochStats, KSelection, StepProgress, TrainConfig, select_k, train_edge_network
+from services.tuner.reports import (
+    AliasMove,
+    ExtractionStats,
+    TransferSummary,
+    TuneObserver,
+    TuneResult,
+    transfer_line,
+)
+from services.tuner.training import EpochStats, KSelection, TrainConfig, select_k, train_edge_network
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +65,6 @@ DEFAULT_CODEC_NAME = "i8-zstd"  # 4x smaller than float32 at 1/254 of a row's ma
 DEFAULT_RANK = 16  # the paper's r for D = 768; capped at D for narrow backbones
 METADATA_K, METADATA_CODEC, METADATA_CLASSES = "mist.k", "mist.codec", "mist.class_names"
 METADATA_BACKBONE, METADATA_BACKBONE_FINGERPRINT = "mist.backbone", "mist.backbone_fingerprint"
-_MAX_LISTED_FAILURES = 5  # per-image problems quoted in one error message
 ToolKind = Literal["cli", "worker", "library"]
 
 
@@ -126,163 +134,6 @@ class TuneOptions:
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                            warmup_epochs=self.warmup_epochs, seed=self.seed)
-
-
-class TuneObserver:
-    """What the pipeline reports as it goes; every hook is a no-op here. An exception raised by a hook aborts
-    the tune before anything is pushed (the worker cancels jobs this way)."""
-
-    def on_backbone(self, info: extractor_pb2.BackboneInfo) -> None:
-        """The extractor's Describe answer, before any image is sent."""
-
-    def on_extraction(self, done: int, total: int, feature_bytes: int) -> None:
-        """`done` of `total` images have every feature; `feature_bytes` wire bytes held so far."""
-
-    def on_step(self, progress: StepProgress) -> None:
-        """After each optimizer step."""
-
-    def on_epoch(self, stats: EpochStats) -> None:
-        """After each epoch (k-search runs and the final run)."""
-
-    def on_k_selection(self, selection: KSelection) -> None:
-        """`--k auto` chose."""
-
-    def message(self, text: str) -> None:
-        """A line for people: what happens next, warnings."""
-
-    def before_push(self) -> None:
-        """The last moment to abort: after this the version exists."""
-
-
-class ReporterObserver(TuneObserver):
-    """Shows the pipeline's progress with a ProgressReporter (a bar on a terminal, log lines elsewhere)."""
-
-    def __init__(self, reporter: ProgressReporter) -> None:
-        self.reporter = reporter
-
-    def on_extraction(self, done: int, total: int, feature_bytes: int) -> None:
-        self.reporter.on_extraction(done, total, feature_bytes)
-
-    def on_step(self, progress: StepProgress) -> None:
-        self.reporter.on_step(progress)
-
-    def on_epoch(self, stats: EpochStats) -> None:
-        self.reporter.on_epoch(stats)
-
-    def on_k_selection(self, selection: KSelection) -> None:
-        self.reporter.on_k_selection(selection)
-
-    def message(self, text: str) -> None:
-        self.reporter.message(text)
-
-
-# ---------------------------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class ExtractionStats:
-    """How the features arrived."""
-
-    images: int  # images with every requested feature
-    ks: tuple[int, ...]  # the k fetched for every image (all candidates for --k auto)
-    codec: str  # canonical codec name
-    feature_bytes: int  # wire bytes of every feature held (serialized FeatureTensor messages)
-    bytes_per_image_by_k: dict[int, float]  # mean wire bytes of one image's k feature
-    results: int  # results accepted: exactly one per image, however often the stream was resumed
-    passes: int  # extraction passes over the missing images (1 unless the extractor stayed away)
-    cache_hits: int  # images the extractor answered from its cache
-    seconds: float  # wall time of the extraction
-
-    def to_dict(self) -> dict[str, object]:
-        data = dataclasses.asdict(self)
-        data["bytes_per_image_by_k"] = {str(k): v for k, v in self.bytes_per_image_by_k.items()}
-        return data
-
-
-@dataclass(frozen=True)
-class TransferSummary:
-    """Bytes per image this task costs on the wire next to what the baselines send on the same backbone."""
-
-    k: int  # the version's k
-    codec: str  # the codec the features travelled in
-    bytes_per_image: float  # measured: mean serialized feature of the chosen k
-    fetched_bytes_per_image: float  # measured: everything fetched per image (every candidate k for --k auto)
-    baselines: dict[str, int]  # float32 bytes per image from Describe: lst, last, partial, cls, mist_f32
-
-    def times_smaller(self, method: str) -> float | None:
-        """How many times fewer bytes than `method` sends; None when Describe did not report it."""
-        other = self.baselines.get(method)
-        return other / self.bytes_per_image if other and self.bytes_per_image else None
-
-    def to_dict(self) -> dict[str, object]:
-        return {**dataclasses.asdict(self),
-                "times_smaller": {m: self.times_smaller(m) for m in self.baselines}}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class AliasMove:
-    name: str  # e.g. "production"
-    from_version: int  # 0: the alias did not exist
-    to_version: int
-
-
-@dataclass(frozen=True)
-class TuneResult:
-    """What a tune produced; `version` is what the registry stored."""
-
-    version: registry_pb2.Version  # number, sha256, metrics, lineage
-    task_created: bool  # this tune created the task
-    k: int  # the k the weights were trained on
-    k_selection: KSelection | None  # the candidates' scores with --k auto
-    kept_epoch: int  # the final run's epoch whose weights were pushed (best on val)
-    val: EvaluationReport | None  # None without a val split
-    test: EvaluationReport | None  # None without a test split
-    num_classes: int
-    transfer: TransferSummary
-    extraction: ExtractionStats
-    alias: AliasMove | None  # the alias moved, if asked
-    pretrained: bool  # False: the extractor runs a random backbone (accuracy only "above chance")
-    warnings: tuple[str, ...]
-    seconds: float  # wall time of the whole tune
-
-    def to_dict(self) -> dict[str, object]:
-        lineage = self.version.lineage
-        return {
-            "task": self.version.task, "version": self.version.number, "sha256": self.version.sha256,
-            "parent_version": lineage.parent_version, "dataset_fingerprint": lineage.dataset_fingerprint,
-            "tuner": lineage.tuner, "task_created": self.task_created, "k": self.k,
-            "k_selection": self.k_selection.to_dict() if self.k_selection else None, "kept_epoch": self.kept_epoch,
-            "val": self.val.to_dict() if self.val else None, "test": self.test.to_dict() if self.test else None,
-            "chance_accuracy": 1 / self.num_classes, "transfer": self.transfer.to_dict(),
-            "extraction": self.extraction.to_dict(), "alias": dataclasses.asdict(self.alias) if self.alias else None,
-            "pretrained_backbone": self.pretrained, "metrics": dict(sorted(self.version.metrics.items())),
-            "warnings": list(self.warnings), "seconds": self.seconds,
-        }  # fmt: skip
-
-    def summary(self) -> str:
-        """The lines `mist tune` prints on stdout."""
-        lineage = self.version.lineage
-        how = "chosen on validation" if self.k_selection else "as asked"
-        lines = [f"task {self.version.task}: version {self.version.number} (parent {lineage.parent_version or '-'}"
-                 f"{', task created' if self.task_created else ''}), k={self.k} {how}"]
-        scores = [f"{name} accuracy {report.accuracy:.3f} ({report.count} images)"
-                  for name, report in (("val", self.val), ("test", self.test)) if report is not None]
-        lines.append("  " + ", ".join(scores or ["no val or test split: nothing scored"])
-                     + f"; chance {1 / self.num_classes:.3f}")
-        lines.append("  " + transfer_line(self.transfer))
-        if self.alias:
-            lines.append(f"  alias {self.alias.name}: {self.alias.from_version or '-'} -> {self.alias.to_version}")
-        if not self.pretrained:
-            lines.append("  note: the extractor runs a RANDOMLY INITIALISED backbone; accuracy is only 'above chance'")
-        return "\n".join(lines)
-
-
-def transfer_line(transfer: TransferSummary) -> str:
-    """'received 3,412 B/image (i8-zstd, k=6) vs LST 10,880 (3.2x more), LAST 6,528 (1.9x more)'."""
-    parts = [f"{name} {transfer.baselines[method]:,} ({transfer.times_smaller(method):.1f}x more)"
-             for method, name in (("lst", "LST"), ("last", "LAST")) if transfer.baselines.get(method)]
-    versus = f" vs {', '.join(parts)}" if parts else ""
-    return f"received {transfer.bytes_per_image:,.0f} B/image ({transfer.codec}, k={transfer.k}){versus}"
 
 
 # ---------------------------------------------------------------------------------------------- registry errors
@@ -421,87 +272,6 @@ def _ks_to_fetch(k: int | None, num_blocks: int) -> tuple[int, ...]:
 def _split_counts(dataset: Dataset) -> str:
     counts = {split: sum(per_class) for split, per_class in dataset.counts().items()}
     return ", ".join(f"{split} {n}" for split, n in counts.items() if n)
-
-
-# ---------------------------------------------------------------------------------------------- extraction
-
-
-def extract_features(dataset: Dataset, extractor: ExtractorClient, *, ks: Sequence[int], codec: str,
-                     backbone: feature_pb2.BackboneId | None, observer: TuneObserver | None = None,
-                     max_in_flight: int = 32, attempts: int = 3) -> tuple[FeatureStore, ExtractionStats]:
-    """Every image's features for every k in `ks`, fetched once and kept compressed.
-
-    Within a pass the client resumes a broken stream by itself (re-sending only the unanswered images); when the
-    extractor stays away longer, another pass asks again for the images still missing, up to `attempts` passes.
-    A feature that fails its checksum is fetched again the same way. Images the extractor refuses (undecodable,
-    too large) fail the whole extraction with one message naming them: training on a silently smaller set would
-    hide the problem.
-    """
-    observer = observer or TuneObserver()
-    store = FeatureStore.for_dataset(dataset, backbone=backbone)
-    total, started = len(dataset), time.perf_counter()
-    refused: dict[int, feature_pb2.ItemError] = {}
-    results = cache_hits = passes = corrupt = 0
-    while missing := [i for i in store.missing(range(total), ks) if i not in refused]:
-        if passes == attempts and corrupt:  # the extractor answered, but its features kept failing their checks
-            raise errors.DataLossError(f"{corrupt} image(s) got corrupted features on every one of {attempts} "
-                                       f"passes over {extractor.target}; nothing was pushed")
-        if passes == attempts:
-            raise errors.UnavailableError(f"{len(missing)} image(s) still lack features after {attempts} passes "
-                                          f"over {extractor.target}; is the extractor up?")
-        passes += 1
-        corrupt = 0
-        answered = total - len(missing)  # refused images count as answered: asking again would not help
-        try:
-            for index, result in zip(missing, _extract(dataset, missing, extractor, ks, codec, backbone,
-                                                       max_in_flight), strict=False):
-                results += 1
-                cache_hits += result.cache_hit
-                if result.error is not None:
-                    refused[index] = result.error
-                    answered += 1
-                elif _keep(store, index, ks, result.features, observer):
-                    answered += 1
-                else:
-                    corrupt += 1
-                observer.on_extraction(answered, total, store.compressed_bytes())
-        except errors.UnavailableError as error:
-            observer.message(f"extractor unavailable ({error}); asking again for the missing images")
-    if refused:
-        raise InvalidArgumentError(_refusal_message(dataset, refused))
-    stats = ExtractionStats(images=total, ks=tuple(ks), codec=codec, feature_bytes=store.compressed_bytes(),
-                            bytes_per_image_by_k={k: store.bytes_per_image(k) for k in ks},
-                            results=results, passes=passes, cache_hits=cache_hits,
-                            seconds=time.perf_counter() - started)  # fmt: skip
-    return store, stats
-
-
-def _extract(dataset: Dataset, indices: list[int], extractor: ExtractorClient, ks: Sequence[int], codec: str,
-             backbone: feature_pb2.BackboneId | None, max_in_flight: int) -> Iterator[ExtractResult]:
-    items = (ImageItem(dataset.items[i].name, dataset.items[i].read_bytes()) for i in indices)  # read lazily
-    return extractor.extract(items, mode="mist", ks=ks, codec=codec, expect_backbone=backbone,
-                             max_in_flight=max_in_flight)
-
-
-def _keep(store: FeatureStore, index: int, ks: Sequence[int], features: Sequence[feature_pb2.FeatureTensor],
-          observer: TuneObserver) -> bool:
-    """Store one image's features; False when one was corrupted on the way (the next pass fetches it again)."""
-    if len(features) != len(ks):
-        raise errors.DataLossError(f"the extractor sent {len(features)} features for {len(ks)} requested k")
-    try:
-        for k, feature in zip(ks, features, strict=True):
-            store.add(index, k, feature)
-    except errors.DataLossError as error:
-        observer.message(f"image {index}: {error}; fetching it again")
-        return False
-    return True
-
-
-def _refusal_message(dataset: Dataset, refused: dict[int, feature_pb2.ItemError]) -> str:
-    shown = [f"{dataset.items[i].name}: {e.message or e.reason}" for i, e in list(refused.items())[:_MAX_LISTED_FAILURES]]
-    more = f" (and {len(refused) - len(shown)} more)" if len(refused) > len(shown) else ""
-    return (f"the extractor could not use {len(refused)} image(s){more}: {'; '.join(shown)}; "
-            "fix or remove them and tune again (nothing was pushed)")
 
 
 # ---------------------------------------------------------------------------------------------- training

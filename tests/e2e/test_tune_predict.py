@@ -24,7 +24,8 @@ from services.common.extractor_client import ImageItem
 from services.tuner import cli
 from services.tuner.data import load_dataset
 from services.tuner.edge_network import from_safetensors_bytes
-from services.tuner.tune import TuneObserver, TuneOptions, find_task, tune_path
+from services.tuner.reports import TuneObserver
+from services.tuner.tune import TuneOptions, find_task, tune_path
 from tests.helpers.stack import E2E_CLASSES, running_stack, write_e2e_dataset
 
 pytestmark = pytest.mark.timeout(300)

@@ -47,9 +47,9 @@ from services.common.registry_client import RegistryClient
 from services.registry.config import RegistryConfig
 from services.tuner.config import TunerConfig
 from services.tuner.data import Dataset, dataset_from_memory
+from services.tuner.extraction import extract_features
 from services.tuner.feature_store import FeatureStore
 from services.tuner.server import build as build_tuner
-from services.tuner.tune import extract_features
 from tests.helpers.extractor import ExtractorServer, extract_request, png_image, tiny_config
 from tests.helpers.process import ROOT
 from tests.helpers.registry import InProcessRegistry, make_blob, task_proto

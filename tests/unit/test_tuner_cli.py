@@ -132,7 +132,7 @@ def test_every_variable_the_cli_reads_is_allowed_by_the_worker():
 def test_demo_transfer_table_compares_every_method_with_what_mist_received():
     # Prepare: the tiny test ViT's Describe baselines and 700 bytes received per image
     from services.tuner.demo import DemoOptions, transfer_rows
-    from services.tuner.tune import TransferSummary
+    from services.tuner.reports import TransferSummary
 
     transfer = TransferSummary(k=2, codec="i8-zstd", bytes_per_image=700.0, fetched_bytes_per_image=2800.0,
                                baselines={"lst": 10880, "last": 6528, "partial": 2176, "cls": 128, "mist_f32": 2176})
