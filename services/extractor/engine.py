@@ -27,7 +27,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -364,12 +364,18 @@ class ExtractionEngine:
         """Count, validate and start one request; raises the validation error."""
         if self._metrics is not None:
             self._metrics.image_bytes_received.inc(len(request.image))
-        task = asyncio.ensure_future(self.extract(self.validate(request, index)))
+        task = asyncio.ensure_future(self._timed(self.extract(self.validate(request, index))))
         self._gauge("items_in_flight", +1)
-        if self._metrics is not None:
-            histogram, started = self._metrics.image_latency, time.perf_counter()
-            task.add_done_callback(lambda t: t.cancelled() or histogram.observe(time.perf_counter() - started))
         return task
+
+    async def _timed(self, answer: Awaitable[extractor_pb2.ExtractResponse]) -> extractor_pb2.ExtractResponse:
+        """`answer`, its time observed before the task completes (a done callback could run after the answer
+        was already sent and counted)."""
+        started = time.perf_counter()
+        response = await answer
+        if self._metrics is not None:
+            self._metrics.image_latency.observe(time.perf_counter() - started)
+        return response
 
 
 async def _next(reader: AsyncIterator[extractor_pb2.ExtractRequest]) -> extractor_pb2.ExtractRequest:
