@@ -20,7 +20,9 @@ from services.common.pb import feature_pb2, registry_pb2
 from services.common.server import create_server, shutdown
 from services.common.server_metrics import GrpcMetrics, new_metrics_registry, start_metrics_server
 from services.registry.config import RegistryConfig
+from services.registry.records import Version
 from services.registry.server import build
+from services.registry.store import RegistryStore
 from tests.helpers.process import ServiceProcess
 
 # 32 dims x 17 tokens like the tiny test ViT; 2 blocks of rank 4: 1,403 parameters, a ~7 KB blob (2 chunks
@@ -140,3 +142,14 @@ class RegistryProcess(ServiceProcess):
         return server
 
 
+
+
+def all_versions(store: RegistryStore, task: str) -> list[Version]:
+    """Every live version of `task`, newest first, across pages (one page holds at most 1000)."""
+    versions, token = [], ""
+    while True:
+        page = store.list_versions(task, page_size=1000, page_token=token)
+        versions.extend(page.items)
+        if not page.next_page_token:
+            return versions
+        token = page.next_page_token

@@ -39,6 +39,7 @@ from tests.helpers.registry import (
     CONFIG,
     InProcessRegistry,
     RegistryProcess,
+    all_versions,
     make_blob,
     task_proto,
 )
@@ -705,7 +706,7 @@ def test_sigkill_during_pushes_loses_no_acknowledged_version(tmp_path):
 
         with open_store(url) as store:
             problems = store.integrity_check()
-            stored = {v.number: v.sha256 for v in _all_versions(store)}
+            stored = {v.number: v.sha256 for v in all_versions(store, "cats")}
         assert problems == []
         assert all(stored.get(n) == sha for n, sha in acked.items())
         assert sorted(stored) == list(range(1, len(stored) + 1))
@@ -713,5 +714,3 @@ def test_sigkill_during_pushes_loses_no_acknowledged_version(tmp_path):
         assert len(stored) - len(acked) <= round_ + 1
 
 
-def _all_versions(store) -> list:
-    return store.list_versions("cats", page_size=1000).items

@@ -37,6 +37,7 @@ from services.common.errors import (
 )
 from services.registry.records import Principal, Task
 from services.registry.store import RegistryStore, hash_token, max_blob_bytes, open_store
+from tests.helpers.registry import all_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = EdgeNetworkConfig(dims=16, tokens=5, num_classes=3, num_blocks=2, rank=4)
@@ -538,7 +539,7 @@ def test_sigkill_during_pushes_loses_no_acknowledged_version(store_url, tmp_path
         # Assert: every acknowledged push is there, intact, and the database is consistent.
         with open_store(store_url) as reopened:
             acked = [int(line) for line in ack_path.read_text().split()]
-            stored = {v.number for v in reopened.list_versions("cats", page_size=1000).items}
+            stored = {v.number for v in all_versions(reopened, "cats")}
             assert reopened.integrity_check() == []
             assert set(acked) <= stored
             assert reopened.read_blob("cats", max(acked)) == blob_path.read_bytes()
