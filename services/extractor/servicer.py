@@ -34,12 +34,11 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         try:
             async with contextlib.aclosing(self._engine.run_stream(request_iterator)) as responses:
                 async for response in responses:
-                    if watchdog is None:
-                        await context.write(response)
-                        continue
-                    watchdog.writing()
+                    if watchdog is not None:
+                        watchdog.writing()
                     await context.write(response)
-                    watchdog.written()
+                    if watchdog is not None:
+                        watchdog.written()
         except asyncio.CancelledError:
             if watchdog is None or not watchdog.fired:
                 raise  # the call itself was cancelled

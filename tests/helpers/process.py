@@ -67,10 +67,6 @@ class ServiceProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
     def log(self) -> str:
         return "\n".join(self.lines)
 
