@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.common.codec import ALL_CODECS, DEFAULT_CODEC, CodecConfig, FeatureCodec
-from services.common.edge_spec import EdgeNetworkConfig
 from services.common.errors import InvalidArgumentError
 from services.common.pb import feature_pb2
-from services.common.synthetic import CLASS_NAMES, SplitSizes, generate_dataset
+from services.common.wire.codec import ALL_CODECS, DEFAULT_CODEC, CodecConfig, FeatureCodec
+from services.common.wire.edge_spec import EdgeNetworkConfig
 from services.tuner.data import Dataset, load_dataset
 from services.tuner.evaluation import collect_predictions
 from services.tuner.feature_store import FeatureStore
+from services.tuner.synthetic import CLASS_NAMES, SplitSizes, generate_dataset
 from services.tuner.training import TrainConfig, train_edge_network
 
 REFERENCE_CODEC = "f32-none"  # float32 features exactly as gathered: what every codec is compared with
@@ -63,7 +63,9 @@ class AccuracyConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < lower:
                 raise InvalidArgumentError(f"accuracy benchmark {name} must be an integer >= {lower}, got {value!r}")
         if self.classes > len(CLASS_NAMES):
-            raise InvalidArgumentError(f"the synthetic dataset has {len(CLASS_NAMES)} classes, asked for {self.classes}")
+            raise InvalidArgumentError(
+                f"the synthetic dataset has {len(CLASS_NAMES)} classes, asked for {self.classes}"
+            )
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise InvalidArgumentError(f"seeds must be distinct and at least one, got {self.seeds!r}")
         for codec in self.codecs:
@@ -169,7 +171,9 @@ def compare_codecs(gathered: GatheredFeatures, config: AccuracyConfig) -> dict[s
     for seed in config.seeds:
         train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=seed)
         for runs in groups.values():  # the reference group first: it was added first
-            result = train_edge_network(runs.store, gathered.k, edge, train_config, train_indices=train, val_indices=val)
+            result = train_edge_network(
+                runs.store, gathered.k, edge, train_config, train_indices=train, val_indices=val
+            )
             scored = collect_predictions(result.model, runs.store, gathered.k, test)
             runs.accuracies.append(scored.accuracy)
             if runs is reference:
@@ -237,7 +241,7 @@ def _std(values: np.ndarray) -> float:
 
 
 METHOD_TEXT = (
-    "The synthetic dataset is written to disk by services.common.synthetic and loaded with the tuner's "
+    "The synthetic dataset is written to disk by services.tuner.synthetic and loaded with the tuner's "
     "load_dataset; every image is decoded by the extractor's ImagePreprocessor and gathered once (Gather*, k = N) "
     "by a seeded random-init timm ViT in this process. Each codec encodes every feature with FeatureCodec into a "
     "FeatureStore, which decodes per batch during training exactly as the tuner does; f32-none passes the gathered "

@@ -53,8 +53,11 @@ VIT_S16 = BackboneSpec("vit_small_patch16_224", label="ViT-S/16 (random init)")
 # 12 blocks at 224 px but 192 dims: quick runs keep the real depth and token count at a sixteenth of the cost.
 VIT_TI16 = BackboneSpec("vit_tiny_patch16_224", label="ViT-Ti/16 (random init)")
 # The test suite's micro ViT (4 blocks, 17 tokens x 32 dims, 32 px): the smoke profile only proves the plumbing.
-VIT_MICRO = BackboneSpec("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4,
-                                                  "num_heads": 2}, label="micro ViT (4 blocks, 32 px; smoke test)")
+VIT_MICRO = BackboneSpec(
+    "vit_tiny_patch16_224",
+    {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2},
+    label="micro ViT (4 blocks, 32 px; smoke test)",
+)
 
 
 def summarize(values: Sequence[float]) -> dict[str, float | int]:
@@ -111,13 +114,21 @@ class StreamRun:
         return self.images / self.seconds
 
 
-def run_streams(target: str, image_sets: Sequence[Sequence[bytes]], *, mode: str = "mist", ks: Sequence[int] = (),
-                codec: str = "i8-zstd", window: int = 32, connect_timeout_s: float = 60.0) -> StreamRun:
+def run_streams(
+    target: str,
+    image_sets: Sequence[Sequence[bytes]],
+    *,
+    mode: str = "mist",
+    ks: Sequence[int] = (),
+    codec: str = "i8-zstd",
+    window: int = 32,
+    connect_timeout_s: float = 60.0,
+) -> StreamRun:
     """One Extract stream per image set, each on its own channel and thread (like separate devices), with at most
     `window` images in flight per stream; every stream connects first, then all start at once.
     """
-    from services.common.codec import encoded_nbytes
-    from services.common.extractor_client import ExtractorClient
+    from services.common.clients.extractor import ExtractorClient
+    from services.common.wire.codec import encoded_nbytes
 
     count = len(image_sets)
     start = threading.Barrier(count + 1)
@@ -152,8 +163,10 @@ def run_streams(target: str, image_sets: Sequence[Sequence[bytes]], *, mode: str
             failures.append(error)
             start.abort()
 
-    threads = [threading.Thread(target=stream, args=(i, images), name=f"bench-stream-{i}", daemon=True)
-               for i, images in enumerate(image_sets)]
+    threads = [
+        threading.Thread(target=stream, args=(i, images), name=f"bench-stream-{i}", daemon=True)
+        for i, images in enumerate(image_sets)
+    ]
     for thread in threads:
         thread.start()
     try:
@@ -166,8 +179,9 @@ def run_streams(target: str, image_sets: Sequence[Sequence[bytes]], *, mode: str
     if failures:
         raise BenchError(f"{len(failures)} of {count} streams failed; first: {failures[0]!r}") from failures[0]
     flat = tuple(latency for per_stream in latencies for latency in per_stream)
-    return StreamRun(seconds=max(ends) - began, images=len(flat), payload_bytes=sum(payload), latencies_s=flat,
-                     cache_hits=sum(hits))
+    return StreamRun(
+        seconds=max(ends) - began, images=len(flat), payload_bytes=sum(payload), latencies_s=flat, cache_hits=sum(hits)
+    )
 
 
 def detect_device() -> Literal["cpu", "cuda"]:
@@ -183,8 +197,10 @@ def device_description(device: str) -> str:
 
     if device == "cuda":
         return f"cuda ({torch.cuda.get_device_name(0)})"
-    model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
-                  if line.startswith("model name")), "unknown CPU")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+        "unknown CPU",
+    )
     return f"cpu ({model}, {available_cpus()} cores usable, {torch.get_num_threads()} torch threads)"
 
 

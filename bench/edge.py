@@ -24,10 +24,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from services.common.codec import DEFAULT_CODEC, CodecConfig, FeatureCodec
-from services.common.edge_spec import EdgeNetworkConfig, macs_per_image, parameter_breakdown
 from services.common.errors import InvalidArgumentError
-from services.common.synthetic import CLASS_NAMES, render_image
+from services.common.wire.codec import DEFAULT_CODEC, CodecConfig, FeatureCodec
+from services.common.wire.edge_spec import EdgeNetworkConfig, macs_per_image, parameter_breakdown
+from services.tuner.synthetic import CLASS_NAMES, render_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).resolve().with_name("edge_probe.py")
@@ -87,7 +87,13 @@ class EdgeConfig:
     variants: tuple[Variant, ...] = VARIANTS  # fine-tune again under each of these settings
 
     def __post_init__(self) -> None:
-        for name, lower in (("seed_images", 2), ("train_images", 1), ("epochs", 1), ("batch_size", 1), ("predictions", 1)):
+        for name, lower in (
+            ("seed_images", 2),
+            ("train_images", 1),
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("predictions", 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lower:
                 raise InvalidArgumentError(f"edge benchmark {name} must be an integer >= {lower}, got {value!r}")
@@ -201,7 +207,9 @@ def write_feature_files(config: EdgeConfig, directory: Path) -> FeatureFiles:
     # A device holds one incoming feature at a time; a handful, cycled, keeps the probe's own buffers small.
     _write_mixes(directory / "predict.bin", seeds, _PREDICT_FEATURES, codec, k, rng)
     manifest = directory / "manifest.json"
-    manifest.write_text(json.dumps({"labels": [label % num_classes for label in labels], "num_classes": num_classes, "k": k}))
+    manifest.write_text(
+        json.dumps({"labels": [label % num_classes for label in labels], "num_classes": num_classes, "k": k})
+    )
     _, tokens, dims = seeds.shape
     return FeatureFiles(
         train, manifest, directory / "predict.bin", tokens, dims, k, num_classes,
@@ -230,7 +238,9 @@ def _seed_features(config: EdgeConfig) -> tuple[np.ndarray, int]:
     return features.numpy().astype(np.float32, copy=False), k
 
 
-def _write_mixes(path: Path, seeds: np.ndarray, count: int, codec: FeatureCodec, k: int, rng: np.random.Generator) -> list[int]:
+def _write_mixes(
+    path: Path, seeds: np.ndarray, count: int, codec: FeatureCodec, k: int, rng: np.random.Generator
+) -> list[int]:
     """Write `count` encoded mixes w*a + (1-w)*b of two distinct seeds; each takes the class of its larger part."""
     labels = []
     with path.open("wb") as handle:
@@ -373,8 +383,12 @@ def _predict_args(config: EdgeConfig, files: FeatureFiles, weights: Path) -> lis
 
 def _variant(config: EdgeConfig, files: FeatureFiles, weights: Path, python: str, variant: Variant) -> dict[str, Any]:
     """Fine-tune (one epoch) and predict again under other settings: what they change in memory and speed."""
-    finetune = run_probe(python, "finetune", _finetune_args(config, files, 1, None), env=variant.env, threads=variant.threads)
-    predict = run_probe(python, "predict", _predict_args(config, files, weights), env=variant.env, threads=variant.threads)
+    finetune = run_probe(
+        python, "finetune", _finetune_args(config, files, 1, None), env=variant.env, threads=variant.threads
+    )
+    predict = run_probe(
+        python, "predict", _predict_args(config, files, weights), env=variant.env, threads=variant.threads
+    )
     return {
         "name": variant.name,
         "env": dict(variant.env),

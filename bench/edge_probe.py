@@ -96,8 +96,8 @@ def probe_finetune(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from services.common.edge_spec import EdgeNetworkConfig
     from services.common.pb import feature_pb2
+    from services.common.wire.edge_spec import EdgeNetworkConfig
     from services.tuner.edge_network import to_safetensors_bytes
     from services.tuner.feature_store import FeatureStore
     from services.tuner.training import TrainConfig, train_edge_network
@@ -150,8 +150,8 @@ def probe_predict(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if args.client_imports:
         import services.tuner.predict  # noqa: F401  (what `mist predict` loads: grpc, the clients)
-    from services.common.codec import decode_feature
     from services.common.pb import feature_pb2
+    from services.common.wire.codec import decode_feature
     from services.tuner.edge_network import from_safetensors_bytes
     from services.tuner.training import predict
 
@@ -184,7 +184,9 @@ def probe_predict(args: argparse.Namespace) -> None:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     modes = parser.add_subparsers(dest="mode", required=True)
-    modes.add_parser("import-torch", help="RSS of the interpreter plus `import torch`").set_defaults(run=probe_import_torch)
+    modes.add_parser("import-torch", help="RSS of the interpreter plus `import torch`").set_defaults(
+        run=probe_import_torch
+    )
     finetune = modes.add_parser("finetune", help="train on a feature file; peak RSS and speed")
     finetune.add_argument("--features", required=True, help="framed FeatureTensor messages, one per image")
     finetune.add_argument("--manifest", required=True, help="JSON: labels, num_classes, k")

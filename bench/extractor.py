@@ -32,9 +32,9 @@ from bench.common import (
     summarize,
 )
 from bench.servers import InProcessServer, ServerProcess, extractor_server, mean_batch_size
-from services.common.baselines import candidate_ks
-from services.common.codec import DEFAULT_CODEC
-from services.common.extractor_client import ExtractorClient
+from services.common.clients.extractor import ExtractorClient
+from services.common.wire.codec import DEFAULT_CODEC
+from services.common.wire.gather_modes import candidate_ks
 from services.extractor.backbone import LoadedBackbone, load_backbone
 from services.extractor.gather import gather
 from services.extractor.preprocess import ImagePreprocessor
@@ -95,8 +95,9 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
 class _Bench:
     """The two sides of one comparison: a direct gather in this process and the service through one channel."""
 
-    def __init__(self, settings: ExtractorSettings, backbone: LoadedBackbone,
-                 server: ServerProcess | InProcessServer) -> None:
+    def __init__(
+        self, settings: ExtractorSettings, backbone: LoadedBackbone, server: ServerProcess | InProcessServer
+    ) -> None:
         self.settings, self.backbone, self.server = settings, backbone, server
         self.size = int(backbone.data_config["input_size"][-1])
         self.preprocessor = ImagePreprocessor(backbone.data_config)
@@ -136,13 +137,16 @@ class _Samples:
     hit: list[float] = field(default_factory=list)  # seconds of the second pass over the same images
 
 
-def _measure(settings: ExtractorSettings, backbone: LoadedBackbone, server: ServerProcess | InProcessServer,
-             device: str) -> dict[str, Any]:
+def _measure(
+    settings: ExtractorSettings, backbone: LoadedBackbone, server: ServerProcess | InProcessServer, device: str
+) -> dict[str, Any]:
     with ExtractorClient(server.target) as client:
         info = client.describe()
     if info.backbone.weights_fingerprint != backbone.weights_fingerprint:
-        raise BenchError(f"the server runs other weights ({info.backbone.weights_fingerprint}) than the direct side "
-                         f"({backbone.weights_fingerprint}): the comparison would be meaningless")
+        raise BenchError(
+            f"the server runs other weights ({info.backbone.weights_fingerprint}) than the direct side "
+            f"({backbone.weights_fingerprint}): the comparison would be meaningless"
+        )
     bench = _Bench(settings, backbone, server)
     depth = backbone.geometry.num_blocks
     ks = [depth, *(k for k in candidate_ks(depth) if k != depth)]
@@ -162,7 +166,7 @@ def _early_exit_rep(bench: _Bench, samples: _Samples, ks: list[int], service_fir
     batch = bench.settings.batch_images
     for k in ks:
         images = bench.fresh(batch)
-        for side in (("service", "direct") if service_first else ("direct", "service")):
+        for side in ("service", "direct") if service_first else ("direct", "service"):
             if side == "direct":
                 samples.direct[k].append(bench.direct_seconds(images, k))
                 continue
@@ -175,7 +179,7 @@ def _early_exit_rep(bench: _Bench, samples: _Samples, ks: list[int], service_fir
 def _batching_rep(bench: _Bench, samples: _Samples, depth: int, concurrent_first: bool) -> None:
     """One stream vs `streams` concurrent streams, each with one image in flight (an interactive device)."""
     settings = bench.settings
-    for side in (("concurrent", "single") if concurrent_first else ("single", "concurrent")):
+    for side in ("concurrent", "single") if concurrent_first else ("single", "concurrent"):
         if side == "single":
             run, mean_batch = bench.service([bench.fresh(settings.images_per_stream * 2)], depth, window=1)
             samples.single.append(run.images_per_s)
@@ -194,8 +198,10 @@ def _cache_rep(bench: _Bench, samples: _Samples, depth: int) -> None:
     first, _ = bench.service([images], depth, window=count)
     second, _ = bench.service([images], depth, window=count)
     if second.cache_hits != second.images or first.cache_hits:
-        raise BenchError(f"expected {second.images} cache hits on the second pass and none on the first; got "
-                         f"{second.cache_hits} and {first.cache_hits}")
+        raise BenchError(
+            f"expected {second.images} cache hits on the second pass and none on the first; got "
+            f"{second.cache_hits} and {first.cache_hits}"
+        )
     samples.miss.append(first.seconds)
     samples.hit.append(second.seconds)
 
@@ -205,8 +211,9 @@ def _ratios(numerators: list[float], denominators: list[float]) -> list[float]:
     return [n / d for n, d in zip(numerators, denominators, strict=True)]
 
 
-def _summary(settings: ExtractorSettings, backbone: LoadedBackbone, device: str, ks: list[int],
-             samples: _Samples) -> dict[str, Any]:
+def _summary(
+    settings: ExtractorSettings, backbone: LoadedBackbone, device: str, ks: list[int], samples: _Samples
+) -> dict[str, Any]:
     depth, early = ks[0], ks[1:]
     batch = settings.batch_images
     service_vs_direct = summarize(_ratios(samples.direct[depth], samples.service[depth]))
@@ -222,9 +229,13 @@ def _summary(settings: ExtractorSettings, backbone: LoadedBackbone, device: str,
         "early_exit_speedup": {k: value["median"] for k, value in early_direct.items()},
         "early_exit_speedup_service": {k: value["median"] for k, value in early_service.items()},
         "early_exit_ideal": {str(k): depth / k for k in early},
-        "spread": {"service_vs_direct": service_vs_direct, "batching_gain_8_streams": batching,
-                   "cache_hit_speedup": cache, "early_exit_speedup": early_direct,
-                   "early_exit_speedup_service": early_service},
+        "spread": {
+            "service_vs_direct": service_vs_direct,
+            "batching_gain_8_streams": batching,
+            "cache_hit_speedup": cache,
+            "early_exit_speedup": early_direct,
+            "early_exit_speedup_service": early_service,
+        },
         "direct_images_per_s": summarize([batch / s for s in samples.direct[depth]]),
         "service_images_per_s": summarize([batch / s for s in samples.service[depth]]),
         "service_mean_batch_size": summarize(samples.service_batch) if samples.service_batch else None,
@@ -242,9 +253,14 @@ def _summary(settings: ExtractorSettings, backbone: LoadedBackbone, device: str,
         "reps": settings.reps,
         "streams": settings.streams,
         "codec": DEFAULT_CODEC.name,
-        "targets": [{"name": "extractor service vs direct forward (images/s)",
-                     "target": f">= {TARGET_SERVICE_VS_DIRECT}", "measured": f"{service_vs_direct['median']:.3f}",
-                     "passed": passed}],
+        "targets": [
+            {
+                "name": "extractor service vs direct forward (images/s)",
+                "target": f">= {TARGET_SERVICE_VS_DIRECT}",
+                "measured": f"{service_vs_direct['median']:.3f}",
+                "passed": passed,
+            }
+        ],
         "method": METHOD_TEXT,
     }
 
@@ -278,8 +294,10 @@ def markdown(section: Mapping[str, Any]) -> str:
     ]
     for k, value in spread["early_exit_speedup"].items():
         via = spread["early_exit_speedup_service"][k]
-        lines.append(f"| early exit k = {k} vs N (direct) | {_spread(value)} | ideal N/k = "
-                     f"{section['early_exit_ideal'][k]:.2f}; via the service {_spread(via)} |")
+        lines.append(
+            f"| early exit k = {k} vs N (direct) | {_spread(value)} | ideal N/k = "
+            f"{section['early_exit_ideal'][k]:.2f}; via the service {_spread(via)} |"
+        )
     return "\n".join(lines) + f"\n\n*Method.* {section['method']}"
 
 
@@ -293,12 +311,16 @@ def plots(section: Mapping[str, Any], out_dir: Path) -> list[Path]:
     ks = sorted(int(k) for k in section["early_exit_speedup"])
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ks, [section["early_exit_ideal"][str(k)] for k in ks], "k--", label="ideal N/k")
-    for key, label, style in (("early_exit_speedup", "direct gather", "o-"),
-                              ("early_exit_speedup_service", "via the service", "s-")):
+    for key, label, style in (
+        ("early_exit_speedup", "direct gather", "o-"),
+        ("early_exit_speedup_service", "via the service", "s-"),
+    ):
         spread = [section["spread"][key][str(k)] for k in ks]
         medians = [value["median"] for value in spread]
-        bars = [[value["median"] - value["min"] for value in spread],
-                [value["max"] - value["median"] for value in spread]]
+        bars = [
+            [value["median"] - value["min"] for value in spread],
+            [value["max"] - value["median"] for value in spread],
+        ]
         ax.errorbar(ks, medians, yerr=bars, fmt=style, capsize=4, label=f"{label} (median, min..max)")
     ax.set_xlabel("k (blocks run)")
     ax.set_ylabel("speed-up vs k = N")

@@ -71,13 +71,16 @@ class LinkSettings:
 
 
 SETTINGS: dict[Profile, LinkSettings] = {
-    "full": LinkSettings(VIT_B16, (10.0, 2.0), distinct_images=8, image_px=224, target_seconds=15.0,
-                         min_images=1, max_images=400),
+    "full": LinkSettings(
+        VIT_B16, (10.0, 2.0), distinct_images=8, image_px=224, target_seconds=15.0, min_images=1, max_images=400
+    ),
     # ViT-Ti/16: ViT-B/16's 12 blocks and 197 tokens at a quarter of the width, so a quarter of the bytes.
-    "quick": LinkSettings(VIT_TI16, (10.0,), distinct_images=1, image_px=224, target_seconds=1.0, min_images=1,
-                          max_images=100),
-    "smoke": LinkSettings(VIT_MICRO, (10.0,), distinct_images=2, image_px=32, target_seconds=0.2, min_images=2,
-                          max_images=20),
+    "quick": LinkSettings(
+        VIT_TI16, (10.0,), distinct_images=1, image_px=224, target_seconds=1.0, min_images=1, max_images=100
+    ),
+    "smoke": LinkSettings(
+        VIT_MICRO, (10.0,), distinct_images=2, image_px=32, target_seconds=0.2, min_images=2, max_images=20
+    ),
 }
 
 METHOD_TEXT = (
@@ -106,9 +109,13 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="mist-bench-link-") as image_dir:
             for index, image in enumerate(synthetic_png_images(settings.distinct_images, settings.image_px)):
                 (Path(image_dir) / f"image-{index:03d}.png").write_bytes(image)
-            server = ServerProcess(settings.backbone, listen=f"{link.server_address}:0", metrics=False,
-                                   flags=["--cache-max-bytes", str(1 << 30), "--grace-s", "1"],
-                                   prefix=link.exec_prefix("server")).start()
+            server = ServerProcess(
+                settings.backbone,
+                listen=f"{link.server_address}:0",
+                metrics=False,
+                flags=["--cache-max-bytes", str(1 << 30), "--grace-s", "1"],
+                prefix=link.exec_prefix("server"),
+            ).start()
             warm = _clients(link, server.target, [(job, settings.distinct_images) for job in JOBS], image_dir)
             payload = {job: result["payload_bytes"] / result["images"] for job, result in zip(JOBS, warm, strict=True)}
             rows = []
@@ -123,10 +130,17 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
             server.stop()
         link.close()
     shape = TbfShape(settings.rates_mbit[0])
-    return {"rows": rows, "backbone": settings.backbone.to_dict(), "distinct_images": settings.distinct_images,
-            "image_px": settings.image_px, "tbf": {"burst_kbit": shape.burst_kbit, "latency_ms": shape.latency_ms},
-            "addresses": {"server": link.server_address, "client": link.client_address},
-            "scaled_subset": True, "server_cache_prewarmed": True, "method": METHOD_TEXT}
+    return {
+        "rows": rows,
+        "backbone": settings.backbone.to_dict(),
+        "distinct_images": settings.distinct_images,
+        "image_px": settings.image_px,
+        "tbf": {"burst_kbit": shape.burst_kbit, "latency_ms": shape.latency_ms},
+        "addresses": {"server": link.server_address, "client": link.client_address},
+        "scaled_subset": True,
+        "server_cache_prewarmed": True,
+        "method": METHOD_TEXT,
+    }
 
 
 def _images_for(settings: LinkSettings, rate_mbit: float, payload_per_image: float) -> int:
@@ -138,21 +152,43 @@ def _images_for(settings: LinkSettings, rate_mbit: float, payload_per_image: flo
 def _row(job: LinkJob, rate: float, result: dict[str, float]) -> dict[str, Any]:
     images, seconds = int(result["images"]), float(result["seconds"])
     payload = result["payload_bytes"] / images
-    return {"method": job.method, "codec": job.codec, "label": job.label, "rate_mbit": rate, "images": images,
-            "seconds": seconds, "seconds_per_image": seconds / images,
-            "seconds_1000_images": seconds / images * VTAB_1K_IMAGES, "payload_bytes_per_image": payload,
-            "wire_bytes_per_image": result["wire_bytes"] / images,
-            "ideal_seconds_1000_images": payload * VTAB_1K_IMAGES / (rate * 1e6 / 8),
-            "cache_hits": int(result["cache_hits"])}
+    return {
+        "method": job.method,
+        "codec": job.codec,
+        "label": job.label,
+        "rate_mbit": rate,
+        "images": images,
+        "seconds": seconds,
+        "seconds_per_image": seconds / images,
+        "seconds_1000_images": seconds / images * VTAB_1K_IMAGES,
+        "payload_bytes_per_image": payload,
+        "wire_bytes_per_image": result["wire_bytes"] / images,
+        "ideal_seconds_1000_images": payload * VTAB_1K_IMAGES / (rate * 1e6 / 8),
+        "cache_hits": int(result["cache_hits"]),
+    }
 
 
 def _clients(link: EdgeLink, target: str, jobs: list[tuple[LinkJob, int]], image_dir: str) -> list[dict[str, float]]:
     """One `python -m bench.link client` process in the client namespace running `jobs` in turn; its results."""
     spec = json.dumps([{"mode": job.method, "codec": job.codec, "images": images} for job, images in jobs])
-    command = [*link.exec_prefix("client"), sys.executable, "-m", "bench.link", "client", "--target", target,
-               "--jobs", spec, "--image-dir", image_dir, "--device", link.devices["client"]]
-    result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                            timeout=_CLIENT_TIMEOUT_S)
+    command = [
+        *link.exec_prefix("client"),
+        sys.executable,
+        "-m",
+        "bench.link",
+        "client",
+        "--target",
+        target,
+        "--jobs",
+        spec,
+        "--image-dir",
+        image_dir,
+        "--device",
+        link.devices["client"],
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=_CLIENT_TIMEOUT_S
+    )
     if result.returncode != 0:
         raise BenchError(f"the link client failed: {result.stderr.strip()[-800:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -169,7 +205,7 @@ def client_main(argv: Sequence[str]) -> int:
     parser.add_argument("--image-dir", type=Path, required=True, help="directory of the PNG files to send")
     parser.add_argument("--device", required=True, help="this namespace's veth, whose received bytes are counted")
     args = parser.parse_args(argv)
-    from services.common.extractor_client import ExtractorClient
+    from services.common.clients.extractor import ExtractorClient
 
     files = sorted(args.image_dir.glob("*.png"))
     if not files:
@@ -183,8 +219,15 @@ def client_main(argv: Sequence[str]) -> int:
         ks = (depth,) if job["mode"] == "mist" else ()
         received = int(counter.read_text())
         run = run_streams(args.target, [images], mode=job["mode"], ks=ks, codec=job["codec"], window=32)
-        results.append({"seconds": run.seconds, "images": run.images, "payload_bytes": run.payload_bytes,
-                        "wire_bytes": int(counter.read_text()) - received, "cache_hits": run.cache_hits})
+        results.append(
+            {
+                "seconds": run.seconds,
+                "images": run.images,
+                "payload_bytes": run.payload_bytes,
+                "wire_bytes": int(counter.read_text()) - received,
+                "cache_hits": run.cache_hits,
+            }
+        )
     print(json.dumps(results))
     return 0
 
@@ -194,17 +237,21 @@ def client_main(argv: Sequence[str]) -> int:
 
 def markdown(section: Mapping[str, Any]) -> str:
     rows: list[dict[str, Any]] = section["rows"]
-    lines = [f"Backbone: {section['backbone']['label']}; {section['distinct_images']} distinct "
-             f"{section['image_px']} px PNG images cycled; tbf burst {section['tbf']['burst_kbit']} kbit, "
-             f"latency {section['tbf']['latency_ms']} ms.\n",
-             "| method | rate Mbit/s | images sent | seconds | MiB/image payload | MiB/image on the wire | "
-             "seconds for 1000 images | ideal (payload at rate) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Backbone: {section['backbone']['label']}; {section['distinct_images']} distinct "
+        f"{section['image_px']} px PNG images cycled; tbf burst {section['tbf']['burst_kbit']} kbit, "
+        f"latency {section['tbf']['latency_ms']} ms.\n",
+        "| method | rate Mbit/s | images sent | seconds | MiB/image payload | MiB/image on the wire | "
+        "seconds for 1000 images | ideal (payload at rate) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
-        lines.append(f"| {row['label']} ({row['codec']}) | {row['rate_mbit']:g} | {row['images']} | "
-                     f"{row['seconds']:.1f} | {row['payload_bytes_per_image'] / MIB:.4f} | "
-                     f"{row['wire_bytes_per_image'] / MIB:.4f} | {_duration(row['seconds_1000_images'])} | "
-                     f"{_duration(row['ideal_seconds_1000_images'])} |")
+        lines.append(
+            f"| {row['label']} ({row['codec']}) | {row['rate_mbit']:g} | {row['images']} | "
+            f"{row['seconds']:.1f} | {row['payload_bytes_per_image'] / MIB:.4f} | "
+            f"{row['wire_bytes_per_image'] / MIB:.4f} | {_duration(row['seconds_1000_images'])} | "
+            f"{_duration(row['ideal_seconds_1000_images'])} |"
+        )
     return "\n".join(lines) + f"\n\n*Method.* {section['method']}"
 
 

@@ -37,8 +37,15 @@ class TbfShape:
     latency_ms: int = 400  # longest a packet may queue before tbf drops it (sets the queue length)
 
     def tc_args(self) -> list[str]:
-        return ["tbf", "rate", f"{self.rate_mbit:g}mbit", "burst", f"{self.burst_kbit}kbit",
-                "latency", f"{self.latency_ms}ms"]
+        return [
+            "tbf",
+            "rate",
+            f"{self.rate_mbit:g}mbit",
+            "burst",
+            f"{self.burst_kbit}kbit",
+            "latency",
+            f"{self.latency_ms}ms",
+        ]
 
 
 def _ip(*args: str) -> str:
@@ -88,8 +95,10 @@ class EdgeLink:
         hosts = list(network.hosts())
         self.server_address, self.client_address = str(hosts[0]), str(hosts[1])
         self._prefixlen = network.prefixlen
-        self.namespaces: dict[Side, str] = {"server": f"{NAME_PREFIX}{os.getpid()}-srv",
-                                            "client": f"{NAME_PREFIX}{os.getpid()}-cli"}
+        self.namespaces: dict[Side, str] = {
+            "server": f"{NAME_PREFIX}{os.getpid()}-srv",
+            "client": f"{NAME_PREFIX}{os.getpid()}-cli",
+        }
         self.devices: dict[Side, str] = {"server": "veth-srv", "client": "veth-cli"}
         self.shape: TbfShape | None = None
         self._created: list[str] = []
@@ -119,8 +128,20 @@ class EdgeLink:
             _ip("netns", "add", ns)
             self._created.append(ns)
         # Created inside the server namespace with its peer placed straight into the client's: never in the host's.
-        _ip("-n", server_ns, "link", "add", self.devices["server"], "type", "veth",
-            "peer", "name", self.devices["client"], "netns", client_ns)
+        _ip(
+            "-n",
+            server_ns,
+            "link",
+            "add",
+            self.devices["server"],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.devices["client"],
+            "netns",
+            client_ns,
+        )
         for side, address in (("server", self.server_address), ("client", self.client_address)):
             ns, dev = self.namespaces[side], self.devices[side]
             _ip("-n", ns, "addr", "add", f"{address}/{self._prefixlen}", "dev", dev)

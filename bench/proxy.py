@@ -95,8 +95,9 @@ class ByteCountingProxy:
                 self._sockets.update((client, server))
             done = threading.Barrier(2, action=lambda c=client, s=server: self._closed(c, s))
             for source, sink, to_client in ((client, server, False), (server, client, True)):
-                threading.Thread(target=self._pump, args=(source, sink, to_client, done), daemon=True,
-                                 name="bench-proxy-pump").start()
+                threading.Thread(
+                    target=self._pump, args=(source, sink, to_client, done), daemon=True, name="bench-proxy-pump"
+                ).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, to_client: bool, done: threading.Barrier) -> None:
         try:

@@ -11,11 +11,12 @@ from typing import Any
 from bench.common import MIB
 
 REPORT_NAME = "REPORT.md"
-DEFAULT_CODEC_NAME = "i8-zstd"  # services.common.codec.DEFAULT_CODEC.name, without importing numpy here
+DEFAULT_CODEC_NAME = "i8-zstd"  # services.common.wire.codec.DEFAULT_CODEC.name, without importing numpy here
 
 
-def write_report(out_dir: Path, results: Mapping[str, Any], texts: Mapping[str, str],
-                 titles: Mapping[str, str]) -> Path:
+def write_report(
+    out_dir: Path, results: Mapping[str, Any], texts: Mapping[str, str], titles: Mapping[str, str]
+) -> Path:
     """Write REPORT.md next to latest.json; returns its path."""
     machine = results["machine"]
     dirty = " (with uncommitted changes)" if results.get("commit_dirty") else ""
@@ -42,13 +43,21 @@ def write_report(out_dir: Path, results: Mapping[str, Any], texts: Mapping[str, 
     targets = results.get("targets") or []
     if targets:
         lines += ["## Targets", "", "| section | target | measured | result |", "|---|---|---:|---|"]
-        lines += [f"| {t['section']} | {t.get('name', '')} {t.get('target', '')} | {t.get('measured', '')} | "
-                  f"{'PASS' if t.get('passed') else '**FAIL**'} |" for t in targets] + [""]
+        lines += [
+            f"| {t['section']} | {t.get('name', '')} {t.get('target', '')} | {t.get('measured', '')} | "
+            f"{'PASS' if t.get('passed') else '**FAIL**'} |"
+            for t in targets
+        ] + [""]
     details = results["details"]
     for name, title in titles.items():
         lines += [f"## {title}", "", *_section_body(details[name], texts.get(name, "")), ""]
-    lines += ["## Reproduce", "", "    make bench         # python -m bench.run: this report",
-              "    make bench-quick   # python -m bench.run --quick: a two-minute smoke run", ""]
+    lines += [
+        "## Reproduce",
+        "",
+        "    make bench         # python -m bench.run: this report",
+        "    make bench-quick   # python -m bench.run --quick: a two-minute smoke run",
+        "",
+    ]
     path = out_dir / REPORT_NAME
     path.write_text("\n".join(lines))
     return path
@@ -95,13 +104,24 @@ def _transfer_headline(results: Mapping[str, Any]) -> list[tuple[str, str, str]]
     comparable = bool(meta.get("paper_comparable"))
     default = _cell(rows, is_default=True)
     socket = f"on the socket {default['socket_bytes_per_image'] / MIB:.4f} MiB"
-    out = [("MIST payload per image, default codec", f"{default['bytes_per_image'] / MIB:.4f} MiB",
-            f"paper's MIST (float32): 0.577 MiB; {socket}" if comparable
-            else f"{meta['backbone']['label']}: not the paper's geometry; {socket}")]
+    out = [
+        (
+            "MIST payload per image, default codec",
+            f"{default['bytes_per_image'] / MIB:.4f} MiB",
+            f"paper's MIST (float32): 0.577 MiB; {socket}"
+            if comparable
+            else f"{meta['backbone']['label']}: not the paper's geometry; {socket}",
+        )
+    ]
     for method, paper in (("lst", "7.503"), ("last", "4.040"), ("mist", "0.577")):
         row = _cell(rows, method=method, codec="f32-none")
-        out.append((f"{method.upper()} payload per image, float32", f"{row['bytes_per_image'] / MIB:.3f} MiB",
-                    f"paper: {paper} MiB" if comparable else meta["backbone"]["label"]))
+        out.append(
+            (
+                f"{method.upper()} payload per image, float32",
+                f"{row['bytes_per_image'] / MIB:.3f} MiB",
+                f"paper: {paper} MiB" if comparable else meta["backbone"]["label"],
+            )
+        )
     return out
 
 
@@ -109,12 +129,22 @@ def _accuracy_headline(results: Mapping[str, Any]) -> list[tuple[str, str, str]]
     out = []
     for row in results["accuracy"]:
         if row.get("codec") == DEFAULT_CODEC_NAME and "paired_delta_mean" in row:
-            out.append(("accuracy, default codec vs float32 (paired)", f"{row['paired_delta_mean'] * 100:+.2f} points",
-                        f"std {row.get('paired_delta_std', 0.0) * 100:.2f} over {_count(row.get('seeds'))} seeds; "
-                        "target: at most 0.5 points lower"))
+            out.append(
+                (
+                    "accuracy, default codec vs float32 (paired)",
+                    f"{row['paired_delta_mean'] * 100:+.2f} points",
+                    f"std {row.get('paired_delta_std', 0.0) * 100:.2f} over {_count(row.get('seeds'))} seeds; "
+                    "target: at most 0.5 points lower",
+                )
+            )
         elif row.get("codec") in (DEFAULT_CODEC_NAME, "f32-none", "f32"):
-            out.append((f"accuracy section, codec {row['codec']}", f"{row['mean']:.4g} ± {row['std']:.2g}",
-                        f"{_count(row.get('seeds'))} seeds; see section 2 for what is averaged"))
+            out.append(
+                (
+                    f"accuracy section, codec {row['codec']}",
+                    f"{row['mean']:.4g} ± {row['std']:.2g}",
+                    f"{_count(row.get('seeds'))} seeds; see section 2 for what is averaged",
+                )
+            )
     return out
 
 
@@ -128,8 +158,13 @@ def _link_headline(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     for rate in dict.fromkeys(row["rate_mbit"] for row in rows):
         lst = _cell(rows, rate_mbit=rate, method="lst")
         mist = _cell(rows, rate_mbit=rate, method="mist", codec=DEFAULT_CODEC_NAME)
-        out.append((f"1000 images' features over {rate:g} Mbit/s, MIST default codec",
-                    _duration(mist["seconds_1000_images"]), f"LST float32: {_duration(lst['seconds_1000_images'])}"))
+        out.append(
+            (
+                f"1000 images' features over {rate:g} Mbit/s, MIST default codec",
+                _duration(mist["seconds_1000_images"]),
+                f"LST float32: {_duration(lst['seconds_1000_images'])}",
+            )
+        )
     return out
 
 
@@ -137,12 +172,18 @@ def _extractor_headline(results: Mapping[str, Any]) -> list[tuple[str, str, str]
     section = results["extractor"]
     ks = sorted(section["early_exit_speedup"], key=int)
     return [
-        ("extractor service vs direct forward", f"{section['service_vs_direct']:.2f}", f"target >= 0.9; "
-         f"{section['device']}"),
+        (
+            "extractor service vs direct forward",
+            f"{section['service_vs_direct']:.2f}",
+            f"target >= 0.9; {section['device']}",
+        ),
         ("dynamic batching, 8 streams vs 1", f"{section['batching_gain_8_streams']:.2f}x", section["backbone"]),
         ("cache hit vs miss", f"{section['cache_hit_speedup']:.0f}x", "second pass over the same images"),
-        (f"early exit at k = {ks[0]} vs N", f"{section['early_exit_speedup'][ks[0]]:.2f}x",
-         f"ideal {section['early_exit_ideal'][ks[0]]:.1f}x"),
+        (
+            f"early exit at k = {ks[0]} vs N",
+            f"{section['early_exit_speedup'][ks[0]]:.2f}x",
+            f"ideal {section['early_exit_ideal'][ks[0]]:.1f}x",
+        ),
     ]
 
 

@@ -52,8 +52,9 @@ SECTIONS: tuple[SectionSpec, ...] = (
     SectionSpec("transfer", "1. Transfer per image, on real gRPC traffic", "bench.transfer", True, True),
     SectionSpec("accuracy", "2. Codec cost in accuracy", "bench.accuracy", True, False),
     SectionSpec("link", "3. An edge link, for real", "bench.link", True, True),
-    SectionSpec("extractor", "4. Extractor: service vs direct, early exit, batching, cache", "bench.extractor",
-                False, True),
+    SectionSpec(
+        "extractor", "4. Extractor: service vs direct, early exit, batching, cache", "bench.extractor", False, True
+    ),
     SectionSpec("edge", "5. Edge: memory, time, parameters, MACs", "bench.edge", False, False),
     SectionSpec("scaling", "6. Scaling", "bench.scaling", False, True),
 )
@@ -162,8 +163,11 @@ def machine_info() -> dict[str, object]:
 
     cpu = "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     memory = None
@@ -172,38 +176,67 @@ def machine_info() -> dict[str, object]:
     except (ValueError, OSError, AttributeError):
         pass
     return {
-        "cpu": cpu, "cpus_usable": available_cpus(), "memory_bytes": memory,
+        "cpu": cpu,
+        "cpus_usable": available_cpus(),
+        "memory_bytes": memory,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "timm": timm.__version__, "grpcio": grpc.__version__, "numpy": numpy.__version__,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "grpcio": grpc.__version__,
+        "numpy": numpy.__version__,
         "load_average_at_start": list(os.getloadavg()),
     }
 
 
 def git_commit() -> tuple[str, bool]:
     """(HEAD's sha or "unknown", whether the tree differs from it: modified or new files, our own results aside)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+
     try:
         return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--", ".", ":!bench/results"))
     except (OSError, subprocess.SubprocessError):
         return "unknown", False
 
 
-def build_results(outcomes: Sequence[SectionOutcome], *, profile: Profile, date: str, commit: str, dirty: bool,
-                  machine: dict[str, object], seconds: float) -> dict[str, object]:
-    results: dict[str, object] = {"date": date, "machine": machine, "commit": commit, "commit_dirty": dirty,
-                                  "profile": profile, "seconds": seconds}
+def build_results(
+    outcomes: Sequence[SectionOutcome],
+    *,
+    profile: Profile,
+    date: str,
+    commit: str,
+    dirty: bool,
+    machine: dict[str, object],
+    seconds: float,
+) -> dict[str, object]:
+    results: dict[str, object] = {
+        "date": date,
+        "machine": machine,
+        "commit": commit,
+        "commit_dirty": dirty,
+        "profile": profile,
+        "seconds": seconds,
+    }
     details: dict[str, object] = {}
     targets: list[dict[str, object]] = []
     for outcome in outcomes:
         spec = outcome.spec
         data, meta = split_section(spec, outcome.result) if outcome.status == "ok" else ([] if spec.rows else None, {})
         results[spec.name] = data
-        details[spec.name] = {"status": outcome.status, "seconds": round(outcome.seconds, 2), "error": outcome.error,
-                              "report_error": outcome.report_error, "plots": outcome.plots, "meta": meta,
-                              "carried_from": outcome.carried_from}
+        details[spec.name] = {
+            "status": outcome.status,
+            "seconds": round(outcome.seconds, 2),
+            "error": outcome.error,
+            "report_error": outcome.report_error,
+            "plots": outcome.plots,
+            "meta": meta,
+            "carried_from": outcome.carried_from,
+        }
         for target in meta.get("targets", []) or []:  # type: ignore[union-attr]
             targets.append({"section": spec.name, **target})
     results["targets"] = targets
@@ -218,11 +251,14 @@ def carried_outcomes(previous: dict[str, Any], names: Sequence[str]) -> dict[str
         detail = (previous.get("details") or {}).get(spec.name) or {}
         if spec.name in names or detail.get("status") != "ok":
             continue
-        origin = detail.get("carried_from") or {"date": previous.get("date", "?"),
-                                                "commit": previous.get("commit", "?")}
+        origin = detail.get("carried_from") or {
+            "date": previous.get("date", "?"),
+            "commit": previous.get("commit", "?"),
+        }
         result = join_section(spec, previous[spec.name], detail.get("meta") or {})
-        carried[spec.name] = SectionOutcome(spec, "ok", float(detail.get("seconds") or 0.0), result=result,
-                                            carried_from=origin)
+        carried[spec.name] = SectionOutcome(
+            spec, "ok", float(detail.get("seconds") or 0.0), result=result, carried_from=origin
+        )
     return carried
 
 
@@ -238,15 +274,30 @@ def write_json(path: Path, results: dict[str, object]) -> None:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the quick profile (~2 min): fewer images, a small ViT "
-                        "where the full run uses ViT-B/16 for timings; same as --profile quick")
-    parser.add_argument("--profile", choices=PROFILES, help="full (default), quick, or smoke (a micro ViT: proves the "
-                        "plumbing in seconds; used by the tests)")
-    parser.add_argument("--only", default="", metavar="SECTION,...",
-                        help=f"comma-separated sections to run, of: {', '.join(SECTION_NAMES)} (default: all)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the quick profile (~2 min): fewer images, a small ViT "
+        "where the full run uses ViT-B/16 for timings; same as --profile quick",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=PROFILES,
+        help="full (default), quick, or smoke (a micro ViT: proves the plumbing in seconds; used by the tests)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        metavar="SECTION,...",
+        help=f"comma-separated sections to run, of: {', '.join(SECTION_NAMES)} (default: all)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
-    parser.add_argument("--merge", action="store_true", help="keep the sections not run now from the existing "
-                        "latest.json (marked with their own date and commit) instead of leaving them out")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sections not run now from the existing "
+        "latest.json (marked with their own date and commit) instead of leaving them out",
+    )
     args = parser.parse_args(argv)
     if args.quick and args.profile not in (None, "quick"):
         parser.error("--quick contradicts --profile " + args.profile)
@@ -294,13 +345,22 @@ def _run(args: argparse.Namespace, out_dir: Path, say: Callable[[str], None]) ->
         else:
             say(f"[{number}/{len(SECTIONS)}] {spec.name} ({args.profile}) ...")
             outcome = run_section(spec, args.profile, out_dir)
-            say(f"[{number}/{len(SECTIONS)}] {spec.name}: {outcome.status} in {outcome.seconds:.0f} s"
-                + (f": {outcome.error}" if outcome.error else ""))
+            say(
+                f"[{number}/{len(SECTIONS)}] {spec.name}: {outcome.status} in {outcome.seconds:.0f} s"
+                + (f": {outcome.error}" if outcome.error else "")
+            )
         texts[spec.name] = add_report_parts(outcome, out_dir)
         outcomes.append(outcome)
     machine["load_average_at_end"] = list(os.getloadavg())
-    results = build_results(outcomes, profile=args.profile, date=date, commit=commit, dirty=dirty, machine=machine,
-                            seconds=round(time.perf_counter() - started, 1))
+    results = build_results(
+        outcomes,
+        profile=args.profile,
+        date=date,
+        commit=commit,
+        dirty=dirty,
+        machine=machine,
+        seconds=round(time.perf_counter() - started, 1),
+    )
     write_json(previous_path, results)
     report = write_report(out_dir, results, texts, {spec.name: spec.title for spec in SECTIONS})
     say(f"wrote {previous_path} and {report}")

@@ -29,9 +29,9 @@ from bench.common import (
     summarize,
 )
 from bench.servers import extractor_server, mean_batch_size
-from services.common.codec import DEFAULT_CODEC, FeatureCodec
-from services.common.edge_spec import EdgeNetworkConfig
-from services.common.extractor_client import ExtractorClient
+from services.common.clients.extractor import ExtractorClient
+from services.common.wire.codec import DEFAULT_CODEC, FeatureCodec
+from services.common.wire.edge_spec import EdgeNetworkConfig
 from services.extractor.transfer import synthetic_png_images
 from services.tuner.feature_store import FeatureStore
 from services.tuner.training import TrainConfig, train_edge_network
@@ -55,12 +55,36 @@ class ScalingSettings:
 
 
 SETTINGS: dict[Profile, ScalingSettings] = {
-    "full": ScalingSettings(VIT_S16, (1, 4, 16, 64), min_requests=32, requests_per_stream=3, passes=2,
-                            tuner_sizes=(200, 800, 3200), tuner_reps=2, feature_shape=(197, 768)),
-    "quick": ScalingSettings(VIT_TI16, (1, 4, 16, 64), min_requests=8, requests_per_stream=1, passes=1,
-                             tuner_sizes=(32, 64, 128), tuner_reps=1, feature_shape=(197, 768)),
-    "smoke": ScalingSettings(VIT_MICRO, (1, 4, 16), min_requests=8, requests_per_stream=1, passes=1,
-                             tuner_sizes=(16, 32, 64), tuner_reps=1, feature_shape=(17, 32)),
+    "full": ScalingSettings(
+        VIT_S16,
+        (1, 4, 16, 64),
+        min_requests=32,
+        requests_per_stream=3,
+        passes=2,
+        tuner_sizes=(200, 800, 3200),
+        tuner_reps=2,
+        feature_shape=(197, 768),
+    ),
+    "quick": ScalingSettings(
+        VIT_TI16,
+        (1, 4, 16, 64),
+        min_requests=8,
+        requests_per_stream=1,
+        passes=1,
+        tuner_sizes=(32, 64, 128),
+        tuner_reps=1,
+        feature_shape=(197, 768),
+    ),
+    "smoke": ScalingSettings(
+        VIT_MICRO,
+        (1, 4, 16),
+        min_requests=8,
+        requests_per_stream=1,
+        passes=1,
+        tuner_sizes=(16, 32, 64),
+        tuner_reps=1,
+        feature_shape=(17, 32),
+    ),
 }
 
 METHOD_TEXT = (
@@ -88,8 +112,16 @@ def _level_order(levels: tuple[int, ...], passes: int) -> list[int]:
 
 def _extractor_levels(settings: ScalingSettings, profile: Profile) -> dict[str, Any]:
     device = detect_device()
-    flags = ["--device", device, "--cache-max-bytes", "0", "--max-streams", str(max(settings.stream_levels)),
-             "--grace-s", "1"]
+    flags = [
+        "--device",
+        device,
+        "--cache-max-bytes",
+        "0",
+        "--max-streams",
+        str(max(settings.stream_levels)),
+        "--grace-s",
+        "1",
+    ]
     rates: dict[int, list[float]] = {level: [] for level in settings.stream_levels}
     latencies: dict[int, list[float]] = {level: [] for level in settings.stream_levels}
     batches: dict[int, list[float]] = {level: [] for level in settings.stream_levels}
@@ -102,17 +134,36 @@ def _extractor_levels(settings: ScalingSettings, profile: Profile) -> dict[str, 
         for level in _level_order(settings.stream_levels, settings.passes):
             per_stream = max(settings.requests_per_stream, math.ceil(settings.min_requests / level))
             before = server.metrics()
-            run = run_streams(server.target, [[image] * per_stream for _ in range(level)], ks=(depth,),
-                              codec=DEFAULT_CODEC.name, window=1)
+            run = run_streams(
+                server.target,
+                [[image] * per_stream for _ in range(level)],
+                ks=(depth,),
+                codec=DEFAULT_CODEC.name,
+                window=1,
+            )
             batches[level].append(mean_batch_size(before, server.metrics()) or 0.0)
             rates[level].append(run.images_per_s)
             latencies[level].extend(run.latencies_s)
-    rows = [{"streams": level, "images_per_s": summarize(rates[level])["median"],
-             "images_per_s_spread": summarize(rates[level]), "requests": len(latencies[level]),
-             "p50_latency_s": percentile(latencies[level], 50), "p99_latency_s": percentile(latencies[level], 99),
-             "mean_batch_size": summarize(batches[level])["median"]} for level in settings.stream_levels]
-    return {"rows": rows, "backbone": settings.backbone.display, "device": device_description(device),
-            "k": depth, "codec": DEFAULT_CODEC.name, "passes": settings.passes}
+    rows = [
+        {
+            "streams": level,
+            "images_per_s": summarize(rates[level])["median"],
+            "images_per_s_spread": summarize(rates[level]),
+            "requests": len(latencies[level]),
+            "p50_latency_s": percentile(latencies[level], 50),
+            "p99_latency_s": percentile(latencies[level], 99),
+            "mean_batch_size": summarize(batches[level])["median"],
+        }
+        for level in settings.stream_levels
+    ]
+    return {
+        "rows": rows,
+        "backbone": settings.backbone.display,
+        "device": device_description(device),
+        "k": depth,
+        "codec": DEFAULT_CODEC.name,
+        "passes": settings.passes,
+    }
 
 
 def _tuner_sizes(settings: ScalingSettings) -> dict[str, Any]:
@@ -136,12 +187,24 @@ def _tuner_sizes(settings: ScalingSettings) -> dict[str, Any]:
     rows = []
     for size in settings.tuner_sizes:
         median = summarize(seconds[size])["median"]
-        rows.append({"images": size, "epoch_seconds": median, "epoch_seconds_spread": summarize(seconds[size]),
-                     "seconds_per_image": median / size, "per_image_vs_smallest": median / size / base})
-    return {"rows": rows, "feature_shape": [tokens, dims], "codec": DEFAULT_CODEC.name,
-            "encoded_bytes_per_feature": sum(m.ByteSize() for m in pool) / len(pool),
-            "edge_network": {"num_blocks": edge.num_blocks, "rank": edge.rank, "classes": _CLASSES},
-            "batch_size": TrainConfig().batch_size, "torch_threads": available_cpus()}
+        rows.append(
+            {
+                "images": size,
+                "epoch_seconds": median,
+                "epoch_seconds_spread": summarize(seconds[size]),
+                "seconds_per_image": median / size,
+                "per_image_vs_smallest": median / size / base,
+            }
+        )
+    return {
+        "rows": rows,
+        "feature_shape": [tokens, dims],
+        "codec": DEFAULT_CODEC.name,
+        "encoded_bytes_per_feature": sum(m.ByteSize() for m in pool) / len(pool),
+        "edge_network": {"num_blocks": edge.num_blocks, "rank": edge.rank, "classes": _CLASSES},
+        "batch_size": TrainConfig().batch_size,
+        "torch_threads": available_cpus(),
+    }
 
 
 def _epoch_seconds(pool: list, k: int, edge: EdgeNetworkConfig, size: int) -> float:
@@ -155,23 +218,33 @@ def _epoch_seconds(pool: list, k: int, edge: EdgeNetworkConfig, size: int) -> fl
 
 def markdown(section: Mapping[str, Any]) -> str:
     extractor, tuner = section["extractor"], section["tuner"]
-    lines = [f"**Extractor** ({extractor['backbone']}, {extractor['device']}, MIST k = {extractor['k']}, "
-             f"{extractor['codec']}, cache off, one image in flight per stream)\n",
-             "| streams | images/s (min..max) | p50 latency s | p99 latency s | mean batch | requests |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"**Extractor** ({extractor['backbone']}, {extractor['device']}, MIST k = {extractor['k']}, "
+        f"{extractor['codec']}, cache off, one image in flight per stream)\n",
+        "| streams | images/s (min..max) | p50 latency s | p99 latency s | mean batch | requests |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in extractor["rows"]:
         spread = row["images_per_s_spread"]
-        lines.append(f"| {row['streams']} | {row['images_per_s']:.2f} ({spread['min']:.2f}..{spread['max']:.2f}) | "
-                     f"{row['p50_latency_s']:.3f} | {row['p99_latency_s']:.3f} | {row['mean_batch_size']:.1f} | "
-                     f"{row['requests']} |")
+        lines.append(
+            f"| {row['streams']} | {row['images_per_s']:.2f} ({spread['min']:.2f}..{spread['max']:.2f}) | "
+            f"{row['p50_latency_s']:.3f} | {row['p99_latency_s']:.3f} | {row['mean_batch_size']:.1f} | "
+            f"{row['requests']} |"
+        )
     shape = tuner["feature_shape"]
-    lines += ["", f"**Tuner**, one epoch, features [{shape[0]}, {shape[1]}] as {tuner['codec']} "
-              f"({tuner['encoded_bytes_per_feature'] / 1024:.0f} KiB each), batch {tuner['batch_size']}\n",
-              "| images | epoch s (min..max) | ms per image | per image vs smallest |", "|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        f"**Tuner**, one epoch, features [{shape[0]}, {shape[1]}] as {tuner['codec']} "
+        f"({tuner['encoded_bytes_per_feature'] / 1024:.0f} KiB each), batch {tuner['batch_size']}\n",
+        "| images | epoch s (min..max) | ms per image | per image vs smallest |",
+        "|---:|---:|---:|---:|",
+    ]
     for row in tuner["rows"]:
         spread = row["epoch_seconds_spread"]
-        lines.append(f"| {row['images']} | {row['epoch_seconds']:.2f} ({spread['min']:.2f}..{spread['max']:.2f}) | "
-                     f"{row['seconds_per_image'] * 1000:.2f} | {row['per_image_vs_smallest']:.2f}x |")
+        lines.append(
+            f"| {row['images']} | {row['epoch_seconds']:.2f} ({spread['min']:.2f}..{spread['max']:.2f}) | "
+            f"{row['seconds_per_image'] * 1000:.2f} | {row['per_image_vs_smallest']:.2f}x |"
+        )
     return "\n".join(lines) + f"\n\n*Method.* {section['method']}"
 
 

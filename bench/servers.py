@@ -28,8 +28,17 @@ _STDERR_LINES_KEPT = 200  # enough to explain a failed start; a long run logs li
 
 
 def _server_flags(backbone: BackboneSpec, listen: str, metrics_listen: str, flags: Sequence[str]) -> list[str]:
-    return ["--listen", listen, "--metrics-listen", metrics_listen, "--backbone", backbone.name,
-            "--model-kwargs", json.dumps(dict(backbone.model_kwargs)), *flags]
+    return [
+        "--listen",
+        listen,
+        "--metrics-listen",
+        metrics_listen,
+        "--backbone",
+        backbone.name,
+        "--model-kwargs",
+        json.dumps(dict(backbone.model_kwargs)),
+        *flags,
+    ]
 
 
 class ServerProcess:
@@ -39,11 +48,23 @@ class ServerProcess:
     with the server, so the PID we hold is the server's own.
     """
 
-    def __init__(self, backbone: BackboneSpec, *, listen: str = "127.0.0.1:0", metrics: bool = True,
-                 flags: Sequence[str] = (), prefix: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        *,
+        listen: str = "127.0.0.1:0",
+        metrics: bool = True,
+        flags: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+    ) -> None:
         host = listen.rpartition(":")[0]
-        self.command = [*prefix, sys.executable, "-m", "services.extractor.server",
-                        *_server_flags(backbone, listen, f"{host}:0" if metrics else "off", flags)]
+        self.command = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "services.extractor.server",
+            *_server_flags(backbone, listen, f"{host}:0" if metrics else "off", flags),
+        ]
         self.target = ""  # host:port once started
         self.metrics_url = ""  # http://host:port/metrics once started (empty with metrics off)
         self.lines: list[str] = []
@@ -52,8 +73,15 @@ class ServerProcess:
 
     def start(self, timeout_s: float = 180.0) -> ServerProcess:
         """Start and wait for the "listening on" line; BenchError (with the server's last words) otherwise."""
-        self._proc = subprocess.Popen(self.command, cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._proc = subprocess.Popen(
+            self.command,
+            cwd=ROOT,
+            env=child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self._reader = threading.Thread(target=self._read, name="bench-server-log", daemon=True)
         self._reader.start()
         try:
@@ -139,15 +167,16 @@ class InProcessServer:
         return self
 
     async def _start(self, config: Any) -> int:
-        from services.common.server import GrpcMetrics, create_server, new_metrics_registry
+        from services.common.serving.server import GrpcMetrics, create_server, new_metrics_registry
         from services.extractor.server import build
 
         self._registry = new_metrics_registry()
         setup = await build(config, self._registry)
         if setup.on_shutdown is not None:
             self._stoppers.append(setup.on_shutdown)
-        server, port, _ = await create_server(config, setup.add_services,
-                                              metrics=GrpcMetrics(self._registry, "mist_extractor"))
+        server, port, _ = await create_server(
+            config, setup.add_services, metrics=GrpcMetrics(self._registry, "mist_extractor")
+        )
         self._stoppers.insert(0, lambda: server.stop(0))  # the gRPC server first, then the engine it feeds
         return port
 
@@ -177,8 +206,9 @@ class InProcessServer:
         self.stop()
 
 
-def extractor_server(backbone: BackboneSpec, profile: Profile, *, metrics: bool = True,
-                     flags: Sequence[str] = ()) -> ServerProcess | InProcessServer:
+def extractor_server(
+    backbone: BackboneSpec, profile: Profile, *, metrics: bool = True, flags: Sequence[str] = ()
+) -> ServerProcess | InProcessServer:
     """An extractor on 127.0.0.1 (not started): its own process, except under the smoke profile."""
     if profile == "smoke":
         return InProcessServer(backbone, metrics=metrics, flags=flags)

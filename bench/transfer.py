@@ -14,10 +14,10 @@ from typing import Any
 from bench.common import MIB, VIT_B16, VIT_MICRO, VIT_TI16, BackboneSpec, BenchError, Profile, detect_device
 from bench.proxy import ByteCountingProxy
 from bench.servers import extractor_server
-from services.common.baselines import VIT_B16 as VIT_B16_GEOMETRY
-from services.common.baselines import BackboneGeometry, GatherModeName, float32_bytes_per_image
-from services.common.codec import ALL_CODECS, DEFAULT_CODEC, encoded_nbytes
-from services.common.extractor_client import ExtractorClient
+from services.common.clients.extractor import ExtractorClient
+from services.common.wire.codec import ALL_CODECS, DEFAULT_CODEC, encoded_nbytes
+from services.common.wire.gather_modes import VIT_B16 as VIT_B16_GEOMETRY
+from services.common.wire.gather_modes import BackboneGeometry, GatherModeName, float32_bytes_per_image
 from services.extractor.transfer import PAPER_MIB, synthetic_png_images
 
 METHODS: tuple[GatherModeName, ...] = ("lst", "last", "partial", "cls", "mist")
@@ -55,8 +55,10 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
     settings = SETTINGS[profile]
     device = detect_device()
     flags = ["--device", device, "--cache-max-bytes", "0"]  # every request is extracted and encoded afresh
-    with extractor_server(settings.backbone, profile, metrics=False, flags=flags) as server, \
-            ByteCountingProxy(server.target) as proxy:
+    with (
+        extractor_server(settings.backbone, profile, metrics=False, flags=flags) as server,
+        ByteCountingProxy(server.target) as proxy,
+    ):
         with ExtractorClient(server.target) as client:
             info = client.describe()
         geometry = BackboneGeometry(info.num_blocks, info.tokens, info.dims, info.num_prefix_tokens)
@@ -79,23 +81,33 @@ def run(profile: Profile, out_dir: Path) -> dict[str, Any]:
         "paper_comparable": comparable,
         "paper_mib_per_image": dict(PAPER_MIB) if comparable else None,
         "default_vs_paper": {m: PAPER_MIB[m] * MIB / default["bytes_per_image"] for m in ("lst", "last", "mist")}
-        if comparable else None,
+        if comparable
+        else None,
         # The 0.15 MiB promise is about ViT-B/16: a narrower backbone would pass it without proving anything.
-        "targets": [{"name": "MIST default-codec payload per image", "target": "<= 0.15 MiB",
-                     "measured": f"{default['bytes_per_image'] / MIB:.4f} MiB", "passed": passed}]
-        if comparable else [],
+        "targets": [
+            {
+                "name": "MIST default-codec payload per image",
+                "target": "<= 0.15 MiB",
+                "measured": f"{default['bytes_per_image'] / MIB:.4f} MiB",
+                "passed": passed,
+            }
+        ]
+        if comparable
+        else [],
         "method": METHOD_TEXT,
     }
 
 
-def _measure(proxy: ByteCountingProxy, geometry: BackboneGeometry, images: list[bytes], method: GatherModeName,
-             codec: str) -> dict[str, Any]:
+def _measure(
+    proxy: ByteCountingProxy, geometry: BackboneGeometry, images: list[bytes], method: GatherModeName, codec: str
+) -> dict[str, Any]:
     """One fresh connection through the proxy, every image once; the counts are read after it has closed."""
     proxy.reset()
     ks = (geometry.num_blocks,) if method == "mist" else ()
     with ExtractorClient(proxy.target) as client:
-        results = list(client.extract(((f"image-{i}", image) for i, image in enumerate(images)),
-                                      mode=method, ks=ks, codec=codec))
+        results = list(
+            client.extract(((f"image-{i}", image) for i, image in enumerate(images)), mode=method, ks=ks, codec=codec)
+        )
     if not proxy.wait_idle():
         raise BenchError("the connection through the byte-counting proxy did not close within 10 s")
     failed = [result for result in results if not result.ok]
@@ -122,10 +134,14 @@ def markdown(section: Mapping[str, Any]) -> str:
     codecs = list(dict.fromkeys(str(row["codec"]) for row in rows))
     by_cell = {(row["method"], row["codec"]): row for row in rows}
     paper = section.get("paper_mib_per_image") or {}
-    parts = [f"Backbone: {section['backbone']['label']}, {section['images']} synthetic images per row "
-             f"(mean PNG {section['image_bytes_mean'] / 1024:.1f} KiB), MIST at k = {section['mist_k']}.\n"]
-    for title, key in (("Payload (serialized FeatureTensor), MiB per image", "bytes_per_image"),
-                       ("On the socket, server to client, MiB per image", "socket_bytes_per_image")):
+    parts = [
+        f"Backbone: {section['backbone']['label']}, {section['images']} synthetic images per row "
+        f"(mean PNG {section['image_bytes_mean'] / 1024:.1f} KiB), MIST at k = {section['mist_k']}.\n"
+    ]
+    for title, key in (
+        ("Payload (serialized FeatureTensor), MiB per image", "bytes_per_image"),
+        ("On the socket, server to client, MiB per image", "socket_bytes_per_image"),
+    ):
         header = "| method | " + " | ".join(codecs) + (" | paper f32 |" if paper else " |")
         lines = [f"**{title}** (bold: the default codec)\n", header, "|---|" + "---:|" * (len(codecs) + bool(paper))]
         for method in dict.fromkeys(row["method"] for row in rows):
@@ -140,14 +156,18 @@ def markdown(section: Mapping[str, Any]) -> str:
     targets: list[dict[str, Any]] = section["targets"]
     if targets:
         verdict = "PASS" if targets[0]["passed"] else "FAIL"
-        parts.append(f"Target: MIST with the default codec ({section['default_codec']}) at {targets[0]['target']} "
-                     f"per image: measured {targets[0]['measured']}, **{verdict}**.")
+        parts.append(
+            f"Target: MIST with the default codec ({section['default_codec']}) at {targets[0]['target']} "
+            f"per image: measured {targets[0]['measured']}, **{verdict}**."
+        )
     else:
         parts.append("Not ViT-B/16 geometry: the 0.15 MiB target and the paper's figures do not apply to this run.")
     ratios = section.get("default_vs_paper")
     if ratios:
-        parts.append(f" That is {ratios['mist']:.1f}x less than the paper's MIST (0.577 MiB), {ratios['last']:.0f}x "
-                     f"less than LAST (4.040) and {ratios['lst']:.0f}x less than LST (7.503).")
+        parts.append(
+            f" That is {ratios['mist']:.1f}x less than the paper's MIST (0.577 MiB), {ratios['last']:.0f}x "
+            f"less than LAST (4.040) and {ratios['lst']:.0f}x less than LST (7.503)."
+        )
     parts.append(f"\n\n*Method.* {section['method']}")
     return "\n".join(parts)
 
@@ -171,8 +191,14 @@ def plots(section: Mapping[str, Any], out_dir: Path) -> list[Path]:
     paper = section.get("paper_mib_per_image") or {}
     for m, method in enumerate(methods):
         if method in paper:
-            ax.hlines(paper[method], m - 0.45, m + 0.45, colors="black", linestyles="dashed",
-                      label="paper (float32)" if m == 0 else None)
+            ax.hlines(
+                paper[method],
+                m - 0.45,
+                m + 0.45,
+                colors="black",
+                linestyles="dashed",
+                label="paper (float32)" if m == 0 else None,
+            )
     ax.axhline(TARGET_DEFAULT_BYTES / MIB, color="red", linewidth=0.8, label="target for MIST default (0.15 MiB)")
     ax.set_yscale("log")
     ax.set_xticks(range(len(methods)), methods)

@@ -88,8 +88,9 @@ def panels(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _overlap(a: dict[str, int], b: dict[str, int]) -> bool:
-    return (a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"]
-            and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"])
+    return (
+        a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+    )
 
 
 def _variable_problems(doc: dict[str, Any]) -> list[str]:
@@ -133,8 +134,14 @@ def dashboard_problems(doc: dict[str, Any]) -> list[str]:
     for panel in every:
         where = f"panel {panel.get('id')} {panel.get('title')!r}"
         grid = panel.get("gridPos") or {}
-        if not all(isinstance(grid.get(k), int) for k in "xywh") or grid["x"] < 0 or grid["y"] < 0 \
-                or grid["w"] < 1 or grid["h"] < 1 or grid["x"] + grid["w"] > GRID_COLUMNS:
+        if (
+            not all(isinstance(grid.get(k), int) for k in "xywh")
+            or grid["x"] < 0
+            or grid["y"] < 0
+            or grid["w"] < 1
+            or grid["h"] < 1
+            or grid["x"] + grid["w"] > GRID_COLUMNS
+        ):
             problems.append(f"{where}: gridPos {grid} is not inside the {GRID_COLUMNS}-column grid")
         if panel.get("type") == "row":
             continue
@@ -153,14 +160,16 @@ def dashboard_problems(doc: dict[str, Any]) -> list[str]:
 def expected_files() -> dict[Path, str]:
     """Every generated file and the text it must hold."""
     dashboard = dashboard_text()
-    return {DASHBOARD: dashboard, DASHBOARD_COPY: dashboard,
-            PROMETHEUS_RULE: prometheus_rule(RULES.read_text(encoding="utf-8"))}
+    return {
+        DASHBOARD: dashboard,
+        DASHBOARD_COPY: dashboard,
+        PROMETHEUS_RULE: prometheus_rule(RULES.read_text(encoding="utf-8")),
+    }
 
 
 def stale_files(expected: dict[Path, str]) -> list[Path]:
     """The generated files that are missing or differ from what the sources give."""
-    return [path for path, text in expected.items()
-            if not path.is_file() or path.read_text(encoding="utf-8") != text]
+    return [path for path, text in expected.items() if not path.is_file() or path.read_text(encoding="utf-8") != text]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -111,9 +111,12 @@ def render_composed(target: str, components: Sequence[str]) -> str:
     """`target` with extra components, through a throwaway kustomization (paths relative: kustomize
     refuses absolute ones)."""
     with tempfile.TemporaryDirectory(prefix="mist-kustomize-") as tmp:
-        spec = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                "resources": [os.path.relpath(K8S / target, tmp)],
-                "components": [os.path.relpath(K8S / "components" / c, tmp) for c in components]}
+        spec = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [os.path.relpath(K8S / target, tmp)],
+            "components": [os.path.relpath(K8S / "components" / c, tmp) for c in components],
+        }
         Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump(spec))
         return render(Path(tmp))
 
@@ -170,8 +173,10 @@ def validate_documents(docs: Sequence[Doc], version: str) -> list[str]:
             path = ".".join(str(p) for p in error.absolute_path)
             problems.append(f"{where}: {path}: {error.message}")
         except utils.SchemaNotFoundError:
-            problems.append(f"{where}: no schema for {doc.get('apiVersion')} {doc.get('kind')} in Kubernetes "
-                            f"{version} nor in {SCHEMAS.relative_to(ROOT)}")
+            problems.append(
+                f"{where}: no schema for {doc.get('apiVersion')} {doc.get('kind')} in Kubernetes "
+                f"{version} nor in {SCHEMAS.relative_to(ROOT)}"
+            )
     return problems
 
 
@@ -219,10 +224,10 @@ def yamllint_problems(
     paths: Sequence[Path] = (K8S, ROOT / "deploy" / "prometheus", YAMLLINT_CONFIG, CHECKOV_CONFIG, HADOLINT_CONFIG),
 ) -> list[str]:
     """yamllint --strict with the committed .yamllint.yaml (warnings count)."""
-    done = _run([require_tool("yamllint"), "--strict", "-f", "parsable", "-c", str(YAMLLINT_CONFIG),
-                 *map(str, paths)])
+    done = _run([require_tool("yamllint"), "--strict", "-f", "parsable", "-c", str(YAMLLINT_CONFIG), *map(str, paths)])
     return [line for line in done.stdout.splitlines() if line.strip()] or (
-        [done.stderr.strip()] if done.returncode else [])
+        [done.stderr.strip()] if done.returncode else []
+    )
 
 
 def checkov_problems(rendered: Mapping[str, str]) -> list[str]:
@@ -237,8 +242,11 @@ def checkov_problems(rendered: Mapping[str, str]) -> list[str]:
         return [f"checkov exited {done.returncode}: {done.stderr.strip()[-2000:]}"]
     reports = json.loads(done.stdout or "[]")
     reports = reports if isinstance(reports, list) else [reports]
-    return [f"{c['file_path'].lstrip('/')}: {c['resource']}: {c['check_id']} {c['check_name']}"
-            for report in reports for c in report.get("results", {}).get("failed_checks", [])]
+    return [
+        f"{c['file_path'].lstrip('/')}: {c['resource']}: {c['check_id']} {c['check_name']}"
+        for report in reports
+        for c in report.get("results", {}).get("failed_checks", [])
+    ]
 
 
 def hadolint_problems() -> list[str]:
@@ -251,8 +259,11 @@ def hadolint_problems() -> list[str]:
 
 
 def dockerfile_rule_problems() -> list[str]:
-    return [f"{name}.Dockerfile: {p}" for name, forbidden in DOCKERFILES.items()
-            for p in rules.dockerfile_problems((DOCKER / f"{name}.Dockerfile").read_text(), must_not_import=forbidden)]
+    return [
+        f"{name}.Dockerfile: {p}"
+        for name, forbidden in DOCKERFILES.items()
+        for p in rules.dockerfile_problems((DOCKER / f"{name}.Dockerfile").read_text(), must_not_import=forbidden)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -264,14 +275,17 @@ def run_checks(checks: Sequence[Check], rendered: Mapping[str, str]) -> dict[str
     per_target: dict[str, Callable[[list[Doc]], list[str]]] = {}
     if "validate" in checks:
         for version in (MIN_KUBERNETES_VERSION, latest_kubernetes_version()):
-            per_target[f"validate (Kubernetes {version}, strict)"] = (
-                lambda d, version=version: validate_documents(d, version))
+            per_target[f"validate (Kubernetes {version}, strict)"] = lambda d, version=version: validate_documents(
+                d, version
+            )
     if "rules" in checks:
         per_target["rules"] = lambda d: rules.workload_problems(d) + rules.reference_problems(d)
     if "config" in checks:
         per_target["config"] = config_problems
-    results = {check: [f"{target}: {p}" for target, target_docs in docs.items() for p in run(target_docs)]
-               for check, run in per_target.items()}
+    results = {
+        check: [f"{target}: {p}" for target, target_docs in docs.items() for p in run(target_docs)]
+        for check, run in per_target.items()
+    }
     if "rules" in checks:
         results["rules"] += dockerfile_rule_problems()
     if "yamllint" in checks:
@@ -284,10 +298,12 @@ def run_checks(checks: Sequence[Check], rendered: Mapping[str, str]) -> dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip", default="", metavar="CHECKS",
-                        help=f"comma-separated checks to leave out, of: {', '.join(CHECKS)}")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--skip", default="", metavar="CHECKS", help=f"comma-separated checks to leave out, of: {', '.join(CHECKS)}"
+    )
     parser.add_argument("--out", type=Path, metavar="DIR", help="also write each rendered target to DIR/NAME.yaml")
     args = parser.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}

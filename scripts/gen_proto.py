@@ -66,8 +66,15 @@ def main() -> int:
             current = path.read_text() if path.exists() else ""
             if current != content:
                 stale.append(name)
-                sys.stdout.writelines(difflib.unified_diff(
-                    current.splitlines(True), content.splitlines(True), f"committed/{name}", f"generated/{name}", n=1))
+                sys.stdout.writelines(
+                    difflib.unified_diff(
+                        current.splitlines(True),
+                        content.splitlines(True),
+                        f"committed/{name}",
+                        f"generated/{name}",
+                        n=1,
+                    )
+                )
         stale += sorted(existing - set(files))
         if stale:
             print(f"proto-check: stale generated code: {', '.join(stale)}; run `make proto`", file=sys.stderr)

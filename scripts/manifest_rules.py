@@ -53,8 +53,12 @@ def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, st
     for expr in selector.get("matchExpressions") or []:
         key, op, values = expr["key"], expr["operator"], expr.get("values") or []
         present = key in labels
-        ok = {"In": present and labels[key] in values, "NotIn": not present or labels[key] not in values,
-              "Exists": present, "DoesNotExist": not present}[op]
+        ok = {
+            "In": present and labels[key] in values,
+            "NotIn": not present or labels[key] not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[op]
         if not ok:
             return False
     return True
@@ -68,8 +72,12 @@ def pods_selected(docs: Iterable[Doc], selector: Mapping[str, Any], *, plain: bo
 
 def container_ports(template: Doc) -> dict[str, int]:
     """Port name -> number over every container of a pod template."""
-    return {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports") or []
-            if "name" in p}
+    return {
+        p["name"]: p["containerPort"]
+        for c in template["spec"]["containers"]
+        for p in c.get("ports") or []
+        if "name" in p
+    }
 
 
 def cpu_cores(quantity: str | int | float) -> float:
@@ -117,8 +125,10 @@ def workload_problems(docs: Sequence[Doc]) -> list[str]:
         where = named(workload)
         problems += [f"{where}: {p}" for p in _pod_problems(docs, template["spec"])]
         for container in template["spec"]["containers"]:
-            problems += [f"{where} container {container['name']}: {p}"
-                         for p in _container_problems(docs, template["spec"], container, workload)]
+            problems += [
+                f"{where} container {container['name']}: {p}"
+                for p in _container_problems(docs, template["spec"], container, workload)
+            ]
     return problems
 
 
@@ -132,8 +142,10 @@ def _pod_problems(docs: Sequence[Doc], pod: Doc) -> list[str]:
     if pod.get("automountServiceAccountToken") is not False:
         problems.append("automountServiceAccountToken must be false (the services never call the API server)")
     if pod.get("enableServiceLinks") is not False:
-        problems.append("enableServiceLinks must be false: service links inject MIST_*_PORT variables the "
-                        "servers refuse as unknown settings")
+        problems.append(
+            "enableServiceLinks must be false: service links inject MIST_*_PORT variables the "
+            "servers refuse as unknown settings"
+        )
     account = pod.get("serviceAccountName")
     sa = find(docs, "ServiceAccount", account) if account else None
     if sa is None:
@@ -163,16 +175,22 @@ def _container_problems(docs: Sequence[Doc], pod: Doc, container: Doc, workload:
     grace = float(env.get("MIST_GRACE_S", DEFAULT_GRACE_S))
     period = pod.get("terminationGracePeriodSeconds", 30)
     if period <= (pre_stop or 0) + grace:
-        problems.append(f"terminationGracePeriodSeconds {period} must exceed preStop {pre_stop} s + "
-                        f"MIST_GRACE_S {grace:g} s, or in-flight calls are killed mid-drain")
+        problems.append(
+            f"terminationGracePeriodSeconds {period} must exceed preStop {pre_stop} s + "
+            f"MIST_GRACE_S {grace:g} s, or in-flight calls are killed mid-drain"
+        )
     return problems
 
 
 def security_problems(container: Doc) -> list[str]:
     """The restricted container securityContext: no escalation, read-only root, non-root 10001, no capabilities."""
     sc = container.get("securityContext") or {}
-    wanted = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-              "runAsUser": RUN_AS_USER}
+    wanted = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+    }
     problems = [f"securityContext.{k} must be {str(v).lower()}" for k, v in wanted.items() if sc.get(k) != v]
     if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
         problems.append("securityContext.capabilities.drop must contain ALL")
@@ -183,8 +201,12 @@ def security_problems(container: Doc) -> list[str]:
 
 def _resource_problems(container: Doc) -> list[str]:
     resources = container.get("resources") or {}
-    return [f"resources.{kind}.{what} must be set" for kind in ("requests", "limits") for what in ("cpu", "memory")
-            if what not in (resources.get(kind) or {})]
+    return [
+        f"resources.{kind}.{what} must be set"
+        for kind in ("requests", "limits")
+        for what in ("cpu", "memory")
+        if what not in (resources.get(kind) or {})
+    ]
 
 
 def _probe_problems(container: Doc, grpc_port: int | None, *, tls: bool) -> list[str]:
@@ -209,8 +231,9 @@ def _volume_problems(pod: Doc, container: Doc, workload: Doc) -> list[str]:
     volumes = {v["name"]: v for v in pod.get("volumes") or []}
     claims = {c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates") or []}
     mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts") or []}
-    problems = [f"volumeMount {name!r} has no volume" for name in mounts.values()
-                if name not in volumes and name not in claims]
+    problems = [
+        f"volumeMount {name!r} has no volume" for name in mounts.values() if name not in volumes and name not in claims
+    ]
     if "emptyDir" not in volumes.get(mounts.get("/tmp", ""), {}):
         problems.append("needs an emptyDir at /tmp (the root filesystem is read-only)")
     return problems
@@ -222,8 +245,10 @@ def _volume_problems(pod: Doc, container: Doc, workload: Doc) -> list[str]:
 def reference_problems(docs: Sequence[Doc]) -> list[str]:
     """Selectors and names that must meet something: Services, HPAs, PDBs, ServiceMonitors, NetworkPolicies,
     ConfigMap references; and no Secret object at all (secret values are never committed)."""
-    problems = [f"{named(d)}: secret values must not be committed; reference the Secret by name"
-                for d in of_kind(docs, "Secret")]
+    problems = [
+        f"{named(d)}: secret values must not be committed; reference the Secret by name"
+        for d in of_kind(docs, "Secret")
+    ]
     for svc in of_kind(docs, "Service"):
         pods = pods_selected(docs, svc["spec"].get("selector") or {}, plain=True)
         if not pods:
@@ -241,8 +266,11 @@ def reference_problems(docs: Sequence[Doc]) -> list[str]:
         if not pods_selected(docs, pdb["spec"]["selector"]):
             problems.append(f"{named(pdb)}: selector matches no pod template")
     for monitor in of_kind(docs, "ServiceMonitor"):
-        services = [s for s in of_kind(docs, "Service")
-                    if selector_matches(monitor["spec"]["selector"], s["metadata"].get("labels") or {})]
+        services = [
+            s
+            for s in of_kind(docs, "Service")
+            if selector_matches(monitor["spec"]["selector"], s["metadata"].get("labels") or {})
+        ]
         for endpoint in monitor["spec"]["endpoints"]:
             if not any(p.get("name") == endpoint.get("port") for s in services for p in s["spec"]["ports"]):
                 problems.append(f"{named(monitor)}: no selected Service has a port named {endpoint.get('port')!r}")
@@ -264,8 +292,9 @@ def reference_problems(docs: Sequence[Doc]) -> list[str]:
     return problems
 
 
-def config_problems(docs: Sequence[Doc], config_for: Callable[[str], type | None],
-                    make_file: Callable[[], str]) -> list[str]:
+def config_problems(
+    docs: Sequence[Doc], config_for: Callable[[str], type | None], make_file: Callable[[], str]
+) -> list[str]:
     """Parse each container's effective MIST_* settings with its server's real config class (unknown names,
     malformed values and cross-field rules fail here instead of in a crash-looping pod). `config_for` maps a
     container name to its config class (None: skip); `make_file` returns a path to an existing file, standing
@@ -287,30 +316,43 @@ def config_problems(docs: Sequence[Doc], config_for: Callable[[str], type | None
 # ---------------------------------------------------------------------------------------------- network policy
 
 
-def ingress_allowed(docs: Sequence[Doc], *, dst_labels: Mapping[str, str], dst_namespace: str, port: str,
-                    src_labels: Mapping[str, str], src_namespace: str,
-                    src_namespace_labels: Mapping[str, str] | None = None) -> bool:
+def ingress_allowed(
+    docs: Sequence[Doc],
+    *,
+    dst_labels: Mapping[str, str],
+    dst_namespace: str,
+    port: str,
+    src_labels: Mapping[str, str],
+    src_namespace: str,
+    src_namespace_labels: Mapping[str, str] | None = None,
+) -> bool:
     """Whether the NetworkPolicies in `docs` let a pod (src) open a connection to a named port of another (dst).
     Supports what mist uses: podSelector / namespaceSelector peers (no ipBlock) and named or omitted ports."""
     ns_labels = {"kubernetes.io/metadata.name": src_namespace, **(src_namespace_labels or {})}
-    isolating = [p for p in of_kind(docs, "NetworkPolicy")
-                 if p["metadata"].get("namespace", dst_namespace) == dst_namespace
-                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
-                 and selector_matches(p["spec"]["podSelector"], dst_labels)]
+    isolating = [
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if p["metadata"].get("namespace", dst_namespace) == dst_namespace
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and selector_matches(p["spec"]["podSelector"], dst_labels)
+    ]
     if not isolating:
         return True  # no policy selects the pod: it is not isolated
     for policy in isolating:
         for rule in policy["spec"].get("ingress") or []:
             port_ok = not rule.get("ports") or any(p.get("port") in (None, port) for p in rule["ports"])
             peers = rule.get("from")
-            if port_ok and (not peers or any(_peer_matches(peer, dst_namespace, src_labels, src_namespace, ns_labels)
-                                             for peer in peers)):
+            if port_ok and (
+                not peers
+                or any(_peer_matches(peer, dst_namespace, src_labels, src_namespace, ns_labels) for peer in peers)
+            ):
                 return True
     return False
 
 
-def _peer_matches(peer: Doc, policy_namespace: str, src_labels: Mapping[str, str], src_namespace: str,
-                  ns_labels: Mapping[str, str]) -> bool:
+def _peer_matches(
+    peer: Doc, policy_namespace: str, src_labels: Mapping[str, str], src_namespace: str, ns_labels: Mapping[str, str]
+) -> bool:
     if "ipBlock" in peer:
         return False
     if "namespaceSelector" in peer:
@@ -351,8 +393,9 @@ def _substitute(text: str, args: Mapping[str, str]) -> str:
     return re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), text)
 
 
-def dockerfile_problems(text: str, *, base: str = "python:3.11-slim", must_not_import: Sequence[str] = (),
-                        user: int = RUN_AS_USER) -> list[str]:
+def dockerfile_problems(
+    text: str, *, base: str = "python:3.11-slim", must_not_import: Sequence[str] = (), user: int = RUN_AS_USER
+) -> list[str]:
     """Multi-stage, every external base image `base[-variant]` pinned by tag or digest and the same in every
     stage, a final stage that only copies (no pip, no compilers) and runs as `user` with an exec-form
     ENTRYPOINT, and for each of `must_not_import` a build step proving the final image cannot import it."""
@@ -405,8 +448,9 @@ def _final_stage_problems(stage: Sequence[Instruction], must_not_import: Sequenc
     for module in must_not_import:
         proof = re.compile(rf"!\s*python3?\s+-c\s+[\"']import {re.escape(module)}[\"']")
         if not any(proof.search(r) for r in runs):
-            problems.append(f"the final stage needs `RUN ! python -c \"import {module}\"` (the image must not "
-                            f"contain {module})")
+            problems.append(
+                f'the final stage needs `RUN ! python -c "import {module}"` (the image must not contain {module})'
+            )
     entry = [ins.args for ins in stage if ins.keyword in ("ENTRYPOINT", "CMD")]
     if not entry or not entry[0].startswith("["):
         problems.append("the final stage needs an exec-form ENTRYPOINT (JSON array) so SIGTERM reaches the server")
@@ -415,5 +459,6 @@ def _final_stage_problems(stage: Sequence[Instruction], must_not_import: Sequenc
 
 def dockerfile_exposes(text: str) -> set[int]:
     """Ports of EXPOSE instructions (documentation the manifests are checked against)."""
-    return {int(p.split("/")[0]) for ins in parse_dockerfile(text) if ins.keyword == "EXPOSE"
-            for p in shlex.split(ins.args)}
+    return {
+        int(p.split("/")[0]) for ins in parse_dockerfile(text) if ins.keyword == "EXPOSE" for p in shlex.split(ins.args)
+    }

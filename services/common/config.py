@@ -158,35 +158,85 @@ class ConfigBase:
 class ServerConfig(ConfigBase):
     """Settings every mist gRPC server shares."""
 
-    listen: str = setting("127.0.0.1:0", help="gRPC address HOST:PORT; port 0 picks a free port",
-                          parser=check_host_port, metavar="HOST:PORT")
-    metrics_listen: str = setting("127.0.0.1:0", help="Prometheus /metrics HTTP address; '' or 'off' disables",
-                                  parser=check_optional_host_port, metavar="HOST:PORT")
-    tls_cert: str = setting("", help="PEM server certificate chain; set with --tls-key to serve TLS",
-                            parser=check_existing_file, metavar="PATH")
+    listen: str = setting(
+        "127.0.0.1:0",
+        help="gRPC address HOST:PORT; port 0 picks a free port",
+        parser=check_host_port,
+        metavar="HOST:PORT",
+    )
+    metrics_listen: str = setting(
+        "127.0.0.1:0",
+        help="Prometheus /metrics HTTP address; '' or 'off' disables",
+        parser=check_optional_host_port,
+        metavar="HOST:PORT",
+    )
+    tls_cert: str = setting(
+        "",
+        help="PEM server certificate chain; set with --tls-key to serve TLS",
+        parser=check_existing_file,
+        metavar="PATH",
+    )
     tls_key: str = setting("", help="PEM private key of --tls-cert", parser=check_existing_file, metavar="PATH")
-    tls_client_ca: str = setting("", help="PEM CA bundle; when set, clients must present a certificate it signed "
-                                 "(mutual TLS)", parser=check_existing_file, metavar="PATH")
-    auth_tokens_file: str = setting("", help="bearer tokens, one 'name:token' per line; empty turns auth off",
-                                    parser=check_existing_file, metavar="PATH")
-    max_message_bytes: int = setting(DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message sent or received; larger "
-                                     "requests fail with RESOURCE_EXHAUSTED", minimum=1024, metavar="BYTES")
-    max_concurrent_streams: int = setting(1000, help="concurrent calls per client connection (HTTP/2 streams); "
-                                          "gRPC Python shares one connection among all channels of a process, and "
-                                          "its client does not queue beyond this: more fail UNAVAILABLE "
-                                          "(REFUSED_STREAM)", minimum=1, metavar="N")
-    max_concurrent_rpcs: int = setting(0, help="concurrent calls over all connections; beyond it calls fail with "
-                                       "RESOURCE_EXHAUSTED; 0 = unlimited", minimum=0, metavar="N")
-    keepalive_time_s: float = setting(60.0, help="ping idle clients this often to find dead connections "
-                                      "(devices behind NAT vanish silently)", minimum=1.0, metavar="SECONDS")
-    keepalive_timeout_s: float = setting(20.0, help="drop a connection whose ping is not answered within this",
-                                         minimum=1.0, metavar="SECONDS")
-    max_connection_age_s: float = setting(0.0, help="close connections after this long so clients re-resolve "
-                                          "and spread over new replicas; 0 = never", minimum=0.0, metavar="SECONDS")
-    max_connection_age_grace_s: float = setting(300.0, help="time calls get to finish on a connection closed "
-                                                "by --max-connection-age-s", minimum=0.0, metavar="SECONDS")
-    grace_s: float = setting(10.0, help="on SIGTERM, time in-flight calls get to finish before they are "
-                             "cancelled", minimum=0.0, metavar="SECONDS")
+    tls_client_ca: str = setting(
+        "",
+        help="PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)",
+        parser=check_existing_file,
+        metavar="PATH",
+    )
+    auth_tokens_file: str = setting(
+        "",
+        help="bearer tokens, one 'name:token' per line; empty turns auth off",
+        parser=check_existing_file,
+        metavar="PATH",
+    )
+    max_message_bytes: int = setting(
+        DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest gRPC message sent or received; larger requests fail with RESOURCE_EXHAUSTED",
+        minimum=1024,
+        metavar="BYTES",
+    )
+    max_concurrent_streams: int = setting(
+        1000,
+        help="concurrent calls per client connection (HTTP/2 streams); "
+        "gRPC Python shares one connection among all channels of a process, and "
+        "its client does not queue beyond this: more fail UNAVAILABLE "
+        "(REFUSED_STREAM)",
+        minimum=1,
+        metavar="N",
+    )
+    max_concurrent_rpcs: int = setting(
+        0,
+        help="concurrent calls over all connections; beyond it calls fail with RESOURCE_EXHAUSTED; 0 = unlimited",
+        minimum=0,
+        metavar="N",
+    )
+    keepalive_time_s: float = setting(
+        60.0,
+        help="ping idle clients this often to find dead connections (devices behind NAT vanish silently)",
+        minimum=1.0,
+        metavar="SECONDS",
+    )
+    keepalive_timeout_s: float = setting(
+        20.0, help="drop a connection whose ping is not answered within this", minimum=1.0, metavar="SECONDS"
+    )
+    max_connection_age_s: float = setting(
+        0.0,
+        help="close connections after this long so clients re-resolve and spread over new replicas; 0 = never",
+        minimum=0.0,
+        metavar="SECONDS",
+    )
+    max_connection_age_grace_s: float = setting(
+        300.0,
+        help="time calls get to finish on a connection closed by --max-connection-age-s",
+        minimum=0.0,
+        metavar="SECONDS",
+    )
+    grace_s: float = setting(
+        10.0,
+        help="on SIGTERM, time in-flight calls get to finish before they are cancelled",
+        minimum=0.0,
+        metavar="SECONDS",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", help="least severe level logged")
     log_format: Literal["text", "json"] = setting("text", help="log line format on stderr")
 
@@ -346,19 +396,29 @@ def build_parser(cls: type, *, prog: str | None = None, description: str | None 
     """An argparse parser with one flag per config field; help names each flag's env var and default."""
     if description is None and cls.__doc__:
         description = cls.__doc__.strip().splitlines()[0]
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
-                     epilog=f"Every flag also reads {ENV_PREFIX}<FLAG> from the environment (the flag wins).")
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        allow_abbrev=False,
+        epilog=f"Every flag also reads {ENV_PREFIX}<FLAG> from the environment (the flag wins).",
+    )
     for field, kind in _config_fields(cls):
         meta = _meta(field)
         choices = _choices(field, kind)
         help_text = f"{meta.help} [env {env_name(field.name)}; {_default_text(field, kind)}]".replace("%", "%%")
         if kind is bool:
-            parser.add_argument(flag_name(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag_name(field.name),
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
             continue
         metavar = meta.metavar or ("{" + ",".join(choices) + "}" if choices else field.name.upper())
-        parser.add_argument(flag_name(field.name), dest=field.name, default=argparse.SUPPRESS,
-                            metavar=metavar, help=help_text)
+        parser.add_argument(
+            flag_name(field.name), dest=field.name, default=argparse.SUPPRESS, metavar=metavar, help=help_text
+        )
     return parser
 
 
@@ -368,12 +428,19 @@ def _unknown_env(cls: type, env: Mapping[str, str], allowed_env: Collection[str]
         if key.startswith(ENV_PREFIX) and key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
-            raise InvalidArgumentError(f"unknown environment variable {key}: no flag "
-                                       f"{flag_name(key[len(ENV_PREFIX):].lower())} here{hint}")
+            raise InvalidArgumentError(
+                f"unknown environment variable {key}: no flag {flag_name(key[len(ENV_PREFIX) :].lower())} here{hint}"
+            )
 
 
-def parse_config(cls: type[C], argv: Sequence[str], env: Mapping[str, str], *,
-                 allowed_env: Collection[str] = (), prog: str | None = None) -> C:
+def parse_config(
+    cls: type[C],
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    allowed_env: Collection[str] = (),
+    prog: str | None = None,
+) -> C:
     """Build `cls` from flags (first) and MIST_* env vars (second); raises InvalidArgumentError / ConfigError.
 
     `allowed_env` names MIST_* variables this program reads elsewhere (they are not reported as unknown).
@@ -405,8 +472,14 @@ def parse_config(cls: type[C], argv: Sequence[str], env: Mapping[str, str], *,
     return cls(**values)
 
 
-def load_config(cls: type[C], argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ, *,
-                prog: str | None = None, allowed_env: Collection[str] = ()) -> C:
+def load_config(
+    cls: type[C],
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] = os.environ,
+    *,
+    prog: str | None = None,
+    allowed_env: Collection[str] = (),
+) -> C:
     """parse_config for main(): `--help` prints help and exits 0; an error prints one line and exits 2."""
     argv = sys.argv[1:] if argv is None else argv
     prog = prog or os.path.basename(sys.argv[0])

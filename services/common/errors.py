@@ -1,7 +1,7 @@
 """Domain errors shared by every service.
 
 Plain functions raise these; servicers turn them into gRPC status codes in one table
-(`services.common.rpc.STATUS_BY_ERROR`). Core modules never import grpc.
+(`services.common.serving.rpc.STATUS_BY_ERROR`). Core modules never import grpc.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def _utc_timestamp(record: logging.LogRecord) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """`2026-01-31T12:00:00.123Z INFO services.common.server: message`"""
+    """`2026-01-31T12:00:00.123Z INFO services.common.serving.server: message`"""
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_utc_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"

@@ -44,9 +44,9 @@ from timm.data import resolve_model_data_config
 from timm.models import get_model_input_config, get_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 
-from services.common.baselines import BackboneGeometry
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, MistError, NotFoundError
 from services.common.logging_setup import loggable_path
+from services.common.wire.gather_modes import BackboneGeometry
 from services.extractor.gather import backbone_geometry, check_supported
 
 logger = logging.getLogger(__name__)

@@ -48,59 +48,107 @@ def available_cpus() -> int:
 class ExtractorConfig(ServerConfig):
     """mist-extractor: a frozen timm ViT as a streaming gRPC service (gathered features, dynamic batching, cache)."""
 
-    backbone: str = setting("vit_base_patch16_224", help="timm ViT model name, optionally with a pretrained tag",
-                            metavar="NAME")
-    weights: str = setting("", help="weights file (.safetensors or a timm checkpoint); empty: the local timm/HF "
-                           "cache, else a random init with a loud warning. Nothing is ever downloaded",
-                           parser=check_existing_file, metavar="PATH")
+    backbone: str = setting(
+        "vit_base_patch16_224", help="timm ViT model name, optionally with a pretrained tag", metavar="NAME"
+    )
+    weights: str = setting(
+        "",
+        help="weights file (.safetensors or a timm checkpoint); empty: the local timm/HF "
+        "cache, else a random init with a loud warning. Nothing is ever downloaded",
+        parser=check_existing_file,
+        metavar="PATH",
+    )
     device: Literal["cpu", "cuda"] = setting("cpu", help="where the backbone runs")
-    autocast: Literal["none", "bf16", "fp16"] = setting("none", help="reduced-precision compute for the forward "
-                                                        "pass (fp16 needs cuda); sums stay float32")
+    autocast: Literal["none", "bf16", "fp16"] = setting(
+        "none", help="reduced-precision compute for the forward pass (fp16 needs cuda); sums stay float32"
+    )
     seed: int = setting(0, help="seed of the random init used when no weights are found", minimum=0)
-    model_kwargs: str = setting("", help="JSON object of extra timm.create_model arguments, e.g. "
-                                '\'{"img_size":32,"patch_size":8,"embed_dim":32,"depth":4,"num_heads":2}\'',
-                                parser=check_json_object, metavar="JSON")
-    max_batch_size: int = setting(32, help="images per forward pass, gathered across all streams", minimum=1,
-                                  metavar="N")
-    max_queue_delay_ms: float = setting(5.0, help="longest an image waits for its batch to fill before it runs "
-                                        "anyway", minimum=0.0, metavar="MS")
-    max_queue_items: int = setting(0, help="images waiting for a forward pass over all streams; beyond it a stream "
-                                   "fails with RESOURCE_EXHAUSTED; 0 = --max-streams x --max-items-in-flight, "
-                                   "which never refuses", minimum=0, metavar="N")
-    max_items_in_flight: int = setting(32, help="images of one stream being processed at once; when full the "
-                                       "server stops reading that stream, so a slow reader slows its sender",
-                                       minimum=1, metavar="N")
-    max_streams: int = setting(64, help="concurrent Extract streams; more fail with RESOURCE_EXHAUSTED", minimum=1,
-                               metavar="N")
-    stream_idle_timeout_s: float = setting(30.0, help="end an Extract stream with DEADLINE_EXCEEDED when nothing "
-                                           "moves on it for this long: no request arrives while none is in progress, "
-                                           "or an answer is not read; frees its --max-streams slot (the client "
-                                           "library opens a new stream by itself). 0 = never", minimum=0.0,
-                                           metavar="SECONDS")
-    cache_max_bytes: int = setting(256 * _MiB, help="LRU cache of encoded features, in bytes; 0 disables it",
-                                   minimum=0, metavar="BYTES")
-    max_image_bytes: int = setting(DEFAULT_MAX_IMAGE_BYTES, help="largest image accepted (bytes); larger ones get "
-                                   "a per-item RESOURCE_EXHAUSTED error. Must be below --max-message-bytes",
-                                   minimum=1, maximum=_MAX_UINT32, metavar="BYTES")
-    max_image_pixels: int = setting(DEFAULT_MAX_IMAGE_PIXELS, help="largest image accepted (width x height), "
-                                    "checked from the header before decoding", minimum=1, maximum=_MAX_UINT32,
-                                    metavar="PIXELS")
-    decode_threads: int = setting(0, help="threads decoding images and encoding features (one torch thread each); "
-                                  f"0 = min({_MAX_AUTO_DECODE_THREADS}, CPUs)", minimum=0, metavar="N")
-    torch_threads: int = setting(0, help="torch intra-op threads of the forward pass; 0 = every CPU of the process",
-                                 minimum=0, metavar="N")
+    model_kwargs: str = setting(
+        "",
+        help="JSON object of extra timm.create_model arguments, e.g. "
+        '\'{"img_size":32,"patch_size":8,"embed_dim":32,"depth":4,"num_heads":2}\'',
+        parser=check_json_object,
+        metavar="JSON",
+    )
+    max_batch_size: int = setting(
+        32, help="images per forward pass, gathered across all streams", minimum=1, metavar="N"
+    )
+    max_queue_delay_ms: float = setting(
+        5.0, help="longest an image waits for its batch to fill before it runs anyway", minimum=0.0, metavar="MS"
+    )
+    max_queue_items: int = setting(
+        0,
+        help="images waiting for a forward pass over all streams; beyond it a stream "
+        "fails with RESOURCE_EXHAUSTED; 0 = --max-streams x --max-items-in-flight, "
+        "which never refuses",
+        minimum=0,
+        metavar="N",
+    )
+    max_items_in_flight: int = setting(
+        32,
+        help="images of one stream being processed at once; when full the "
+        "server stops reading that stream, so a slow reader slows its sender",
+        minimum=1,
+        metavar="N",
+    )
+    max_streams: int = setting(
+        64, help="concurrent Extract streams; more fail with RESOURCE_EXHAUSTED", minimum=1, metavar="N"
+    )
+    stream_idle_timeout_s: float = setting(
+        30.0,
+        help="end an Extract stream with DEADLINE_EXCEEDED when nothing "
+        "moves on it for this long: no request arrives while none is in progress, "
+        "or an answer is not read; frees its --max-streams slot (the client "
+        "library opens a new stream by itself). 0 = never",
+        minimum=0.0,
+        metavar="SECONDS",
+    )
+    cache_max_bytes: int = setting(
+        256 * _MiB, help="LRU cache of encoded features, in bytes; 0 disables it", minimum=0, metavar="BYTES"
+    )
+    max_image_bytes: int = setting(
+        DEFAULT_MAX_IMAGE_BYTES,
+        help="largest image accepted (bytes); larger ones get "
+        "a per-item RESOURCE_EXHAUSTED error. Must be below --max-message-bytes",
+        minimum=1,
+        maximum=_MAX_UINT32,
+        metavar="BYTES",
+    )
+    max_image_pixels: int = setting(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        help="largest image accepted (width x height), checked from the header before decoding",
+        minimum=1,
+        maximum=_MAX_UINT32,
+        metavar="PIXELS",
+    )
+    decode_threads: int = setting(
+        0,
+        help="threads decoding images and encoding features (one torch thread each); "
+        f"0 = min({_MAX_AUTO_DECODE_THREADS}, CPUs)",
+        minimum=0,
+        metavar="N",
+    )
+    torch_threads: int = setting(
+        0, help="torch intra-op threads of the forward pass; 0 = every CPU of the process", minimum=0, metavar="N"
+    )
 
     def check(self) -> None:
         super().check()
         if self.device == "cpu" and self.autocast == "fp16":
             raise ConfigError("autocast", "fp16 needs --device cuda; on CPU use bf16 or none")
         if self.max_queue_items and self.max_queue_items < self.max_batch_size:
-            raise ConfigError("max_queue_items", f"must be at least --max-batch-size ({self.max_batch_size}) "
-                              f"or no batch could ever fill; got {self.max_queue_items}")
+            raise ConfigError(
+                "max_queue_items",
+                f"must be at least --max-batch-size ({self.max_batch_size}) "
+                f"or no batch could ever fill; got {self.max_queue_items}",
+            )
         if self.max_image_bytes >= self.max_message_bytes:
-            raise ConfigError("max_image_bytes", f"must be below --max-message-bytes ({self.max_message_bytes}), "
-                              f"or an oversized image would end its stream instead of failing one item; "
-                              f"got {self.max_image_bytes}")
+            raise ConfigError(
+                "max_image_bytes",
+                f"must be below --max-message-bytes ({self.max_message_bytes}), "
+                f"or an oversized image would end its stream instead of failing one item; "
+                f"got {self.max_image_bytes}",
+            )
 
     @property
     def model_kwargs_dict(self) -> dict[str, Any]:

@@ -34,14 +34,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.common.baselines import (
-    GatherModeName,
-    baseline_bytes_per_image,
-    mode_from_proto,
-    mode_to_proto,
-    validate_ks,
-)
-from services.common.codec import CodecConfig, FeatureCodec
 from services.common.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -50,6 +42,14 @@ from services.common.errors import (
     ResourceExhaustedError,
 )
 from services.common.pb import extractor_pb2, feature_pb2
+from services.common.wire.codec import CodecConfig, FeatureCodec
+from services.common.wire.gather_modes import (
+    GatherModeName,
+    baseline_bytes_per_image,
+    mode_from_proto,
+    mode_to_proto,
+    validate_ks,
+)
 from services.extractor.backbone import LoadedBackbone
 from services.extractor.batcher import DynamicBatcher
 from services.extractor.cache import CacheKey, FeatureCache, cache_key, image_sha256
@@ -97,27 +97,40 @@ class _Prepared:
 class ExtractionEngine:
     """One loaded backbone serving any number of streams through one dynamic batcher and one feature cache."""
 
-    def __init__(self, backbone: LoadedBackbone, config: ExtractorConfig,
-                 metrics: ExtractorMetrics | None = None) -> None:
+    def __init__(
+        self, backbone: LoadedBackbone, config: ExtractorConfig, metrics: ExtractorMetrics | None = None
+    ) -> None:
         self._backbone = backbone
         self._config = config
         self._metrics = metrics
         self.backbone_id = feature_pb2.BackboneId(name=backbone.name, weights_fingerprint=backbone.weights_fingerprint)
         self._cache_id = f"{backbone.name}@{backbone.weights_fingerprint}"
-        self._preprocessor = ImagePreprocessor(backbone.data_config, max_image_bytes=config.max_image_bytes,
-                                               max_image_pixels=config.max_image_pixels)
+        self._preprocessor = ImagePreprocessor(
+            backbone.data_config, max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels
+        )
         self.cache = FeatureCache(config.cache_max_bytes)
         # ToTensor / normalisation in several threads at once with several torch threads each oversubscribes
         # the cores; each worker gets one, the forward thread gets the rest.
-        self._workers = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="mist-extractor-cpu",
-                                           initializer=torch.set_num_threads, initargs=(1,))
-        self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="mist-extractor-forward",
-                                                  initializer=torch.set_num_threads,
-                                                  initargs=(config.forward_threads,))
+        self._workers = ThreadPoolExecutor(
+            config.worker_threads,
+            thread_name_prefix="mist-extractor-cpu",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
+        self._forward_thread = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="mist-extractor-forward",
+            initializer=torch.set_num_threads,
+            initargs=(config.forward_threads,),
+        )
         self._batcher: DynamicBatcher[BatchItem, dict[int, np.ndarray]] = DynamicBatcher(
-            self.run_batch, max_batch_size=config.max_batch_size, max_queue_delay_ms=config.max_queue_delay_ms,
-            max_queue_items=config.queue_items, executor=self._forward_thread,
-            on_batch=metrics.observe_batch if metrics else None)
+            self.run_batch,
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_ms=config.max_queue_delay_ms,
+            max_queue_items=config.queue_items,
+            executor=self._forward_thread,
+            on_batch=metrics.observe_batch if metrics else None,
+        )
         self._info = self._backbone_info()
         self._streams = 0
         if metrics is not None:
@@ -147,15 +160,28 @@ class ExtractionEngine:
     def _backbone_info(self) -> extractor_pb2.BackboneInfo:
         backbone, geometry, data = self._backbone, self._backbone.geometry, self._backbone.data_config
         return extractor_pb2.BackboneInfo(
-            backbone=self.backbone_id, num_blocks=geometry.num_blocks, tokens=geometry.tokens, dims=geometry.dims,
-            num_prefix_tokens=geometry.num_prefix_tokens, pretrained=backbone.pretrained, warning=backbone.warning,
+            backbone=self.backbone_id,
+            num_blocks=geometry.num_blocks,
+            tokens=geometry.tokens,
+            dims=geometry.dims,
+            num_prefix_tokens=geometry.num_prefix_tokens,
+            pretrained=backbone.pretrained,
+            warning=backbone.warning,
             data_config=extractor_pb2.DataConfig(
-                input_size=list(data["input_size"]), interpolation=str(data.get("interpolation", "")),
-                mean=list(data.get("mean", ())), std=list(data.get("std", ())),
-                crop_pct=float(data.get("crop_pct", 1.0)), crop_mode=str(data.get("crop_mode", ""))),
-            baselines=[extractor_pb2.BaselineCost(method=method, bytes_per_image=size)
-                       for method, size in baseline_bytes_per_image(geometry).items()],
-            max_image_bytes=self._config.max_image_bytes, max_image_pixels=self._config.max_image_pixels)
+                input_size=list(data["input_size"]),
+                interpolation=str(data.get("interpolation", "")),
+                mean=list(data.get("mean", ())),
+                std=list(data.get("std", ())),
+                crop_pct=float(data.get("crop_pct", 1.0)),
+                crop_mode=str(data.get("crop_mode", "")),
+            ),
+            baselines=[
+                extractor_pb2.BaselineCost(method=method, bytes_per_image=size)
+                for method, size in baseline_bytes_per_image(geometry).items()
+            ],
+            max_image_bytes=self._config.max_image_bytes,
+            max_image_pixels=self._config.max_image_pixels,
+        )
 
     def validate(self, request: extractor_pb2.ExtractRequest, index: int) -> WorkItem:
         """Check a request's backbone, mode, ks and codec; errors name the item so a client can find it."""
@@ -178,7 +204,8 @@ class ExtractionEngine:
         if name_differs or weights_differ:
             raise FailedPreconditionError(
                 f"the client expects backbone {expected.name or '*'}@{expected.weights_fingerprint or '*'} but this "
-                f"server runs {ours.name}@{ours.weights_fingerprint}; features of other weights must not be mixed")
+                f"server runs {ours.name}@{ours.weights_fingerprint}; features of other weights must not be mixed"
+            )
 
     def _checked_ks(self, mode: GatherModeName, ks: Sequence[int]) -> tuple[int, ...]:
         if mode != "mist":
@@ -206,8 +233,10 @@ class ExtractionEngine:
         except ImageDecodeError as error:
             return self._failed(item, error.to_item_error())
         except _UnencodableError as error:
-            return self._failed(item, feature_pb2.ItemError(code=_GRPC_INVALID_ARGUMENT,
-                                                            reason="unencodable_features", message=str(error)))
+            return self._failed(
+                item,
+                feature_pb2.ItemError(code=_GRPC_INVALID_ARGUMENT, reason="unencodable_features", message=str(error)),
+            )
         return self._answer(item, features, cache_hit=False)
 
     def _prepare(self, item: WorkItem) -> _Prepared:
@@ -240,8 +269,9 @@ class ExtractionEngine:
     def _cache_key(self, item: WorkItem, digest: str, k: int) -> CacheKey:
         return cache_key(self._cache_id, digest, item.mode, k, item.codec.name)
 
-    def _answer(self, item: WorkItem, features: list[feature_pb2.FeatureTensor],
-                cache_hit: bool) -> extractor_pb2.ExtractResponse:
+    def _answer(
+        self, item: WorkItem, features: list[feature_pb2.FeatureTensor], cache_hit: bool
+    ) -> extractor_pb2.ExtractResponse:
         if self._metrics is not None:
             self._metrics.served(item.mode, item.codec.name, "ok", features)
         return extractor_pb2.ExtractResponse(item_id=item.item_id, features=features, cache_hit=cache_hit)
@@ -283,7 +313,8 @@ class ExtractionEngine:
         if self._streams >= self._config.max_streams:
             raise ResourceExhaustedError(
                 f"the extractor already serves {self._streams} streams (--max-streams {self._config.max_streams}); "
-                f"retry later or on another replica")
+                f"retry later or on another replica"
+            )
         self._streams += 1
         self._gauge("streams_in_flight", +1)
         try:
@@ -296,8 +327,9 @@ class ExtractionEngine:
         if self._metrics is not None and delta:
             getattr(self._metrics, gauge).inc(delta)
 
-    async def run_stream(self, requests: AsyncIterable[extractor_pb2.ExtractRequest]
-                         ) -> AsyncIterator[extractor_pb2.ExtractResponse]:
+    async def run_stream(
+        self, requests: AsyncIterable[extractor_pb2.ExtractRequest]
+    ) -> AsyncIterator[extractor_pb2.ExtractResponse]:
         """Answer a stream in order with at most `max_items_in_flight` of its images in progress.
 
         While the window is full nothing more is read, so gRPC flow control pushes back on the sender; while the
@@ -320,8 +352,9 @@ class ExtractionEngine:
                     if not waiting:
                         break
                     # Nothing in progress: only the client can move this stream, and it gets idle_timeout to do so.
-                    done, _ = await asyncio.wait(waiting, timeout=idle_timeout if not pending else None,
-                                                 return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        waiting, timeout=idle_timeout if not pending else None, return_when=asyncio.FIRST_COMPLETED
+                    )
                     if not done:
                         raise self.idle_error("request")
                     if read is not None and read.done():
@@ -354,11 +387,15 @@ class ExtractionEngine:
         """The error that ends a stream idle for too long, counted: waiting_for is 'request' or 'response'."""
         if self._metrics is not None:
             self._metrics.streams_ended_idle.labels(waiting_for).inc()
-        what = ("no request arrived while nothing was in progress" if waiting_for == "request"
-                else "the client did not read the next answer")
+        what = (
+            "no request arrived while nothing was in progress"
+            if waiting_for == "request"
+            else "the client did not read the next answer"
+        )
         return DeadlineExceededError(
             f"stream ended after {self._config.stream_idle_timeout_s:g}s without progress: {what} "
-            f"(--stream-idle-timeout-s); open a new stream to send more images")
+            f"(--stream-idle-timeout-s); open a new stream to send more images"
+        )
 
     def _admit(self, request: extractor_pb2.ExtractRequest, index: int) -> asyncio.Task[extractor_pb2.ExtractResponse]:
         """Count, validate and start one request; raises the validation error."""

@@ -19,14 +19,14 @@ from collections.abc import Iterable, Iterator
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from services.common.baselines import (
+from services.common.errors import InvalidArgumentError
+from services.common.wire.gather_modes import (
     BackboneGeometry,
     GatherModeName,
     check_mode,
     last_block_indices,
     validate_ks,
 )
-from services.common.errors import InvalidArgumentError
 
 
 def check_supported(model: torch.nn.Module) -> VisionTransformer:

@@ -25,8 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.common.codec import encoded_nbytes, float32_nbytes
 from services.common.pb import feature_pb2
+from services.common.wire.codec import encoded_nbytes, float32_nbytes
 from services.extractor.batcher import BatchRecord
 from services.extractor.cache import FeatureCache
 
@@ -46,40 +46,87 @@ class ExtractorMetrics:
 
     def __init__(self, registry: CollectorRegistry, prefix: str = PREFIX) -> None:
         p = prefix
-        self.images_served = Counter(f"{p}_images_served_total", "Images answered, by gather mode, codec and status "
-                                     "('ok' or the per-item error reason)", ["mode", "codec", "status"],
-                                     registry=registry)
-        self.feature_bytes_sent = Counter(f"{p}_feature_bytes_sent_total", "Encoded feature bytes sent (serialized "
-                                          "FeatureTensor messages)", ["mode", "codec"], registry=registry)
-        self.feature_float32_bytes = Counter(f"{p}_feature_float32_bytes_total", "Bytes the sent features would "
-                                             "take as plain float32 (the paper's unit)", ["mode", "codec"],
-                                             registry=registry)
-        self.image_bytes_received = Counter(f"{p}_image_bytes_received_total", "Image bytes received",
-                                            registry=registry)
-        self.batch_size = Histogram(f"{p}_batch_size_images", "Images per forward batch (across all streams)",
-                                    buckets=_BATCH_BUCKETS, registry=registry)
-        self.queue_wait = Histogram(f"{p}_queue_wait_seconds", "Time an image waited for its batch to start",
-                                    buckets=_QUEUE_WAIT_BUCKETS, registry=registry)
-        self.forward_duration = Histogram(f"{p}_forward_duration_seconds", "Time one batch took in the backbone "
-                                          "(every gather mode it held)", buckets=_FORWARD_BUCKETS, registry=registry)
-        self.forward_passes = Counter(f"{p}_forward_passes_total", "Backbone forward passes, by gather mode (a "
-                                      "batch mixing modes runs one per mode)", ["mode"], registry=registry)
-        self.cache_hits = Counter(f"{p}_cache_hits_total", "Images answered from the cache (every requested k "
-                                  "cached: no decode, no forward)", registry=registry)
-        self.cache_misses = Counter(f"{p}_cache_misses_total", "Images that needed a forward pass while the cache "
-                                    "was enabled", registry=registry)
-        self.image_latency = Histogram(f"{p}_image_latency_seconds", "Time from reading an image off its stream to "
-                                       "its answer being ready (decode, queue, forward, encode; or a cache hit)",
-                                       buckets=_IMAGE_BUCKETS, registry=registry)
-        self.streams_ended_idle = Counter(f"{p}_streams_ended_idle_total", "Extract streams ended with "
-                                          "DEADLINE_EXCEEDED after --stream-idle-timeout-s without progress: 'request' "
-                                          "= the client sent nothing while nothing was in progress, 'response' = the "
-                                          "client did not read an answer", ["waiting_for"], registry=registry)
+        self.images_served = Counter(
+            f"{p}_images_served_total",
+            "Images answered, by gather mode, codec and status ('ok' or the per-item error reason)",
+            ["mode", "codec", "status"],
+            registry=registry,
+        )
+        self.feature_bytes_sent = Counter(
+            f"{p}_feature_bytes_sent_total",
+            "Encoded feature bytes sent (serialized FeatureTensor messages)",
+            ["mode", "codec"],
+            registry=registry,
+        )
+        self.feature_float32_bytes = Counter(
+            f"{p}_feature_float32_bytes_total",
+            "Bytes the sent features would take as plain float32 (the paper's unit)",
+            ["mode", "codec"],
+            registry=registry,
+        )
+        self.image_bytes_received = Counter(
+            f"{p}_image_bytes_received_total", "Image bytes received", registry=registry
+        )
+        self.batch_size = Histogram(
+            f"{p}_batch_size_images",
+            "Images per forward batch (across all streams)",
+            buckets=_BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            f"{p}_queue_wait_seconds",
+            "Time an image waited for its batch to start",
+            buckets=_QUEUE_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.forward_duration = Histogram(
+            f"{p}_forward_duration_seconds",
+            "Time one batch took in the backbone (every gather mode it held)",
+            buckets=_FORWARD_BUCKETS,
+            registry=registry,
+        )
+        self.forward_passes = Counter(
+            f"{p}_forward_passes_total",
+            "Backbone forward passes, by gather mode (a batch mixing modes runs one per mode)",
+            ["mode"],
+            registry=registry,
+        )
+        self.cache_hits = Counter(
+            f"{p}_cache_hits_total",
+            "Images answered from the cache (every requested k cached: no decode, no forward)",
+            registry=registry,
+        )
+        self.cache_misses = Counter(
+            f"{p}_cache_misses_total",
+            "Images that needed a forward pass while the cache was enabled",
+            registry=registry,
+        )
+        self.image_latency = Histogram(
+            f"{p}_image_latency_seconds",
+            "Time from reading an image off its stream to "
+            "its answer being ready (decode, queue, forward, encode; or a cache hit)",
+            buckets=_IMAGE_BUCKETS,
+            registry=registry,
+        )
+        self.streams_ended_idle = Counter(
+            f"{p}_streams_ended_idle_total",
+            "Extract streams ended with "
+            "DEADLINE_EXCEEDED after --stream-idle-timeout-s without progress: 'request' "
+            "= the client sent nothing while nothing was in progress, 'response' = the "
+            "client did not read an answer",
+            ["waiting_for"],
+            registry=registry,
+        )
         self.streams_in_flight = Gauge(f"{p}_streams_in_flight", "Extract streams open now", registry=registry)
-        self.items_in_flight = Gauge(f"{p}_items_in_flight", "Images read from streams and not yet answered",
-                                     registry=registry)
-        self.baseline_bytes_per_image = Gauge(f"{p}_baseline_bytes_per_image", "Float32 bytes per image each method "
-                                              "would send for the loaded backbone", ["method"], registry=registry)
+        self.items_in_flight = Gauge(
+            f"{p}_items_in_flight", "Images read from streams and not yet answered", registry=registry
+        )
+        self.baseline_bytes_per_image = Gauge(
+            f"{p}_baseline_bytes_per_image",
+            "Float32 bytes per image each method would send for the loaded backbone",
+            ["method"],
+            registry=registry,
+        )
         self._registry = registry
         self._prefix = prefix
 
@@ -121,9 +168,11 @@ class _CacheCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self._cache.stats()
         p = self._prefix
-        yield CounterMetricFamily(f"{p}_cache_evictions", "Cache entries dropped to make room (LRU)",
-                                  value=stats.evictions)
+        yield CounterMetricFamily(
+            f"{p}_cache_evictions", "Cache entries dropped to make room (LRU)", value=stats.evictions
+        )
         yield GaugeMetricFamily(f"{p}_cache_bytes", "Encoded feature bytes held in the cache", value=stats.bytes)
-        yield GaugeMetricFamily(f"{p}_cache_entries", "Features held in the cache (one per image, mode, k, codec)",
-                                value=stats.entries)
+        yield GaugeMetricFamily(
+            f"{p}_cache_entries", "Features held in the cache (one per image, mode, k, codec)", value=stats.entries
+        )
         yield GaugeMetricFamily(f"{p}_cache_max_bytes", "The cache's size bound (0: disabled)", value=stats.max_bytes)

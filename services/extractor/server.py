@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from prometheus_client import CollectorRegistry
 
-from services.common.server import ServiceSetup, run_service
+from services.common.serving.server import ServiceSetup, run_service
 from services.extractor.backbone import LoadedBackbone, load_backbone
 from services.extractor.config import ExtractorConfig
 from services.extractor.engine import ExtractionEngine
@@ -28,25 +28,45 @@ logger = logging.getLogger(__name__)
 
 def load_configured_backbone(config: ExtractorConfig) -> LoadedBackbone:
     """The backbone the flags name (a random init logs the loud warning itself)."""
-    return load_backbone(config.backbone, weights=config.weights or None, device=config.device,
-                         autocast=config.autocast, seed=config.seed, model_kwargs=config.model_kwargs_dict)
+    return load_backbone(
+        config.backbone,
+        weights=config.weights or None,
+        device=config.device,
+        autocast=config.autocast,
+        seed=config.seed,
+        model_kwargs=config.model_kwargs_dict,
+    )
 
 
-async def build(config: ExtractorConfig, registry: CollectorRegistry, *,
-                backbone: LoadedBackbone | None = None) -> ServiceSetup:
+async def build(
+    config: ExtractorConfig, registry: CollectorRegistry, *, backbone: LoadedBackbone | None = None
+) -> ServiceSetup:
     """Load the backbone (unless one is given, as tests do), start the engine, and hand the servicer to serve()."""
     torch.set_num_threads(config.forward_threads)  # this thread; the engine sets its own threads' counts
     backbone = backbone if backbone is not None else load_configured_backbone(config)
     engine = ExtractionEngine(backbone, config, ExtractorMetrics(registry))
     await engine.start()
     geometry = backbone.geometry
-    logger.info("serving %s (N=%d blocks, T=%d tokens, D=%d dims) on %s: batches of up to %d images within %g ms, "
-                "%d images in flight per stream, %d streams, cache %d bytes, %d decode threads, %d torch threads",
-                backbone.name, geometry.num_blocks, geometry.tokens, geometry.dims, backbone.device,
-                config.max_batch_size, config.max_queue_delay_ms, config.max_items_in_flight, config.max_streams,
-                config.cache_max_bytes, config.worker_threads, config.forward_threads)
-    return ServiceSetup(add_services=functools.partial(add_extractor, engine=engine),
-                        on_shutdown=functools.partial(engine.close, drain=True))
+    logger.info(
+        "serving %s (N=%d blocks, T=%d tokens, D=%d dims) on %s: batches of up to %d images within %g ms, "
+        "%d images in flight per stream, %d streams, cache %d bytes, %d decode threads, %d torch threads",
+        backbone.name,
+        geometry.num_blocks,
+        geometry.tokens,
+        geometry.dims,
+        backbone.device,
+        config.max_batch_size,
+        config.max_queue_delay_ms,
+        config.max_items_in_flight,
+        config.max_streams,
+        config.cache_max_bytes,
+        config.worker_threads,
+        config.forward_threads,
+    )
+    return ServiceSetup(
+        add_services=functools.partial(add_extractor, engine=engine),
+        on_shutdown=functools.partial(engine.close, drain=True),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

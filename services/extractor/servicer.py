@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from services.common.pb import extractor_pb2, extractor_pb2_grpc
-from services.common.rpc import handles_errors
+from services.common.serving.rpc import handles_errors
 from services.extractor.engine import ExtractionEngine
 
 SERVICE_NAME = extractor_pb2.DESCRIPTOR.services_by_name["Extractor"].full_name  # "mist.v1.Extractor"
@@ -25,8 +25,9 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         self._engine = engine
 
     @handles_errors
-    async def Extract(self, request_iterator: AsyncIterator[extractor_pb2.ExtractRequest],
-                      context: grpc.aio.ServicerContext) -> None:
+    async def Extract(
+        self, request_iterator: AsyncIterator[extractor_pb2.ExtractRequest], context: grpc.aio.ServicerContext
+    ) -> None:
         # Explicit writes (not a generator) so that an answer the client never reads times out like an idle read.
         # aclosing: when the call ends early, the engine releases the stream's slot and work now, not at GC.
         timeout = self._engine.idle_timeout_s
@@ -48,8 +49,9 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
                 watchdog.close()
 
     @handles_errors
-    async def Describe(self, request: extractor_pb2.DescribeRequest,
-                       context: grpc.aio.ServicerContext) -> extractor_pb2.BackboneInfo:
+    async def Describe(
+        self, request: extractor_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> extractor_pb2.BackboneInfo:
         return self._engine.describe()
 
 

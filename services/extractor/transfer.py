@@ -21,12 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.common.baselines import GATHER_MODES, VIT_B16, baseline_bytes_per_image, mode_to_proto
-from services.common.codec import ALL_CODECS, DEFAULT_CODEC, CodecConfig, FeatureCodec, decode_feature, encoded_nbytes
-from services.common.synthetic import CLASS_NAMES, render_image
+from services.common.wire.codec import (
+    ALL_CODECS,
+    DEFAULT_CODEC,
+    CodecConfig,
+    FeatureCodec,
+    decode_feature,
+    encoded_nbytes,
+)
+from services.common.wire.gather_modes import GATHER_MODES, VIT_B16, baseline_bytes_per_image, mode_to_proto
 from services.extractor.backbone import LoadedBackbone, load_backbone
 from services.extractor.gather import gather
 from services.extractor.preprocess import ImagePreprocessor
+from services.tuner.synthetic import CLASS_NAMES, render_image
 
 MIB = 2**20
 # The paper's float32 transfer per image for ViT-B/16 (MiB), shown next to our measurements.
@@ -77,14 +84,24 @@ def measure_transfer(
             codec = FeatureCodec(CodecConfig.parse(name))
             sizes, errors = [], []
             for image_features in features:
-                msg = codec.encode(image_features, backbone=backbone_id, mode=mode_to_proto(mode), k=num_blocks if mode == "mist" else 0)
+                msg = codec.encode(
+                    image_features,
+                    backbone=backbone_id,
+                    mode=mode_to_proto(mode),
+                    k=num_blocks if mode == "mist" else 0,
+                )
                 sizes.append(encoded_nbytes(msg))
                 errors.append(_max_relative_error(image_features, decode_feature(msg)))
-            rows.append(TransferRow(
-                method=mode, codec=codec.config.name, bytes_per_image=statistics.fmean(sizes),
-                float32_bytes_per_image=int(features[0].size * 4), max_relative_error=max(errors),
-                is_default=mode == "mist" and codec.config == DEFAULT_CODEC,
-            ))
+            rows.append(
+                TransferRow(
+                    method=mode,
+                    codec=codec.config.name,
+                    bytes_per_image=statistics.fmean(sizes),
+                    float32_bytes_per_image=int(features[0].size * 4),
+                    max_relative_error=max(errors),
+                    is_default=mode == "mist" and codec.config == DEFAULT_CODEC,
+                )
+            )
     return rows
 
 
@@ -124,7 +141,8 @@ def mist_table(rows: Sequence[TransferRow], *, baselines: dict[str, int]) -> str
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m services.extractor.transfer", description=__doc__.split("\n\n")[0],
+        prog="python -m services.extractor.transfer",
+        description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--backbone", default="vit_base_patch16_224", help="timm model name (default: %(default)s)")
     parser.add_argument("--weights", type=Path, help="local weights file; random init (with a warning) otherwise")
@@ -146,19 +164,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = backbone.data_config["input_size"][-1]
     rows = measure_transfer(backbone, synthetic_png_images(args.images, size), args.codecs.split(","))
     baselines = baseline_bytes_per_image(geometry)
-    print(f"Transfer per image: {backbone.name} ({geometry.num_blocks} blocks, {geometry.tokens} tokens x "
-          f"{geometry.dims} dims), {'pretrained' if backbone.pretrained else 'RANDOM-INIT'} weights, "
-          f"mean over {args.images} synthetic images, MIST at k = {geometry.num_blocks}\n")
+    print(
+        f"Transfer per image: {backbone.name} ({geometry.num_blocks} blocks, {geometry.tokens} tokens x "
+        f"{geometry.dims} dims), {'pretrained' if backbone.pretrained else 'RANDOM-INIT'} weights, "
+        f"mean over {args.images} synthetic images, MIST at k = {geometry.num_blocks}\n"
+    )
     print("MiB per image (serialized FeatureTensor; bold: the default codec)\n")
     print(markdown_table(rows, baselines=baselines, show_paper=geometry == VIT_B16))
     print("\nMIST per codec, against what float32 LST and LAST send for the same backbone\n")
     print(mist_table(rows, baselines=baselines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "backbone": backbone.name, "pretrained": backbone.pretrained, "geometry": asdict(geometry),
-            "images": args.images, "float32_baselines": baselines, "transfer": [asdict(row) for row in rows],
-        }, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "backbone": backbone.name,
+                    "pretrained": backbone.pretrained,
+                    "geometry": asdict(geometry),
+                    "images": args.images,
+                    "float32_baselines": baselines,
+                    "transfer": [asdict(row) for row in rows],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"\nwrote {args.json}")
     return 0
 

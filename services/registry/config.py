@@ -39,7 +39,7 @@ def describe_db(url: str) -> str:
     """The URL for log lines: any password (user:PASSWORD@ or password=PASSWORD) masked, an absolute SQLite path cut
     to its file name (sqlite:////srv/mist/registry.db -> sqlite:///.../registry.db)."""
     if url.startswith("sqlite:///"):
-        return "sqlite:///" + loggable_path(url[len("sqlite:///"):])
+        return "sqlite:///" + loggable_path(url[len("sqlite:///") :])
     masked = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
     return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", masked)
 

@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.common.errors import MistError
-from services.common.rpc import status_for
+from services.common.serving.rpc import status_for
 from services.registry.store import RegistryStore
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar, get_args
 
-from services.common.baselines import GatherModeName, check_mode
-from services.common.edge_spec import EdgeNetworkConfig
 from services.common.errors import InvalidArgumentError
+from services.common.wire.edge_spec import EdgeNetworkConfig
+from services.common.wire.gather_modes import GatherModeName, check_mode
 
 ScopeName = Literal["admin", "read", "read_write"]
 SCOPES: tuple[ScopeName, ...] = get_args(ScopeName)

@@ -13,11 +13,11 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common.baselines import mode_from_proto, mode_to_proto
-from services.common.codec import CodecConfig
-from services.common.edge_spec import EdgeNetworkConfig
 from services.common.errors import InvalidArgumentError
 from services.common.pb import feature_pb2, registry_pb2
+from services.common.wire.codec import CodecConfig
+from services.common.wire.edge_spec import EdgeNetworkConfig
+from services.common.wire.gather_modes import mode_from_proto, mode_to_proto
 from services.registry.records import Alias, AliasMove, ScopeName, Task, Version
 
 log = logging.getLogger(__name__)

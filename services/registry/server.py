@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.config import split_host_port
 from services.common.pb import registry_pb2_grpc
-from services.common.server import ServiceSetup, run_service
+from services.common.serving.server import ServiceSetup, run_service
 from services.registry.config import RegistryConfig, describe_db, read_admin_token
 from services.registry.metrics import RegistryMetrics
 from services.registry.servicer import SERVICE_NAME, RegistryServicer, StoreTokenValidator

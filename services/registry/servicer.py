@@ -19,7 +19,6 @@ from datetime import datetime, timedelta, timezone
 
 import grpc
 
-from services.common.auth import current_principal
 from services.common.errors import (
     InvalidArgumentError,
     PermissionDeniedError,
@@ -27,7 +26,8 @@ from services.common.errors import (
     UnauthenticatedError,
 )
 from services.common.pb import registry_pb2, registry_pb2_grpc
-from services.common.rpc import handles_errors
+from services.common.serving.auth import current_principal
+from services.common.serving.rpc import handles_errors
 from services.registry import serde
 from services.registry.config import MIN_CHUNK_SIZE_BYTES, RegistryConfig
 from services.registry.metrics import RegistryMetrics

@@ -39,7 +39,6 @@ from dataclasses import fields, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from services.common.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig, state_shapes
 from services.common.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -48,7 +47,8 @@ from services.common.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from services.common.weights import MAX_HEADER_BYTES, WeightsSummary, sha256_hex, validate_weights
+from services.common.wire.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig, state_shapes
+from services.common.wire.weights import MAX_HEADER_BYTES, WeightsSummary, sha256_hex, validate_weights
 from services.registry.records import (
     MAX_PAGE_SIZE,
     RESERVED_ALIASES,

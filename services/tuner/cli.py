@@ -89,12 +89,22 @@ class Flag:
         shown = "required" if self.required else f"default: {self._shown_default()}"
         help_text = f"{self.help} [env {env_name(self.name)}; {shown}]".replace("%", "%%")
         if self.boolean:
-            parser.add_argument(flag_name(self.name), dest=self.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag_name(self.name),
+                dest=self.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
             return
-        parser.add_argument(flag_name(self.name), dest=self.name, type=self._parse, default=argparse.SUPPRESS,
-                            metavar=self.metavar or ("{" + ",".join(self.choices) + "}" if self.choices else None),
-                            help=help_text)
+        parser.add_argument(
+            flag_name(self.name),
+            dest=self.name,
+            type=self._parse,
+            default=argparse.SUPPRESS,
+            metavar=self.metavar or ("{" + ",".join(self.choices) + "}" if self.choices else None),
+            help=help_text,
+        )
 
     def _shown_default(self) -> str:
         if self.shown is not None:
@@ -139,42 +149,80 @@ CONNECTION = (
     Flag("client_cert", "PEM client certificate for mutual TLS", metavar="PATH"),
     Flag("client_key", "PEM key of --client-cert", metavar="PATH"),
     Flag("server_name", "name on the servers' certificates when it differs from HOST", metavar="NAME"),
-    Flag("cache_dir", "local cache of pulled weights (by sha256); '' keeps them in memory", default=DEFAULT_CACHE_DIR,
-         metavar="DIR"),
+    Flag(
+        "cache_dir",
+        "local cache of pulled weights (by sha256); '' keeps them in memory",
+        default=DEFAULT_CACHE_DIR,
+        metavar="DIR",
+    ),
     Flag("timeout_s", "deadline of each registry call", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS"),
     Flag("max_in_flight", "images sent to the extractor and not yet answered", type=int, default=32, metavar="N"),
 )
 OUTPUT = (
-    Flag("progress", "progress on stderr: a bar on a terminal (auto), log lines, or nothing", default="auto",
-         choices=("auto", "bar", "log", "quiet")),
-    Flag("quiet", "no progress and no log lines below warnings (same as --progress quiet)", type=_bool,
-         default=False, boolean=True),
-    Flag("log_level", "least severe log line shown on stderr", default="info",
-         choices=("debug", "info", "warning", "error")),
+    Flag(
+        "progress",
+        "progress on stderr: a bar on a terminal (auto), log lines, or nothing",
+        default="auto",
+        choices=("auto", "bar", "log", "quiet"),
+    ),
+    Flag(
+        "quiet",
+        "no progress and no log lines below warnings (same as --progress quiet)",
+        type=_bool,
+        default=False,
+        boolean=True,
+    ),
+    Flag(
+        "log_level",
+        "least severe log line shown on stderr",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+    ),
 )
-THREADS = (Flag("threads", "torch threads for training and inference; 0 = every CPU", type=int, default=0,
-                metavar="N"),)
+THREADS = (
+    Flag("threads", "torch threads for training and inference; 0 = every CPU", type=int, default=0, metavar="N"),
+)
 VERSION_REF = (
     Flag("version", "version number to use (default: the alias, else the latest)", type=int, metavar="N"),
     Flag("alias", "alias to use, e.g. production", metavar="NAME"),
 )
 TUNE = (
     Flag("task", "registry task; created on success when it does not exist", required=True, metavar="NAME"),
-    Flag("data", "ImageFolder tree DIR/<class>/..., split folders DIR/{train,val,test}/<class>/... or a CSV "
-         "manifest path,label[,split]", required=True, metavar="PATH"),
-    Flag("k", "gather depth, or auto: the best of N/4, N/2, 3N/4, N on the val split", type=_k_value,
-         shown="auto", metavar="auto|N"),
-    Flag("codec", "feature codec, e.g. i8-zstd, f16-zstd, f32-none (default: the task's, else i8-zstd)",
-         metavar="NAME"),
+    Flag(
+        "data",
+        "ImageFolder tree DIR/<class>/..., split folders DIR/{train,val,test}/<class>/... or a CSV "
+        "manifest path,label[,split]",
+        required=True,
+        metavar="PATH",
+    ),
+    Flag(
+        "k",
+        "gather depth, or auto: the best of N/4, N/2, 3N/4, N on the val split",
+        type=_k_value,
+        shown="auto",
+        metavar="auto|N",
+    ),
+    Flag(
+        "codec", "feature codec, e.g. i8-zstd, f16-zstd, f32-none (default: the task's, else i8-zstd)", metavar="NAME"
+    ),
     Flag("epochs", "training epochs of the final run", type=int, default=30, metavar="N"),
-    Flag("k_search_epochs", "epochs per candidate with --k auto (default: a fifth of --epochs, at least 2)",
-         type=_optional_int, metavar="N"),
+    Flag(
+        "k_search_epochs",
+        "epochs per candidate with --k auto (default: a fifth of --epochs, at least 2)",
+        type=_optional_int,
+        metavar="N",
+    ),
     Flag("batch_size", "images per optimizer step", type=int, default=32, metavar="N"),
     Flag("lr", "AdamW peak learning rate (cosine schedule after a linear warm-up)", type=float, default=1e-3),
     Flag("weight_decay", "AdamW decoupled weight decay (weight matrices only)", type=float, default=1e-4),
     Flag("warmup_epochs", "linear warm-up epochs (default: 10% of --epochs)", type=_optional_int, metavar="N"),
-    Flag("seed", "seed of the initialisation, the batch order and the split: same inputs, same weights",
-         type=int, default=0, metavar="N"),
+    Flag(
+        "seed",
+        "seed of the initialisation, the batch order and the split: same inputs, same weights",
+        type=int,
+        default=0,
+        metavar="N",
+    ),
     Flag("val_fraction", "share of each class's unsplit images kept for validation", type=float, default=0.2),
     Flag("test_fraction", "share of each class's unsplit images kept for the test score", type=float, default=0.0),
     Flag("num_blocks", "edge network blocks M (default: the task's, else 4)", type=int, metavar="M"),
@@ -183,8 +231,13 @@ TUNE = (
     Flag("pooling", "edge network pooling (default: the task's, else cls)", choices=("cls", "mean")),
     Flag("alias", "move this alias (e.g. production) to the new version on success", metavar="NAME"),
     Flag("description", "description of the task when this tune creates it", default=""),
-    Flag("force", "push even when the task gained a newer version during this tune", type=_bool, default=False,
-         boolean=True),
+    Flag(
+        "force",
+        "push even when the task gained a newer version during this tune",
+        type=_bool,
+        default=False,
+        boolean=True,
+    ),
     Flag("json", "print the result as JSON on stdout", type=_bool, default=False, boolean=True),
 )
 PREDICT = (
@@ -195,26 +248,35 @@ PREDICT = (
 EVALUATE = (
     Flag("task", "registry task", required=True, metavar="NAME"),
     *VERSION_REF,
-    Flag("data", "labelled images: DIR/<class>/..., DIR/{train,val,test}/<class>/... or a manifest",
-         required=True, metavar="PATH"),
-    Flag("split", "which images to score: test when there is a test split (auto), every image (all), or one split",
-         default="auto", choices=("auto", "all", "train", "val", "test")),
+    Flag(
+        "data",
+        "labelled images: DIR/<class>/..., DIR/{train,val,test}/<class>/... or a manifest",
+        required=True,
+        metavar="PATH",
+    ),
+    Flag(
+        "split",
+        "which images to score: test when there is a test split (auto), every image (all), or one split",
+        default="auto",
+        choices=("auto", "all", "train", "val", "test"),
+    ),
     Flag("json", "print the report as JSON on stdout", type=_bool, default=False, boolean=True),
 )
 DEMO = (
-    Flag("workdir", "where the demo keeps its dataset, registry database and logs", default="var/demo",
-         metavar="DIR"),
+    Flag("workdir", "where the demo keeps its dataset, registry database and logs", default="var/demo", metavar="DIR"),
     Flag("epochs", "training epochs of the final run", type=int, default=30, metavar="N"),
     Flag("seed", "seed of the dataset, the split and the training", type=int, default=0, metavar="N"),
-    Flag("worker", "also show the tuner worker: predict through its gRPC Predict", type=_bool, default=True,
-         boolean=True),
+    Flag(
+        "worker", "also show the tuner worker: predict through its gRPC Predict", type=_bool, default=True, boolean=True
+    ),
     # One thread: the demo's edge network is small, and on a shared 2-core machine two torch threads contending
     # with the servers ran 8-20x slower than one (measured: 620 against 35-75 images/s at load average 6).
     Flag("threads", "torch threads for training (0 = every CPU)", type=int, default=1, metavar="N"),
 )
 # Every MIST_* variable `mist` reads; the mist-tuner worker accepts them in its environment too.
-CLI_ENV: tuple[str, ...] = tuple(sorted({env_name(f.name) for flags in (CONNECTION, OUTPUT, THREADS, TUNE, PREDICT,
-                                                                         EVALUATE, DEMO) for f in flags}))
+CLI_ENV: tuple[str, ...] = tuple(
+    sorted({env_name(f.name) for flags in (CONNECTION, OUTPUT, THREADS, TUNE, PREDICT, EVALUATE, DEMO) for f in flags})
+)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -274,8 +336,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         tuner=tuner_identity("cli")))  # fmt: skip
     endpoints = _checked(lambda: _endpoints(args))
     _setup(args)
-    with ProgressReporter(_progress_mode(args)) as reporter, endpoints.extractor_client() as extractor, \
-            endpoints.registry_client() as registry:
+    with (
+        ProgressReporter(_progress_mode(args)) as reporter,
+        endpoints.extractor_client() as extractor,
+        endpoints.registry_client() as registry,
+    ):
         result = tune_path(args.data, options, extractor, registry, ReporterObserver(reporter))
     _print(result.to_dict(), result.summary(), args.json)
     return 0
@@ -296,8 +361,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failures = 0
     with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
         loaded = load_version(registry, args.task, version=args.version, alias=args.alias)
-        for prediction in predict_images(loaded, extractor, file_items(files), top_k=args.top_k,
-                                         max_in_flight=args.max_in_flight):
+        for prediction in predict_images(
+            loaded, extractor, file_items(files), top_k=args.top_k, max_in_flight=args.max_in_flight
+        ):
             print(json.dumps(prediction.to_dict(id_key="file")), flush=True)
             failures += not prediction.ok
     if failures:
@@ -322,8 +388,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.tuner.demo import DemoOptions, run_demo
 
-    options = _checked(lambda: DemoOptions(workdir=args.workdir, epochs=args.epochs, seed=args.seed,
-                                           show_worker=args.worker))
+    options = _checked(
+        lambda: DemoOptions(workdir=args.workdir, epochs=args.epochs, seed=args.seed, show_worker=args.worker)
+    )
     _setup(args)
     return run_demo(options)
 
@@ -335,12 +402,17 @@ _EPILOG = "Every flag also reads MIST_<FLAG> from the environment (the flag wins
 
 
 def build_parser() -> _Parser:
-    parser = _Parser(prog=PROG, description="MIST separated tuning: train tiny edge networks on features from a "
-                     "frozen ViT served in the cloud; predict; manage their versions.", epilog=_EPILOG)
+    parser = _Parser(
+        prog=PROG,
+        description="MIST separated tuning: train tiny edge networks on features from a "
+        "frozen ViT served in the cloud; predict; manage their versions.",
+        epilog=_EPILOG,
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help_text: str,
-            groups: Sequence[tuple[str, Sequence[Flag]]]) -> argparse.ArgumentParser:
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help_text: str, groups: Sequence[tuple[str, Sequence[Flag]]]
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=_EPILOG)
         for title, flags in groups:
             group = sub.add_argument_group(title)
@@ -349,18 +421,35 @@ def build_parser() -> _Parser:
         sub.set_defaults(fn=fn, flags=[flag for _, flags in groups for flag in flags])
         return sub
 
-    add("tune", cmd_tune, "fetch features once, choose k, train the edge network, evaluate, push a version",
-        [("tune", TUNE), ("connection", CONNECTION), ("output", OUTPUT + THREADS)])
-    predict = add("predict", cmd_predict, "classify images with a stored version; prints one JSON line per image",
-                  [("predict", PREDICT), ("connection", CONNECTION), ("output", OUTPUT + THREADS)])
+    add(
+        "tune",
+        cmd_tune,
+        "fetch features once, choose k, train the edge network, evaluate, push a version",
+        [("tune", TUNE), ("connection", CONNECTION), ("output", OUTPUT + THREADS)],
+    )
+    predict = add(
+        "predict",
+        cmd_predict,
+        "classify images with a stored version; prints one JSON line per image",
+        [("predict", PREDICT), ("connection", CONNECTION), ("output", OUTPUT + THREADS)],
+    )
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of images")
-    add("evaluate", cmd_evaluate, "score a stored version on a labelled folder: accuracy, per class, confusion",
-        [("evaluate", EVALUATE), ("connection", CONNECTION), ("output", OUTPUT + THREADS)])
-    commands.add_parser("registry", add_help=False,
-                        help="tasks, versions, aliases, exports, tokens (see mist registry --help)")
-    add("demo", cmd_demo, "start a registry, an extractor and a worker locally, tune a synthetic task, promote it, "
+    add(
+        "evaluate",
+        cmd_evaluate,
+        "score a stored version on a labelled folder: accuracy, per class, confusion",
+        [("evaluate", EVALUATE), ("connection", CONNECTION), ("output", OUTPUT + THREADS)],
+    )
+    commands.add_parser(
+        "registry", add_help=False, help="tasks, versions, aliases, exports, tokens (see mist registry --help)"
+    )
+    add(
+        "demo",
+        cmd_demo,
+        "start a registry, an extractor and a worker locally, tune a synthetic task, promote it, "
         "predict, and show the transfer table; stops everything it started",
-        [("demo", DEMO), ("output", OUTPUT)])
+        [("demo", DEMO), ("output", OUTPUT)],
+    )
     return parser
 
 
@@ -374,7 +463,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     env = os.environ if env is None else env
     limit_heap_growth()
     if argv[:1] == ["registry"]:
-        from services.registry.cli import main as registry_main
+        from services.common.clients.registry_cli import main as registry_main
 
         return registry_main(argv[1:], env)
     prog = PROG

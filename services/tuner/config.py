@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.clients.extractor import DEFAULT_MAX_IN_FLIGHT, ExtractorClient
+from services.common.clients.registry import RegistryClient
 from services.common.config import ConfigError, ServerConfig, check_existing_file, check_host_port, setting
 from services.common.errors import InvalidArgumentError
-from services.common.extractor_client import DEFAULT_MAX_IN_FLIGHT, ExtractorClient
-from services.common.registry_client import RegistryClient
 
 DEFAULT_EXTRACTOR = "127.0.0.1:50051"  # DESIGN.md's command line: mist-extractor --listen 127.0.0.1:50051
 DEFAULT_REGISTRY = "127.0.0.1:50052"  # mist-registry --listen 127.0.0.1:50052
@@ -48,16 +48,22 @@ class Endpoints:
             raise InvalidArgumentError(f"timeout_s must be positive, got {self.timeout_s!r}")
 
     def _tls(self) -> dict[str, object]:
-        return dict(tls=self.tls, tls_ca=self.tls_ca, client_cert=self.client_cert, client_key=self.client_key,
-                    server_name=self.server_name)
+        return dict(
+            tls=self.tls,
+            tls_ca=self.tls_ca,
+            client_cert=self.client_cert,
+            client_key=self.client_key,
+            server_name=self.server_name,
+        )
 
     def extractor_client(self) -> ExtractorClient:
         return ExtractorClient(self.extractor, token=self.extractor_token, **self._tls())  # type: ignore[arg-type]
 
     def registry_client(self, *, use_cache_dir: bool = True) -> RegistryClient:
         cache = Path(self.cache_dir).expanduser() if self.cache_dir and use_cache_dir else None
-        return RegistryClient(self.registry, token=self.registry_token, cache_dir=cache, timeout_s=self.timeout_s,
-                              **self._tls())  # type: ignore[arg-type]
+        return RegistryClient(
+            self.registry, token=self.registry_token, cache_dir=cache, timeout_s=self.timeout_s, **self._tls()
+        )  # type: ignore[arg-type]
 
 
 def read_token_file(path: str, what: str) -> str | None:
@@ -77,35 +83,71 @@ def read_token_file(path: str, what: str) -> str | None:
 class TunerConfig(ServerConfig):
     """mist-tuner: the stateless tuner worker (Tune and Predict over gRPC for devices too weak to train)."""
 
-    extractor: str = setting(DEFAULT_EXTRACTOR, help="mist-extractor address the worker fetches features from",
-                             parser=check_host_port, metavar="HOST:PORT")
-    registry: str = setting(DEFAULT_REGISTRY, help="mist-registry address the worker pulls from and pushes to",
-                            parser=check_host_port, metavar="HOST:PORT")
-    registry_token_file: str = setting("", help="bearer token the worker presents to the registry (needs "
-                                       "read_write on the tasks it tunes); empty: none",
-                                       parser=check_existing_file, metavar="PATH")
-    extractor_token_file: str = setting("", help="bearer token the worker presents to the extractor; empty: none",
-                                        parser=check_existing_file, metavar="PATH")
-    upstream_tls_ca: str = setting("", help="PEM CA bundle of the extractor and registry; set: talk TLS to them",
-                                   parser=check_existing_file, metavar="PATH")
-    upstream_tls_cert: str = setting("", help="PEM client certificate the worker presents upstream (mutual TLS); "
-                                     "needs --upstream-tls-ca and --upstream-tls-key", parser=check_existing_file,
-                                     metavar="PATH")
-    upstream_tls_key: str = setting("", help="PEM private key of --upstream-tls-cert", parser=check_existing_file,
-                                    metavar="PATH")
-    upstream_server_name: str = setting("", help="name on the upstream certificates when it differs from HOST",
-                                        metavar="NAME")
-    max_concurrent_jobs: int = setting(1, help="Tune calls trained at once; more fail with RESOURCE_EXHAUSTED so "
-                                       "clients retry on another replica (training uses every core)", minimum=1,
-                                       metavar="N")
-    max_tune_images: int = setting(20_000, help="images one Tune call may send (they are held in memory)",
-                                   minimum=2, metavar="N")
-    max_tune_bytes: int = setting(2 * _GiB, help="image bytes one Tune call may send in total", minimum=1 << 20,
-                                  metavar="BYTES")
-    max_in_flight: int = setting(DEFAULT_MAX_IN_FLIGHT, help="images sent to the extractor and not yet answered, "
-                                 "per call", minimum=1, metavar="N")
-    torch_threads: int = setting(0, help="torch threads for training and inference; 0 = every CPU", minimum=0,
-                                 metavar="N")
+    extractor: str = setting(
+        DEFAULT_EXTRACTOR,
+        help="mist-extractor address the worker fetches features from",
+        parser=check_host_port,
+        metavar="HOST:PORT",
+    )
+    registry: str = setting(
+        DEFAULT_REGISTRY,
+        help="mist-registry address the worker pulls from and pushes to",
+        parser=check_host_port,
+        metavar="HOST:PORT",
+    )
+    registry_token_file: str = setting(
+        "",
+        help="bearer token the worker presents to the registry (needs read_write on the tasks it tunes); empty: none",
+        parser=check_existing_file,
+        metavar="PATH",
+    )
+    extractor_token_file: str = setting(
+        "",
+        help="bearer token the worker presents to the extractor; empty: none",
+        parser=check_existing_file,
+        metavar="PATH",
+    )
+    upstream_tls_ca: str = setting(
+        "",
+        help="PEM CA bundle of the extractor and registry; set: talk TLS to them",
+        parser=check_existing_file,
+        metavar="PATH",
+    )
+    upstream_tls_cert: str = setting(
+        "",
+        help="PEM client certificate the worker presents upstream (mutual TLS); "
+        "needs --upstream-tls-ca and --upstream-tls-key",
+        parser=check_existing_file,
+        metavar="PATH",
+    )
+    upstream_tls_key: str = setting(
+        "", help="PEM private key of --upstream-tls-cert", parser=check_existing_file, metavar="PATH"
+    )
+    upstream_server_name: str = setting(
+        "", help="name on the upstream certificates when it differs from HOST", metavar="NAME"
+    )
+    max_concurrent_jobs: int = setting(
+        1,
+        help="Tune calls trained at once; more fail with RESOURCE_EXHAUSTED so "
+        "clients retry on another replica (training uses every core)",
+        minimum=1,
+        metavar="N",
+    )
+    max_tune_images: int = setting(
+        20_000, help="images one Tune call may send (they are held in memory)", minimum=2, metavar="N"
+    )
+    max_tune_bytes: int = setting(
+        2 * _GiB, help="image bytes one Tune call may send in total", minimum=1 << 20, metavar="BYTES"
+    )
+    max_in_flight: int = setting(
+        DEFAULT_MAX_IN_FLIGHT,
+        help="images sent to the extractor and not yet answered, per call",
+        minimum=1,
+        metavar="N",
+    )
+    torch_threads: int = setting(
+        0, help="torch threads for training and inference; 0 = every CPU", minimum=0, metavar="N"
+    )
 
     def check(self) -> None:
         super().check()

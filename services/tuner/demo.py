@@ -71,9 +71,15 @@ class ServerProcess:
         self._lines: list[str] = []
         self._listening = threading.Event()
         env = {key: value for key, value in os.environ.items() if not key.startswith("MIST_")}  # flags say it all
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                                     start_new_session=True)  # Ctrl-C reaches us; we stop it in order
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )  # Ctrl-C reaches us; we stop it in order
         self._reader = threading.Thread(target=self._drain, name=f"{name}-log", daemon=True)
         self._reader.start()
 
@@ -93,8 +99,7 @@ class ServerProcess:
         """HOST:PORT from its "listening on" line; UnavailableError (with its last log lines) if it died."""
         if not self._listening.wait(timeout_s) or not self.address:
             tail = " | ".join(self._lines[-3:]) or "no output"
-            raise UnavailableError(f"{self.name} did not start (exit {self.proc.poll()}; log {self.log_path}): "
-                                   f"{tail}")
+            raise UnavailableError(f"{self.name} did not start (exit {self.proc.poll()}; log {self.log_path}): {tail}")
         return self.address
 
     def stop(self) -> None:
@@ -198,9 +203,11 @@ def _start_servers(workdir: Path, started: list[ServerProcess], say: _Say) -> tu
     ], workdir / "logs" / "extractor.log"))  # fmt: skip
     registry, extractor = started[0].wait_listening(), started[1].wait_listening()
     say(f"mist-registry on {registry}, mist-extractor on {extractor}")
-    say("NOTE: the extractor runs a RANDOMLY INITIALISED ViT (no weights are downloaded), so its features carry "
+    say(
+        "NOTE: the extractor runs a RANDOMLY INITIALISED ViT (no weights are downloaded), so its features carry "
         "little meaning: expect accuracy clearly above chance, not good accuracy. Pass real weights to "
-        "mist-extractor --weights PATH for that.")
+        "mist-extractor --weights PATH for that."
+    )
     return registry, extractor
 
 
@@ -214,11 +221,13 @@ def _start_worker(workdir: Path, extractor: str, registry: str, started: list[Se
 
 
 def _write_dataset(workdir: Path, seed: int, say: _Say) -> Path:
-    from services.common.synthetic import SplitSizes, generate_dataset
+    from services.tuner.synthetic import SplitSizes, generate_dataset
 
     root = workdir / f"data-seed{seed}"
-    say(f"writing the synthetic dataset to {root} ({DEMO_SPLIT[0]}/{DEMO_SPLIT[1]}/{DEMO_SPLIT[2]} train/val/test "
-        "images per class)")
+    say(
+        f"writing the synthetic dataset to {root} ({DEMO_SPLIT[0]}/{DEMO_SPLIT[1]}/{DEMO_SPLIT[2]} train/val/test "
+        "images per class)"
+    )
     summary = generate_dataset(root, sizes=SplitSizes(*DEMO_SPLIT), image_size=DEMO_IMAGE_SIZE, seed=seed)
     say(f"{len(summary.classes)} classes: {', '.join(summary.classes)}")
     return root
@@ -230,11 +239,18 @@ def _tune(data: Path, extractor: str, registry: str, options: DemoOptions, say: 
     from services.tuner.reports import ReporterObserver
     from services.tuner.tune import TuneOptions, tune_path, tuner_identity
 
-    say(f"mist tune --task {DEMO_TASK} --data {data} --k auto --epochs {options.epochs} --alias {DEMO_ALIAS} "
-        f"--seed {options.seed}  (progress on stderr)")
-    tune_options = TuneOptions(task=DEMO_TASK, epochs=options.epochs, seed=options.seed, alias=DEMO_ALIAS,
-                               description="mist demo: synthetic shapes, counts, orientations, colours",
-                               tuner=tuner_identity("cli"))
+    say(
+        f"mist tune --task {DEMO_TASK} --data {data} --k auto --epochs {options.epochs} --alias {DEMO_ALIAS} "
+        f"--seed {options.seed}  (progress on stderr)"
+    )
+    tune_options = TuneOptions(
+        task=DEMO_TASK,
+        epochs=options.epochs,
+        seed=options.seed,
+        alias=DEMO_ALIAS,
+        description="mist demo: synthetic shapes, counts, orientations, colours",
+        tuner=tuner_identity("cli"),
+    )
     endpoints = Endpoints(extractor=extractor, registry=registry)
     with ProgressReporter("auto") as reporter, endpoints.extractor_client() as x, endpoints.registry_client() as r:
         result = tune_path(data, tune_options, x, r, ReporterObserver(reporter))
@@ -249,8 +265,7 @@ def _sample_images(data: Path) -> list[Path]:
     return images
 
 
-def _predict(data: Path, extractor: str, registry: str, worker: ServerProcess | None, workdir: Path,
-             say: _Say) -> None:
+def _predict(data: Path, extractor: str, registry: str, worker: ServerProcess | None, workdir: Path, say: _Say) -> None:
     from services.tuner.config import Endpoints
     from services.tuner.predict import file_items, load_version, predict_images
 
@@ -267,15 +282,20 @@ def _predict(data: Path, extractor: str, registry: str, worker: ServerProcess | 
         rows.append(row + ((remote[index],) if remote else ()))
     say.block(_table(rows))
     right = sum(p.label == path.parent.name for path, p in zip(images, predictions, strict=True))
-    say(f"{right} of {len(images)} right with version {loaded.version.number} (k={loaded.k}, {loaded.codec})"
-        + ("; the worker, running the same code, agrees on every image" if remote and
-           all(remote[i] == p.label for i, p in enumerate(predictions)) else ""))
+    say(
+        f"{right} of {len(images)} right with version {loaded.version.number} (k={loaded.k}, {loaded.codec})"
+        + (
+            "; the worker, running the same code, agrees on every image"
+            if remote and all(remote[i] == p.label for i, p in enumerate(predictions))
+            else ""
+        )
+    )
 
 
 def _predict_through_worker(worker: ServerProcess, images: list[Path], say: _Say) -> list[str]:
     import grpc
 
-    from services.common.client import create_channel
+    from services.common.clients.channel import create_channel
     from services.common.pb import registry_pb2, tuner_pb2, tuner_pb2_grpc
 
     address = worker.wait_listening()
@@ -298,21 +318,29 @@ def _predict_through_worker(worker: ServerProcess, images: list[Path], say: _Say
 def _report(result: TuneResult, say: _Say) -> None:
     test, chance = result.test, 1 / result.num_classes
     if test is not None:
-        say(f"held-out test accuracy {test.accuracy:.3f} on {test.count} images, chance {chance:.3f} "
-            f"({test.accuracy / chance:.1f}x chance)")
+        say(
+            f"held-out test accuracy {test.accuracy:.3f} on {test.count} images, chance {chance:.3f} "
+            f"({test.accuracy / chance:.1f}x chance)"
+        )
     transfer = result.transfer
-    say("what one image costs on the wire for this backbone (measured for MIST, float32 sizes from Describe for "
-        "the rest):")
+    say(
+        "what one image costs on the wire for this backbone (measured for MIST, float32 sizes from Describe for "
+        "the rest):"
+    )
     say.block(_table(transfer_rows(transfer)))
 
 
 def transfer_rows(transfer: TransferSummary) -> list[tuple[str, ...]]:
     """The transfer table: method, bytes per image, and how that compares with what MIST received."""
     received, baselines = transfer.bytes_per_image, transfer.baselines
-    methods = [(f"MIST as received ({transfer.codec}, k={transfer.k})", received),
-               ("MIST uncompressed (float32)", baselines.get("mist_f32")), ("LST", baselines.get("lst")),
-               ("LAST", baselines.get("last")), ("Partial-1", baselines.get("partial")),
-               ("linear probing (CLS only)", baselines.get("cls"))]
+    methods = [
+        (f"MIST as received ({transfer.codec}, k={transfer.k})", received),
+        ("MIST uncompressed (float32)", baselines.get("mist_f32")),
+        ("LST", baselines.get("lst")),
+        ("LAST", baselines.get("last")),
+        ("Partial-1", baselines.get("partial")),
+        ("linear probing (CLS only)", baselines.get("cls")),
+    ]
     rows = [("method", "bytes/image", "vs MIST as received")]
     for name, size in methods:
         if size:
@@ -322,7 +350,8 @@ def transfer_rows(transfer: TransferSummary) -> list[tuple[str, ...]]:
 
 def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = [
+        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     lines.insert(1, "  " + "  ".join("-" * width for width in widths))
     return "\n".join(lines)

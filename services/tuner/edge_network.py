@@ -1,7 +1,7 @@
 """The LAE edge network of MIST (Tang, Fu, Wu, arXiv 2406.17559): low-rank attention on gathered features.
 
 The tuner trains it on [B, T, D] gathered features and ships its weights as safetensors; torch only (the
-CPU build on devices), never timm. Geometry, shapes and cost model: services/common/edge_spec.py.
+CPU build on devices), never timm. Geometry, shapes and cost model: services/common/wire/edge_spec.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from services.common.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig
 from services.common.errors import InvalidArgumentError
-from services.common.weights import check_edge_weights
+from services.common.wire.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig
+from services.common.wire.weights import check_edge_weights
 
 # timm's ViTs use this epsilon; gathered features are sums of block outputs, far from zero variance.
 LAYER_NORM_EPS = 1e-6

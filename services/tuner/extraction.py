@@ -8,8 +8,8 @@ import time
 from collections.abc import Iterator, Sequence
 
 from services.common import errors
+from services.common.clients.extractor import ExtractorClient, ExtractResult, ImageItem
 from services.common.errors import InvalidArgumentError
-from services.common.extractor_client import ExtractorClient, ExtractResult, ImageItem
 from services.common.pb import feature_pb2
 from services.tuner.data import Dataset
 from services.tuner.feature_store import FeatureStore
@@ -18,9 +18,17 @@ from services.tuner.reports import ExtractionStats, TuneObserver
 _MAX_LISTED_FAILURES = 5  # per-image problems quoted in one error message
 
 
-def extract_features(dataset: Dataset, extractor: ExtractorClient, *, ks: Sequence[int], codec: str,
-                     backbone: feature_pb2.BackboneId | None, observer: TuneObserver | None = None,
-                     max_in_flight: int = 32, attempts: int = 3) -> tuple[FeatureStore, ExtractionStats]:
+def extract_features(
+    dataset: Dataset,
+    extractor: ExtractorClient,
+    *,
+    ks: Sequence[int],
+    codec: str,
+    backbone: feature_pb2.BackboneId | None,
+    observer: TuneObserver | None = None,
+    max_in_flight: int = 32,
+    attempts: int = 3,
+) -> tuple[FeatureStore, ExtractionStats]:
     """Every image's features for every k in `ks`, fetched once and kept compressed.
 
     Within a pass the client resumes a broken stream by itself (re-sending only the unanswered images); when the
@@ -36,17 +44,22 @@ def extract_features(dataset: Dataset, extractor: ExtractorClient, *, ks: Sequen
     results = cache_hits = passes = corrupt = 0
     while missing := [i for i in store.missing(range(total), ks) if i not in refused]:
         if passes == attempts and corrupt:  # the extractor answered, but its features kept failing their checks
-            raise errors.DataLossError(f"{corrupt} image(s) got corrupted features on every one of {attempts} "
-                                       f"passes over {extractor.target}; nothing was pushed")
+            raise errors.DataLossError(
+                f"{corrupt} image(s) got corrupted features on every one of {attempts} "
+                f"passes over {extractor.target}; nothing was pushed"
+            )
         if passes == attempts:
-            raise errors.UnavailableError(f"{len(missing)} image(s) still lack features after {attempts} passes "
-                                          f"over {extractor.target}; is the extractor up?")
+            raise errors.UnavailableError(
+                f"{len(missing)} image(s) still lack features after {attempts} passes "
+                f"over {extractor.target}; is the extractor up?"
+            )
         passes += 1
         corrupt = 0
         answered = total - len(missing)  # refused images count as answered: asking again would not help
         try:
-            for index, result in zip(missing, _extract(dataset, missing, extractor, ks, codec, backbone,
-                                                       max_in_flight), strict=False):
+            for index, result in zip(
+                missing, _extract(dataset, missing, extractor, ks, codec, backbone, max_in_flight), strict=False
+            ):
                 results += 1
                 cache_hits += result.cache_hit
                 if result.error is not None:
@@ -68,15 +81,28 @@ def extract_features(dataset: Dataset, extractor: ExtractorClient, *, ks: Sequen
     return store, stats
 
 
-def _extract(dataset: Dataset, indices: list[int], extractor: ExtractorClient, ks: Sequence[int], codec: str,
-             backbone: feature_pb2.BackboneId | None, max_in_flight: int) -> Iterator[ExtractResult]:
+def _extract(
+    dataset: Dataset,
+    indices: list[int],
+    extractor: ExtractorClient,
+    ks: Sequence[int],
+    codec: str,
+    backbone: feature_pb2.BackboneId | None,
+    max_in_flight: int,
+) -> Iterator[ExtractResult]:
     items = (ImageItem(dataset.items[i].name, dataset.items[i].read_bytes()) for i in indices)  # read lazily
-    return extractor.extract(items, mode="mist", ks=ks, codec=codec, expect_backbone=backbone,
-                             max_in_flight=max_in_flight)
+    return extractor.extract(
+        items, mode="mist", ks=ks, codec=codec, expect_backbone=backbone, max_in_flight=max_in_flight
+    )
 
 
-def _keep(store: FeatureStore, index: int, ks: Sequence[int], features: Sequence[feature_pb2.FeatureTensor],
-          observer: TuneObserver) -> bool:
+def _keep(
+    store: FeatureStore,
+    index: int,
+    ks: Sequence[int],
+    features: Sequence[feature_pb2.FeatureTensor],
+    observer: TuneObserver,
+) -> bool:
     """Store one image's features; False when one was corrupted on the way (the next pass fetches it again)."""
     if len(features) != len(ks):
         raise errors.DataLossError(f"the extractor sent {len(features)} features for {len(ks)} requested k")
@@ -90,7 +116,11 @@ def _keep(store: FeatureStore, index: int, ks: Sequence[int], features: Sequence
 
 
 def _refusal_message(dataset: Dataset, refused: dict[int, feature_pb2.ItemError]) -> str:
-    shown = [f"{dataset.items[i].name}: {e.message or e.reason}" for i, e in list(refused.items())[:_MAX_LISTED_FAILURES]]
+    shown = [
+        f"{dataset.items[i].name}: {e.message or e.reason}" for i, e in list(refused.items())[:_MAX_LISTED_FAILURES]
+    ]
     more = f" (and {len(refused) - len(shown)} more)" if len(refused) > len(shown) else ""
-    return (f"the extractor could not use {len(refused)} image(s){more}: {'; '.join(shown)}; "
-            "fix or remove them and tune again (nothing was pushed)")
+    return (
+        f"the extractor could not use {len(refused)} image(s){more}: {'; '.join(shown)}; "
+        "fix or remove them and tune again (nothing was pushed)"
+    )

@@ -11,9 +11,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from services.common.codec import decode_feature
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import feature_pb2
+from services.common.wire.codec import decode_feature
 from services.tuner.data import SPLITS, Dataset, Split
 
 # Message modes that carry a MIST gathered feature; servers treat UNSPECIFIED as MIST (feature.proto).

@@ -23,25 +23,58 @@ class TunerMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         p = PREFIX
-        self.jobs = Counter(f"{p}_jobs_total", "Tune and Predict calls finished, by kind and outcome (a status code "
-                            "name: OK, INVALID_ARGUMENT, CANCELLED, ...)", ["kind", "outcome"], registry=registry)
-        self.jobs_running = Gauge(f"{p}_jobs_running", "Tune and Predict calls being worked on", ["kind"],
-                                  registry=registry)
-        self.feature_bytes = Counter(f"{p}_feature_bytes_received_total", "Serialized feature bytes received from "
-                                     "the extractor", ["kind"], registry=registry)
-        self.feature_images = Counter(f"{p}_feature_images_received_total", "Images whose features were received "
-                                      "(bytes / images = bytes per image actually received)", ["kind"],
-                                      registry=registry)
-        self.bytes_per_image = Histogram(f"{p}_feature_bytes_per_image", "Mean feature bytes per image of the "
-                                         "chosen k, one observation per finished tune", registry=registry,
-                                         buckets=_BYTES_BUCKETS)
-        self.baseline_bytes_per_image = Gauge(f"{p}_baseline_bytes_per_image", "Float32 bytes per image each method "
-                                              "would send for the extractor's backbone (lst, last, partial, cls, "
-                                              "mist_f32), from its Describe", ["method"], registry=registry)
-        self.step_seconds = Histogram(f"{p}_train_step_duration_seconds", "Wall time of one optimizer step "
-                                      "(decoding the batch included)", ["phase"], registry=registry,
-                                      buckets=_STEP_BUCKETS)
-        self.images_trained = Counter(f"{p}_images_trained_total", "Training images processed (each epoch counts "
-                                      "every image once)", ["phase"], registry=registry)
-        self.predictions = Counter(f"{p}_predictions_total", "Images answered by Predict, by outcome (ok, error)",
-                                   ["outcome"], registry=registry)
+        self.jobs = Counter(
+            f"{p}_jobs_total",
+            "Tune and Predict calls finished, by kind and outcome (a status code "
+            "name: OK, INVALID_ARGUMENT, CANCELLED, ...)",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        self.jobs_running = Gauge(
+            f"{p}_jobs_running", "Tune and Predict calls being worked on", ["kind"], registry=registry
+        )
+        self.feature_bytes = Counter(
+            f"{p}_feature_bytes_received_total",
+            "Serialized feature bytes received from the extractor",
+            ["kind"],
+            registry=registry,
+        )
+        self.feature_images = Counter(
+            f"{p}_feature_images_received_total",
+            "Images whose features were received (bytes / images = bytes per image actually received)",
+            ["kind"],
+            registry=registry,
+        )
+        self.bytes_per_image = Histogram(
+            f"{p}_feature_bytes_per_image",
+            "Mean feature bytes per image of the chosen k, one observation per finished tune",
+            registry=registry,
+            buckets=_BYTES_BUCKETS,
+        )
+        self.baseline_bytes_per_image = Gauge(
+            f"{p}_baseline_bytes_per_image",
+            "Float32 bytes per image each method "
+            "would send for the extractor's backbone (lst, last, partial, cls, "
+            "mist_f32), from its Describe",
+            ["method"],
+            registry=registry,
+        )
+        self.step_seconds = Histogram(
+            f"{p}_train_step_duration_seconds",
+            "Wall time of one optimizer step (decoding the batch included)",
+            ["phase"],
+            registry=registry,
+            buckets=_STEP_BUCKETS,
+        )
+        self.images_trained = Counter(
+            f"{p}_images_trained_total",
+            "Training images processed (each epoch counts every image once)",
+            ["phase"],
+            registry=registry,
+        )
+        self.predictions = Counter(
+            f"{p}_predictions_total",
+            "Images answered by Predict, by outcome (ok, error)",
+            ["outcome"],
+            registry=registry,
+        )

@@ -22,12 +22,12 @@ from typing import Literal
 import grpc
 import torch
 
-from services.common.codec import CodecConfig, decode_feature
-from services.common.edge_spec import EdgeNetworkConfig
+from services.common.clients.extractor import ExtractorClient, ImageItem
+from services.common.clients.registry import PulledVersion, RegistryClient
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
-from services.common.extractor_client import ExtractorClient, ImageItem
 from services.common.pb import feature_pb2, registry_pb2
-from services.common.registry_client import PulledVersion, RegistryClient
+from services.common.wire.codec import CodecConfig, decode_feature
+from services.common.wire.edge_spec import EdgeNetworkConfig
 from services.tuner.data import IMAGE_EXTENSIONS, SPLITS, Dataset, load_dataset
 from services.tuner.edge_network import EdgeNetwork, from_safetensors_bytes
 from services.tuner.evaluation import EvaluationReport, evaluate
@@ -77,14 +77,18 @@ class Prediction:
     def to_dict(self, id_key: str = "item") -> dict[str, object]:
         """One JSON line of `mist predict` (which names the item "file")."""
         if not self.ok:
-            return {id_key: self.item_id, "version": self.version,
-                    "error": {"code": self.error_code, "reason": self.error_reason, "message": self.error_message}}
+            return {
+                id_key: self.item_id,
+                "version": self.version,
+                "error": {"code": self.error_code, "reason": self.error_reason, "message": self.error_message},
+            }
         return {id_key: self.item_id, "version": self.version, "label": self.label, "probability": self.probability,
                 "top": [{"label": label, "probability": p} for label, p in self.top]}  # fmt: skip
 
 
-def load_version(registry: RegistryClient, task: str, *, version: int | None = None,
-                 alias: str | None = None) -> LoadedVersion:
+def load_version(
+    registry: RegistryClient, task: str, *, version: int | None = None, alias: str | None = None
+) -> LoadedVersion:
     """Pull (or take from the cache) a version by number, alias or, with neither, the latest; load it strictly."""
     with registry_errors():
         pulled = registry.pull(task, version=version, alias=alias)
@@ -114,8 +118,14 @@ def _version_codec(pulled: PulledVersion, metadata: dict[str, str]) -> str:
     return CodecConfig.parse(text).name if text else CodecConfig.from_proto(pulled.task.codec).name
 
 
-def predict_images(loaded: LoadedVersion, extractor: ExtractorClient, items: Iterable[ImageItem | tuple[str, bytes]],
-                   *, top_k: int = DEFAULT_TOP_K, max_in_flight: int = 32) -> Iterator[Prediction]:
+def predict_images(
+    loaded: LoadedVersion,
+    extractor: ExtractorClient,
+    items: Iterable[ImageItem | tuple[str, bytes]],
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    max_in_flight: int = 32,
+) -> Iterator[Prediction]:
     """One Prediction per item, in order; an image the extractor refuses gets an error and the rest go on.
 
     Items are read lazily and classified one at a time as their features arrive, so memory stays flat.
@@ -123,8 +133,14 @@ def predict_images(loaded: LoadedVersion, extractor: ExtractorClient, items: Ite
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise InvalidArgumentError(f"top_k must be a positive integer, got {top_k!r}")
     names = loaded.class_names
-    results = extractor.extract(items, mode="mist", ks=(loaded.k,), codec=loaded.codec,
-                                expect_backbone=loaded.task.backbone, max_in_flight=max_in_flight)
+    results = extractor.extract(
+        items,
+        mode="mist",
+        ks=(loaded.k,),
+        codec=loaded.codec,
+        expect_backbone=loaded.task.backbone,
+        max_in_flight=max_in_flight,
+    )
     for result in results:
         if result.error is not None:
             yield _failed(result.item_id, loaded.version.number, result.error)
@@ -132,8 +148,14 @@ def predict_images(loaded: LoadedVersion, extractor: ExtractorClient, items: Ite
         probabilities = predict(loaded.model, torch.from_numpy(decode_feature(result.features[0])))[0]
         values, indices = torch.topk(probabilities, min(top_k, len(names)))
         top = tuple((names[i], float(v)) for v, i in zip(values.tolist(), indices.tolist(), strict=True))
-        yield Prediction(result.item_id, loaded.version.number, label=top[0][0], probability=top[0][1], top=top,
-                         feature_bytes=result.features[0].ByteSize())
+        yield Prediction(
+            result.item_id,
+            loaded.version.number,
+            label=top[0][0],
+            probability=top[0][1],
+            top=top,
+            feature_bytes=result.features[0].ByteSize(),
+        )
 
 
 def _failed(item_id: str, version: int, error: feature_pb2.ItemError) -> Prediction:
@@ -147,8 +169,13 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+                and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
                 raise InvalidArgumentError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             files.extend(found)
@@ -187,20 +214,29 @@ class VersionEvaluation:
 
     def summary(self) -> str:
         report = self.report
-        lines = [f"task {self.task} version {self.version} (k={self.k}) on {report.count} images ({self.split}): "
-                 f"accuracy {report.accuracy:.3f}, balanced {report.balanced_accuracy:.3f}, "
-                 f"chance {1 / len(report.class_names):.3f}"]
+        lines = [
+            f"task {self.task} version {self.version} (k={self.k}) on {report.count} images ({self.split}): "
+            f"accuracy {report.accuracy:.3f}, balanced {report.balanced_accuracy:.3f}, "
+            f"chance {1 / len(report.class_names):.3f}"
+        ]
         width = max(len(name) for name in report.class_names)
         lines.append(f"  {'class':<{width}} {'acc':>6}  confusion row (predicted, in the order of the rows)")
-        for name, accuracy, row in zip(report.class_names, report.per_class_accuracy, report.confusion_matrix,
-                                       strict=True):
+        for name, accuracy, row in zip(
+            report.class_names, report.per_class_accuracy, report.confusion_matrix, strict=True
+        ):
             shown = "   -  " if accuracy is None else f"{accuracy:6.3f}"
             lines.append(f"  {name:<{width}} {shown}  {' '.join(f'{n:3d}' for n in row)}")
         return "\n".join(lines)
 
 
-def evaluate_path(loaded: LoadedVersion, extractor: ExtractorClient, path: str | Path, *,
-                  split: EvaluateSplit = "auto", max_in_flight: int = 32) -> VersionEvaluation:
+def evaluate_path(
+    loaded: LoadedVersion,
+    extractor: ExtractorClient,
+    path: str | Path,
+    *,
+    split: EvaluateSplit = "auto",
+    max_in_flight: int = 32,
+) -> VersionEvaluation:
     """Score the version on a labelled folder or manifest (class folders must be among the task's classes).
 
     split "auto" scores the test split when the data has one (test/ folders or a split column), else every image.
@@ -213,8 +249,14 @@ def evaluate_path(loaded: LoadedVersion, extractor: ExtractorClient, path: str |
     if not indices:
         raise InvalidArgumentError(f"{path} has no {chosen} images")
     subset = Dataset(dataset.root, dataset.class_names, tuple(dataset.items[i] for i in indices), dataset.layout)
-    store, _ = extract_features(subset, extractor, ks=(loaded.k,), codec=loaded.codec, backbone=loaded.task.backbone,
-                                max_in_flight=max_in_flight)
+    store, _ = extract_features(
+        subset,
+        extractor,
+        ks=(loaded.k,),
+        codec=loaded.codec,
+        backbone=loaded.task.backbone,
+        max_in_flight=max_in_flight,
+    )
     report = evaluate(loaded.model, store, loaded.k, list(range(len(subset))), loaded.class_names)
     return VersionEvaluation(loaded.task.name, loaded.version.number, loaded.k, chosen, report)
 
@@ -223,10 +265,12 @@ def _remapped(dataset: Dataset, task_classes: tuple[str, ...]) -> Dataset:
     """The dataset with labels as the task's indices: a folder may hold a subset of the classes, never others."""
     unknown = sorted(set(dataset.class_names) - set(task_classes))
     if unknown:
-        raise InvalidArgumentError(f"classes {unknown} of {dataset.root} are not among the task's classes "
-                                   f"{list(task_classes)}")
+        raise InvalidArgumentError(
+            f"classes {unknown} of {dataset.root} are not among the task's classes {list(task_classes)}"
+        )
     index = {name: i for i, name in enumerate(task_classes)}
-    items = tuple(type(item)(item.name, index[dataset.class_names[item.label]], item.split, item.path, item.data)
-                  for item in dataset.items)
+    items = tuple(
+        type(item)(item.name, index[dataset.class_names[item.label]], item.split, item.path, item.data)
+        for item in dataset.items
+    )
     return Dataset(dataset.root, task_classes, items, dataset.layout, dataset.warnings)
-

@@ -146,12 +146,20 @@ class TuneResult:
         """The lines `mist tune` prints on stdout."""
         lineage = self.version.lineage
         how = "chosen on validation" if self.k_selection else "as asked"
-        lines = [f"task {self.version.task}: version {self.version.number} (parent {lineage.parent_version or '-'}"
-                 f"{', task created' if self.task_created else ''}), k={self.k} {how}"]
-        scores = [f"{name} accuracy {report.accuracy:.3f} ({report.count} images)"
-                  for name, report in (("val", self.val), ("test", self.test)) if report is not None]
-        lines.append("  " + ", ".join(scores or ["no val or test split: nothing scored"])
-                     + f"; chance {1 / self.num_classes:.3f}")
+        lines = [
+            f"task {self.version.task}: version {self.version.number} (parent {lineage.parent_version or '-'}"
+            f"{', task created' if self.task_created else ''}), k={self.k} {how}"
+        ]
+        scores = [
+            f"{name} accuracy {report.accuracy:.3f} ({report.count} images)"
+            for name, report in (("val", self.val), ("test", self.test))
+            if report is not None
+        ]
+        lines.append(
+            "  "
+            + ", ".join(scores or ["no val or test split: nothing scored"])
+            + f"; chance {1 / self.num_classes:.3f}"
+        )
         lines.append("  " + transfer_line(self.transfer))
         if self.alias:
             lines.append(f"  alias {self.alias.name}: {self.alias.from_version or '-'} -> {self.alias.to_version}")
@@ -162,7 +170,10 @@ class TuneResult:
 
 def transfer_line(transfer: TransferSummary) -> str:
     """'received 3,412 B/image (i8-zstd, k=6) vs LST 10,880 (3.2x more), LAST 6,528 (1.9x more)'."""
-    parts = [f"{name} {transfer.baselines[method]:,} ({transfer.times_smaller(method):.1f}x more)"
-             for method, name in (("lst", "LST"), ("last", "LAST")) if transfer.baselines.get(method)]
+    parts = [
+        f"{name} {transfer.baselines[method]:,} ({transfer.times_smaller(method):.1f}x more)"
+        for method, name in (("lst", "LST"), ("last", "LAST"))
+        if transfer.baselines.get(method)
+    ]
     versus = f" vs {', '.join(parts)}" if parts else ""
     return f"received {transfer.bytes_per_image:,.0f} B/image ({transfer.codec}, k={transfer.k}){versus}"

@@ -16,7 +16,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from services.common.pb import tuner_pb2_grpc
-from services.common.server import ServiceSetup, run_service
+from services.common.serving.server import ServiceSetup, run_service
 from services.tuner.cli import CLI_ENV
 from services.tuner.config import TunerConfig
 from services.tuner.memory import limit_heap_growth
@@ -34,8 +34,13 @@ async def build(config: TunerConfig, registry: CollectorRegistry) -> ServiceSetu
 
         torch.set_num_threads(config.torch_threads)
     servicer = TunerServicer(config, TunerMetrics(registry))
-    log.info("tuning with features from %s, pushing to %s; %d tune job(s) at a time, up to %d images each",
-             config.extractor, config.registry, config.max_concurrent_jobs, config.max_tune_images)
+    log.info(
+        "tuning with features from %s, pushing to %s; %d tune job(s) at a time, up to %d images each",
+        config.extractor,
+        config.registry,
+        config.max_concurrent_jobs,
+        config.max_tune_images,
+    )
 
     def add_services(server: grpc.aio.Server) -> list[str]:
         tuner_pb2_grpc.add_TunerServicer_to_server(servicer, server)

@@ -19,12 +19,12 @@ from typing import Any
 
 import grpc
 
-from services.common.codec import CodecConfig
-from services.common.edge_spec import POOLINGS
+from services.common.clients.extractor import ImageItem
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError
-from services.common.extractor_client import ImageItem
 from services.common.pb import extractor_pb2, registry_pb2, tuner_pb2, tuner_pb2_grpc
-from services.common.rpc import handles_errors, status_for
+from services.common.serving.rpc import handles_errors, status_for
+from services.common.wire.codec import CodecConfig
+from services.common.wire.edge_spec import POOLINGS
 from services.tuner.config import Endpoints, TunerConfig
 from services.tuner.data import Split, dataset_from_memory
 from services.tuner.metrics import JobKind, TunerMetrics
@@ -128,9 +128,16 @@ class _TuneObserver(TuneObserver):
             self._channel.check()
             return  # one event per 10 %: a progress stream, not a copy of every answer
         self._extraction_tenth = tenth
-        self._event(extraction=tuner_pb2.ExtractionProgress(
-            done=done, total=total, feature_bytes=feature_bytes, bytes_per_image=feature_bytes / max(done, 1),
-            lst_bytes_per_image=self._baselines.get("lst", 0), last_bytes_per_image=self._baselines.get("last", 0)))
+        self._event(
+            extraction=tuner_pb2.ExtractionProgress(
+                done=done,
+                total=total,
+                feature_bytes=feature_bytes,
+                bytes_per_image=feature_bytes / max(done, 1),
+                lst_bytes_per_image=self._baselines.get("lst", 0),
+                last_bytes_per_image=self._baselines.get("last", 0),
+            )
+        )
 
     def on_step(self, progress: StepProgress) -> None:
         now = time.perf_counter()
@@ -140,15 +147,24 @@ class _TuneObserver(TuneObserver):
 
     def on_epoch(self, stats: EpochStats) -> None:
         self._metrics.images_trained.labels(stats.phase).inc(self._train_images)
-        self._event(epoch=tuner_pb2.EpochProgress(
-            k=stats.k, epoch=stats.epoch, epochs=stats.epochs, train_loss=stats.train_loss,
-            train_accuracy=stats.train_accuracy, val_accuracy=stats.val_accuracy or 0.0,
-            images_per_second=stats.images_per_second, phase=stats.phase))
+        self._event(
+            epoch=tuner_pb2.EpochProgress(
+                k=stats.k,
+                epoch=stats.epoch,
+                epochs=stats.epochs,
+                train_loss=stats.train_loss,
+                train_accuracy=stats.train_accuracy,
+                val_accuracy=stats.val_accuracy or 0.0,
+                images_per_second=stats.images_per_second,
+                phase=stats.phase,
+            )
+        )
         self._last_step = time.perf_counter()  # validation ran since the last step: not step time
 
     def on_k_selection(self, selection: KSelection) -> None:
-        self._event(k_selection=tuner_pb2.KSelection(chosen_k=selection.chosen_k,
-                                                     val_accuracy_by_k=selection.val_accuracy_by_k))
+        self._event(
+            k_selection=tuner_pb2.KSelection(chosen_k=selection.chosen_k, val_accuracy_by_k=selection.val_accuracy_by_k)
+        )
 
     def message(self, text: str) -> None:
         self._event(log=text)
@@ -168,13 +184,16 @@ class _Limits:
         self.images += 1
         self.bytes += len(image.image)
         if self.images > self.max_images or self.bytes > self.max_bytes:
-            raise ResourceExhaustedError(f"a Tune call may send at most {self.max_images} images and "
-                                         f"{self.max_bytes} bytes of images to this worker (--max-tune-images, "
-                                         "--max-tune-bytes); tune on the device or split the data")
+            raise ResourceExhaustedError(
+                f"a Tune call may send at most {self.max_images} images and "
+                f"{self.max_bytes} bytes of images to this worker (--max-tune-images, "
+                "--max-tune-bytes); tune on the device or split the data"
+            )
 
 
-async def _receive_images(requests: AsyncIterator[tuner_pb2.TuneRequest],
-                          limits: _Limits) -> list[tuple[str, bytes, str, Split | None]]:
+async def _receive_images(
+    requests: AsyncIterator[tuner_pb2.TuneRequest], limits: _Limits
+) -> list[tuple[str, bytes, str, Split | None]]:
     records = []
     async for request in requests:
         if request.WhichOneof("part") != "image":
@@ -187,14 +206,20 @@ async def _receive_images(requests: AsyncIterator[tuner_pb2.TuneRequest],
     return records
 
 
-def _tune_job(endpoints: Endpoints, spec: tuner_pb2.TuneSpec, options: TuneOptions,
-              records: list[tuple[str, bytes, str, Split | None]], channel: _Channel,
-              metrics: TunerMetrics) -> TuneResult:
+def _tune_job(
+    endpoints: Endpoints,
+    spec: tuner_pb2.TuneSpec,
+    options: TuneOptions,
+    records: list[tuple[str, bytes, str, Split | None]],
+    channel: _Channel,
+    metrics: TunerMetrics,
+) -> TuneResult:
     with endpoints.extractor_client() as extractor, endpoints.registry_client(use_cache_dir=False) as registry:
         task = find_task(registry, spec.task)
         classes = tuple(spec.class_names) or (tuple(task.class_names) if task else None)
-        dataset = dataset_from_memory(records, class_names=classes, val_fraction=options.val_fraction,
-                                      seed=options.seed)
+        dataset = dataset_from_memory(
+            records, class_names=classes, val_fraction=options.val_fraction, seed=options.seed
+        )
         records.clear()  # the dataset holds the bytes now
         observer = _TuneObserver(channel, metrics, len(dataset.indices("train")))
         result = tune_dataset(dataset, options, extractor, registry, observer, task=task)
@@ -269,26 +294,34 @@ class TunerServicer(tuner_pb2_grpc.TunerServicer):
         self._metrics.jobs.labels(kind, outcome).inc()
 
     @handles_errors
-    async def Tune(self, request_iterator: AsyncIterator[tuner_pb2.TuneRequest],
-                   context: grpc.aio.ServicerContext) -> AsyncIterator[tuner_pb2.TuneEvent]:
+    async def Tune(
+        self, request_iterator: AsyncIterator[tuner_pb2.TuneRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tuner_pb2.TuneEvent]:
         error: BaseException | None = None
         channel: _Channel | None = None
         try:
             spec = await _first(request_iterator, "spec", "TuneSpec")
             options = options_from_spec(spec, self._tuner)
             if not self._slots.acquire(blocking=False):
-                raise ResourceExhaustedError(f"this worker is busy with {self._config.max_concurrent_jobs} tune "
-                                             "job(s) (--max-concurrent-jobs); retry on another replica or later")
+                raise ResourceExhaustedError(
+                    f"this worker is busy with {self._config.max_concurrent_jobs} tune "
+                    "job(s) (--max-concurrent-jobs); retry on another replica or later"
+                )
             channel = _Channel()
             self._metrics.jobs_running.labels("tune").inc()
             try:
-                records = await _receive_images(request_iterator, _Limits(self._config.max_tune_images,
-                                                                          self._config.max_tune_bytes))
+                records = await _receive_images(
+                    request_iterator, _Limits(self._config.max_tune_images, self._config.max_tune_bytes)
+                )
             except BaseException:
                 self._release("tune")
                 raise
-            _run_in_thread("tune-job", lambda: _tune_job(self._endpoints, spec, options, records, channel,
-                                                        self._metrics), channel, lambda: self._release("tune"))
+            _run_in_thread(
+                "tune-job",
+                lambda: _tune_job(self._endpoints, spec, options, records, channel, self._metrics),
+                channel,
+                lambda: self._release("tune"),
+            )
             async for event in _events(channel):
                 yield event
         except BaseException as e:
@@ -305,8 +338,9 @@ class TunerServicer(tuner_pb2_grpc.TunerServicer):
             self._slots.release()
 
     @handles_errors
-    async def Predict(self, request_iterator: AsyncIterator[tuner_pb2.PredictRequest],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[tuner_pb2.PredictResponse]:
+    async def Predict(
+        self, request_iterator: AsyncIterator[tuner_pb2.PredictRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tuner_pb2.PredictResponse]:
         error: BaseException | None = None
         channel: _Channel | None = None
         feeder: asyncio.Task | None = None
@@ -317,8 +351,12 @@ class TunerServicer(tuner_pb2_grpc.TunerServicer):
                 raise InvalidArgumentError(f"a PredictSpec needs a task and top_k <= {_MAX_TOP_K}")
             channel, inbox = _Channel(), queue.Queue(maxsize=2 * self._config.max_in_flight)
             self._metrics.jobs_running.labels("predict").inc()
-            _run_in_thread("predict-job", lambda: self._predict_job(spec, top_k, inbox, channel), channel,
-                           lambda: self._release("predict"))
+            _run_in_thread(
+                "predict-job",
+                lambda: self._predict_job(spec, top_k, inbox, channel),
+                channel,
+                lambda: self._release("predict"),
+            )
             feeder = asyncio.ensure_future(_feed(request_iterator, inbox, channel))
             async for response in _events(channel, kind="prediction"):
                 yield _prediction_to_proto(response)
@@ -334,11 +372,18 @@ class TunerServicer(tuner_pb2_grpc.TunerServicer):
 
     def _predict_job(self, spec: tuner_pb2.PredictSpec, top_k: int, inbox: queue.Queue, channel: _Channel) -> None:
         version, alias = _ref(spec.ref)
-        with self._endpoints.extractor_client() as extractor, \
-                self._endpoints.registry_client(use_cache_dir=False) as registry:
+        with (
+            self._endpoints.extractor_client() as extractor,
+            self._endpoints.registry_client(use_cache_dir=False) as registry,
+        ):
             loaded = load_version(registry, spec.task, version=version, alias=alias)
-            for prediction in predict_images(loaded, extractor, _items(inbox, channel.cancelled), top_k=top_k,
-                                             max_in_flight=self._config.max_in_flight):
+            for prediction in predict_images(
+                loaded,
+                extractor,
+                _items(inbox, channel.cancelled),
+                top_k=top_k,
+                max_in_flight=self._config.max_in_flight,
+            ):
                 self._metrics.predictions.labels("ok" if prediction.ok else "error").inc()
                 if prediction.ok:
                     self._metrics.feature_bytes.labels("predict").inc(prediction.feature_bytes)
@@ -360,8 +405,9 @@ async def _feed(requests: AsyncIterator[tuner_pb2.PredictRequest], inbox: queue.
     try:
         async for request in requests:
             if request.WhichOneof("part") != "item":
-                raise InvalidArgumentError("a Predict call sends one PredictSpec, first; every later message is an "
-                                           "item")
+                raise InvalidArgumentError(
+                    "a Predict call sends one PredictSpec, first; every later message is an item"
+                )
             item = ImageItem(request.item.item_id, request.item.image)
             await asyncio.to_thread(_put, inbox, item, channel.cancelled)
         await asyncio.to_thread(_put, inbox, _END, channel.cancelled)

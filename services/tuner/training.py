@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from services.common.edge_spec import EdgeNetworkConfig
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.common.wire.edge_spec import EdgeNetworkConfig
 from services.tuner.edge_network import EdgeNetwork
 from services.tuner.evaluation import collect_predictions
 from services.tuner.feature_store import FeatureStore

@@ -37,13 +37,13 @@ from typing import Literal
 import grpc
 
 from services.common import errors
-from services.common.baselines import candidate_ks, validate_ks
-from services.common.codec import CodecConfig
-from services.common.edge_spec import EdgeNetworkConfig, Pooling, macs_per_image, trainable_parameters
+from services.common.clients.extractor import ExtractorClient, rpc_error_to_mist
+from services.common.clients.registry import RegistryClient
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, MistError
-from services.common.extractor_client import ExtractorClient, rpc_error_to_mist
 from services.common.pb import extractor_pb2, feature_pb2, registry_pb2
-from services.common.registry_client import RegistryClient
+from services.common.wire.codec import CodecConfig
+from services.common.wire.edge_spec import EdgeNetworkConfig, Pooling, macs_per_image, trainable_parameters
+from services.common.wire.gather_modes import candidate_ks, validate_ks
 from services.tuner.data import Dataset, load_dataset
 from services.tuner.edge_network import EdgeNetwork, to_safetensors_bytes
 from services.tuner.evaluation import EvaluationReport, evaluate
@@ -132,8 +132,14 @@ class TuneOptions:
         self.train_config()  # validates the training hyperparameters now, before any network traffic
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                           warmup_epochs=self.warmup_epochs, seed=self.seed)
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup_epochs=self.warmup_epochs,
+            seed=self.seed,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- registry errors
@@ -171,20 +177,37 @@ def find_task(registry: RegistryClient, name: str) -> registry_pb2.Task | None:
 # ---------------------------------------------------------------------------------------------- the pipeline
 
 
-def tune_path(path: str | os.PathLike[str], options: TuneOptions, extractor: ExtractorClient,
-              registry: RegistryClient, observer: TuneObserver | None = None) -> TuneResult:
+def tune_path(
+    path: str | os.PathLike[str],
+    options: TuneOptions,
+    extractor: ExtractorClient,
+    registry: RegistryClient,
+    observer: TuneObserver | None = None,
+) -> TuneResult:
     """`mist tune --data PATH`: an ImageFolder tree, split folders or a manifest (see data.load_dataset).
 
     When the task exists its class names fix the label order, and a folder of another class is refused.
     """
     task = find_task(registry, options.task)
-    dataset = load_dataset(path, val_fraction=options.val_fraction, test_fraction=options.test_fraction,
-                           seed=options.seed, class_names=tuple(task.class_names) if task else None)
+    dataset = load_dataset(
+        path,
+        val_fraction=options.val_fraction,
+        test_fraction=options.test_fraction,
+        seed=options.seed,
+        class_names=tuple(task.class_names) if task else None,
+    )
     return tune_dataset(dataset, options, extractor, registry, observer, task=task)
 
 
-def tune_dataset(dataset: Dataset, options: TuneOptions, extractor: ExtractorClient, registry: RegistryClient,
-                 observer: TuneObserver | None = None, *, task: registry_pb2.Task | None = None) -> TuneResult:
+def tune_dataset(
+    dataset: Dataset,
+    options: TuneOptions,
+    extractor: ExtractorClient,
+    registry: RegistryClient,
+    observer: TuneObserver | None = None,
+    *,
+    task: registry_pb2.Task | None = None,
+) -> TuneResult:
     """The whole pipeline on a loaded dataset. `task`: the registry's task as read before the dataset was loaded
     (its latest version is the parent of the push); None = not found (created on success)."""
     observer = observer or TuneObserver()
@@ -198,16 +221,30 @@ def tune_dataset(dataset: Dataset, options: TuneOptions, extractor: ExtractorCli
     edge = resolve_edge_config(task, info, dataset.class_names, options)
     codec = CodecConfig.parse(options.codec or (_task_codec(task) if task else DEFAULT_CODEC_NAME)).name
     ks = _ks_to_fetch(options.k, info.num_blocks)
-    observer.message(f"{options.task}: {len(dataset)} images ({_split_counts(dataset)}), {len(dataset.class_names)} "
-                     f"classes; fetching k={', '.join(map(str, ks))} as {codec} from {extractor.target}")
+    observer.message(
+        f"{options.task}: {len(dataset)} images ({_split_counts(dataset)}), {len(dataset.class_names)} "
+        f"classes; fetching k={', '.join(map(str, ks))} as {codec} from {extractor.target}"
+    )
     backbone = task.backbone if task else info.backbone
-    store, extraction = extract_features(dataset, extractor, ks=ks, codec=codec, backbone=backbone,
-                                         observer=observer, max_in_flight=options.max_in_flight,
-                                         attempts=options.extract_attempts)
+    store, extraction = extract_features(
+        dataset,
+        extractor,
+        ks=ks,
+        codec=codec,
+        backbone=backbone,
+        observer=observer,
+        max_in_flight=options.max_in_flight,
+        attempts=options.extract_attempts,
+    )
     trained = _train(store, dataset, ks, edge, options, observer)
     reports = _evaluate(trained, store, dataset)
-    transfer = TransferSummary(trained.k, codec, extraction.bytes_per_image_by_k[trained.k],
-                               store.bytes_per_image(), {b.method: b.bytes_per_image for b in info.baselines})
+    transfer = TransferSummary(
+        trained.k,
+        codec,
+        extraction.bytes_per_image_by_k[trained.k],
+        store.bytes_per_image(),
+        {b.method: b.bytes_per_image for b in info.baselines},
+    )
     observer.message(transfer_line(transfer))
     observer.before_push()
     created, task = _ensure_task(registry, task, options, info, dataset.class_names, edge, trained.k, codec)
@@ -223,8 +260,9 @@ def tune_dataset(dataset: Dataset, options: TuneOptions, extractor: ExtractorCli
     )  # fmt: skip
 
 
-def resolve_edge_config(task: registry_pb2.Task | None, info: extractor_pb2.BackboneInfo,
-                        class_names: Sequence[str], options: TuneOptions) -> EdgeNetworkConfig:
+def resolve_edge_config(
+    task: registry_pb2.Task | None, info: extractor_pb2.BackboneInfo, class_names: Sequence[str], options: TuneOptions
+) -> EdgeNetworkConfig:
     """The edge network to train: the task's (checked against this tune), or a new one from options."""
     given = {name: getattr(options, name) for name in ("num_blocks", "rank", "heads", "pooling")}
     if task is None:
@@ -234,11 +272,16 @@ def resolve_edge_config(task: registry_pb2.Task | None, info: extractor_pb2.Back
         return EdgeNetworkConfig(dims=info.dims, tokens=info.tokens, num_classes=len(class_names), **values)
     check_task_fits(task, info, class_names)
     config = EdgeNetworkConfig.from_proto(task.edge)
-    differing = [f"{name} {value!r} (the task has {getattr(config, name)!r})"
-                 for name, value in given.items() if value is not None and value != getattr(config, name)]
+    differing = [
+        f"{name} {value!r} (the task has {getattr(config, name)!r})"
+        for name, value in given.items()
+        if value is not None and value != getattr(config, name)
+    ]
     if differing:
-        raise FailedPreconditionError(f"task {task.name!r} trains another edge network: {', '.join(differing)}; "
-                                      "leave those flags out or tune a new task")
+        raise FailedPreconditionError(
+            f"task {task.name!r} trains another edge network: {', '.join(differing)}; "
+            "leave those flags out or tune a new task"
+        )
     return config
 
 
@@ -249,16 +292,20 @@ def check_task_fits(task: registry_pb2.Task, info: extractor_pb2.BackboneInfo, c
         raise FailedPreconditionError(
             f"task {task.name!r} belongs to backbone {theirs.name} (weights {theirs.weights_fingerprint}) but the "
             f"extractor serves {ours.name} (weights {ours.weights_fingerprint}): use an extractor with the task's "
-            "backbone, or tune a new task")
+            "backbone, or tune a new task"
+        )
     if task.mode not in (feature_pb2.GATHER_MODE_MIST, feature_pb2.GATHER_MODE_UNSPECIFIED):
         raise FailedPreconditionError(f"task {task.name!r} is not a MIST task (gather mode {task.mode})")
     if tuple(task.class_names) != tuple(class_names):
-        raise FailedPreconditionError(f"task {task.name!r} has classes {list(task.class_names)}, this data has "
-                                      f"{list(class_names)}: the class names and their order must match")
+        raise FailedPreconditionError(
+            f"task {task.name!r} has classes {list(task.class_names)}, this data has "
+            f"{list(class_names)}: the class names and their order must match"
+        )
     if (task.edge.tokens, task.edge.dims) != (info.tokens, info.dims):
         raise FailedPreconditionError(
             f"task {task.name!r} expects [{task.edge.tokens}, {task.edge.dims}] features but the extractor "
-            f"sends [{info.tokens}, {info.dims}]")
+            f"sends [{info.tokens}, {info.dims}]"
+        )
 
 
 def _task_codec(task: registry_pb2.Task) -> str:
@@ -287,25 +334,42 @@ class _Trained:
     seconds: float
 
 
-def _train(store: FeatureStore, dataset: Dataset, ks: Sequence[int], edge: EdgeNetworkConfig,
-           options: TuneOptions, observer: TuneObserver) -> _Trained:
+def _train(
+    store: FeatureStore,
+    dataset: Dataset,
+    ks: Sequence[int],
+    edge: EdgeNetworkConfig,
+    options: TuneOptions,
+    observer: TuneObserver,
+) -> _Trained:
     config = options.train_config()
     train, val = dataset.indices("train"), dataset.indices("val")
     selection = None
     if len(ks) > 1:
         if not val:
-            raise InvalidArgumentError("--k auto chooses k on a validation split, and this data has none: give val "
-                                       "images (a val/ folder or a split column), --val-fraction above 0, or --k N")
+            raise InvalidArgumentError(
+                "--k auto chooses k on a validation split, and this data has none: give val "
+                "images (a val/ folder or a split column), --val-fraction above 0, or --k N"
+            )
         observer.message(f"choosing k among {', '.join(map(str, ks))} on {len(val)} validation images")
         selection = select_k(store, ks, edge, config, train_indices=train, val_indices=val,
                              short_epochs=options.k_search_epochs, on_epoch=observer.on_epoch,
                              on_step=observer.on_step)  # fmt: skip
         observer.on_k_selection(selection)
     k = selection.chosen_k if selection else ks[0]
-    observer.message(f"training k={k}: {config.epochs} epochs on {len(train)} images, "
-                     f"{trainable_parameters(edge):,} parameters")
-    result = train_edge_network(store, k, edge, config, train_indices=train, val_indices=val,
-                                on_epoch=observer.on_epoch, on_step=observer.on_step)
+    observer.message(
+        f"training k={k}: {config.epochs} epochs on {len(train)} images, {trainable_parameters(edge):,} parameters"
+    )
+    result = train_edge_network(
+        store,
+        k,
+        edge,
+        config,
+        train_indices=train,
+        val_indices=val,
+        on_epoch=observer.on_epoch,
+        on_step=observer.on_step,
+    )
     return _Trained(k, selection, result.model, result.kept_epoch, result.history, result.seconds)
 
 
@@ -336,9 +400,16 @@ class _Draft:
     extraction: ExtractionStats
 
 
-def _ensure_task(registry: RegistryClient, task: registry_pb2.Task | None, options: TuneOptions,
-                 info: extractor_pb2.BackboneInfo, class_names: Sequence[str], edge: EdgeNetworkConfig, k: int,
-                 codec: str) -> tuple[bool, registry_pb2.Task]:
+def _ensure_task(
+    registry: RegistryClient,
+    task: registry_pb2.Task | None,
+    options: TuneOptions,
+    info: extractor_pb2.BackboneInfo,
+    class_names: Sequence[str],
+    edge: EdgeNetworkConfig,
+    k: int,
+    codec: str,
+) -> tuple[bool, registry_pb2.Task]:
     """(created, task): the task read at the start, or a new one with this tune's settings."""
     if task is not None:
         return False, task
@@ -356,8 +427,10 @@ def _ensure_task(registry: RegistryClient, task: registry_pb2.Task | None, optio
             existing = registry.get_task(options.task)
         check_task_fits(existing, info, class_names)
         if EdgeNetworkConfig.from_proto(existing.edge) != edge:
-            raise FailedPreconditionError(f"task {options.task!r} was created meanwhile with another edge network "
-                                          f"({EdgeNetworkConfig.from_proto(existing.edge).to_json()})") from None
+            raise FailedPreconditionError(
+                f"task {options.task!r} was created meanwhile with another edge network "
+                f"({EdgeNetworkConfig.from_proto(existing.edge).to_json()})"
+            ) from None
         return False, existing
 
 
@@ -375,8 +448,13 @@ def _metrics(draft: _Draft) -> dict[str, float]:
         "fetched_bytes_per_image": draft.transfer.fetched_bytes_per_image,
     }  # fmt: skip
     for split, report in draft.reports.items():
-        metrics.update({f"{split}_accuracy": report.accuracy, f"{split}_loss": report.loss,
-                        f"{split}_balanced_accuracy": report.balanced_accuracy})
+        metrics.update(
+            {
+                f"{split}_accuracy": report.accuracy,
+                f"{split}_loss": report.loss,
+                f"{split}_balanced_accuracy": report.balanced_accuracy,
+            }
+        )
     for method, size in draft.transfer.baselines.items():
         metrics[f"{method}_bytes_per_image"] = size
     if trained.selection is not None:

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from services.common.codec import decode_feature
-from services.common.extractor_client import ImageItem
+from services.common.clients.extractor import ImageItem
+from services.common.wire.codec import decode_feature
 from services.tuner import cli
 from services.tuner.data import load_dataset
 from services.tuner.edge_network import from_safetensors_bytes
@@ -59,8 +59,9 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tuned(stack, data) -> dict:
     """Version 1 of TASK: `mist tune --k auto --alias production --json`."""
-    code, out, err = run_cli("tune", "--task", TASK, "--data", str(data), "--alias", "production", "--json",
-                             *TRAIN_FLAGS, *stack.cli_flags())
+    code, out, err = run_cli(
+        "tune", "--task", TASK, "--data", str(data), "--alias", "production", "--json", *TRAIN_FLAGS, *stack.cli_flags()
+    )
     assert code == 0, err
     return json.loads(out)
 
@@ -103,8 +104,22 @@ def test_tune_with_auto_k_beats_chance_and_pushes_metrics_lineage_and_alias(tune
 
 def test_second_tune_with_fixed_k_names_its_parent_and_moves_the_alias(tuned, stack, data):
     # Execute: version 2 from another seed at k = 2
-    code, out, err = run_cli("tune", "--task", TASK, "--data", str(data), "--k", "2", "--seed", "1",
-                             "--alias", "production", "--json", *TRAIN_FLAGS, *stack.cli_flags())
+    code, out, err = run_cli(
+        "tune",
+        "--task",
+        TASK,
+        "--data",
+        str(data),
+        "--k",
+        "2",
+        "--seed",
+        "1",
+        "--alias",
+        "production",
+        "--json",
+        *TRAIN_FLAGS,
+        *stack.cli_flags(),
+    )
 
     # Assert
     assert code == 0, err
@@ -121,14 +136,16 @@ def test_second_tune_with_fixed_k_names_its_parent_and_moves_the_alias(tuned, st
 def test_the_same_seed_gives_bitwise_the_same_weights(stack, data):
     # Execute: two tasks tuned from the same data with the same seed
     for task in ("e2e-repro-a", "e2e-repro-b"):
-        code, _, err = run_cli("tune", "--task", task, "--data", str(data), "--k", "2", "--epochs", "4", "--seed", "7",
-                               *stack.cli_flags())
+        code, _, err = run_cli(
+            "tune", "--task", task, "--data", str(data), "--k", "2", "--epochs", "4", "--seed", "7", *stack.cli_flags()
+        )
         assert code == 0, err
 
     # Assert: every tensor equal to the bit (the blobs' sha256 may differ: see the report on metadata order)
     with registry_client(stack) as registry:
-        first, second = (load_safetensors(registry.pull(task, use_cache=False).blob)
-                         for task in ("e2e-repro-a", "e2e-repro-b"))
+        first, second = (
+            load_safetensors(registry.pull(task, use_cache=False).blob) for task in ("e2e-repro-a", "e2e-repro-b")
+        )
     assert first.keys() == second.keys() and len(first) == 4 * 6 + 4
     assert all(torch.equal(first[name], second[name]) for name in first)
 
@@ -139,8 +156,9 @@ def test_existing_task_refuses_another_edge_network(tuned, stack, data):
         before = [v.number for v in registry.list_versions(TASK)]
 
     # Execute
-    code, out, err = run_cli("tune", "--task", TASK, "--data", str(data), "--num-blocks", "2", *stack.cli_flags(),
-                             "--progress", "quiet")
+    code, out, err = run_cli(
+        "tune", "--task", TASK, "--data", str(data), "--num-blocks", "2", *stack.cli_flags(), "--progress", "quiet"
+    )
 
     # Assert: one line naming the difference, nothing pushed
     assert code == 1 and out == ""
@@ -157,8 +175,18 @@ def test_unreachable_extractor_is_one_unavailable_line_naming_it(stack, data):
         nowhere = f"127.0.0.1:{sock.getsockname()[1]}"
 
     # Execute
-    code, out, err = run_cli("tune", "--task", "e2e-no-extractor", "--data", str(data), *stack.cli_flags(),
-                             "--extractor", nowhere, "--progress", "quiet")
+    code, out, err = run_cli(
+        "tune",
+        "--task",
+        "e2e-no-extractor",
+        "--data",
+        str(data),
+        *stack.cli_flags(),
+        "--extractor",
+        nowhere,
+        "--progress",
+        "quiet",
+    )
 
     # Assert
     assert code == 1 and out == ""
@@ -189,8 +217,9 @@ def test_predict_matches_in_process_inference(tuned, stack, data):
     labels, probabilities = in_process_probabilities(stack, paths, version=1)
 
     # Execute
-    code, out, err = run_cli("predict", "--task", TASK, "--version", "1", "--top-k", "4", str(data / "test"),
-                             *stack.cli_flags())
+    code, out, err = run_cli(
+        "predict", "--task", TASK, "--version", "1", "--top-k", "4", str(data / "test"), *stack.cli_flags()
+    )
 
     # Assert: one JSON line per image, in order, equal to the in-process answer
     assert code == 0, err
@@ -216,8 +245,9 @@ def test_predict_by_alias_answers_per_image_and_flags_a_bad_one(tuned, stack, da
         production = registry.get_alias(TASK, "production").version
 
     # Execute
-    code, out, err = run_cli("predict", "--task", TASK, "--alias", "production", str(good[0]), str(broken),
-                             str(good[1]), *stack.cli_flags())
+    code, out, err = run_cli(
+        "predict", "--task", TASK, "--alias", "production", str(good[0]), str(broken), str(good[1]), *stack.cli_flags()
+    )
 
     # Assert: three lines in order, the middle one an error; exit 1 with one line on stderr
     assert code == 1 and err.strip().startswith("mist predict: error: 1 of 3 image(s) could not be classified")
@@ -230,8 +260,9 @@ def test_predict_by_alias_answers_per_image_and_flags_a_bad_one(tuned, stack, da
 
 def test_evaluate_scores_the_test_split_as_the_tune_did(tuned, stack, data):
     # Execute
-    code, out, err = run_cli("evaluate", "--task", TASK, "--version", "1", "--data", str(data), "--json",
-                             *stack.cli_flags())
+    code, out, err = run_cli(
+        "evaluate", "--task", TASK, "--version", "1", "--data", str(data), "--json", *stack.cli_flags()
+    )
 
     # Assert: the same 40 test images, the same accuracy and confusion matrix as the tune reported
     assert code == 0, err
@@ -259,8 +290,11 @@ class RestartExtractorOnce(TuneObserver):
 
 def served_images(metrics_port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("mist_extractor_images_served_total{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("mist_extractor_images_served_total{")
+    )
 
 
 def test_extractor_restart_during_a_tune_loses_no_image_and_duplicates_none(stack, data):

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.common.extractor_client import ImageItem
+from services.common.clients.extractor import ImageItem
 from services.common.pb import registry_pb2, tuner_pb2, tuner_pb2_grpc
 from services.tuner.predict import load_version, predict_images
 from services.tuner.tune import find_task
@@ -36,9 +36,15 @@ def data(tmp_path_factory) -> Path:
 
 
 def labelled_images(data: Path) -> list[tuner_pb2.LabelledImage]:
-    return [tuner_pb2.LabelledImage(item_id=str(path.relative_to(data)), image=path.read_bytes(),
-                                    label=path.parent.name, split=SPLITS[path.parent.parent.name])
-            for path in sorted(data.rglob("*.png"))]
+    return [
+        tuner_pb2.LabelledImage(
+            item_id=str(path.relative_to(data)),
+            image=path.read_bytes(),
+            label=path.parent.name,
+            split=SPLITS[path.parent.parent.name],
+        )
+        for path in sorted(data.rglob("*.png"))
+    ]
 
 
 def tune_requests(spec: tuner_pb2.TuneSpec, images: list[tuner_pb2.LabelledImage]) -> Iterator[tuner_pb2.TuneRequest]:
@@ -140,10 +146,20 @@ def test_predict_answers_each_item_in_order_with_per_item_errors(tune_events, st
     items = [("a", good[0].read_bytes()), ("broken", b"not an image"), ("empty", b""), ("b", good[1].read_bytes())]
     spec = tuner_pb2.PredictSpec(task=TASK, ref=registry_pb2.VersionRef(alias="production"), top_k=2)
     requests = [tuner_pb2.PredictRequest(spec=spec)] + [
-        tuner_pb2.PredictRequest(item=tuner_pb2.PredictItem(item_id=i, image=b)) for i, b in items]
-    with stack.endpoints(cache_dir=None).extractor_client() as x, stack.endpoints(cache_dir=None).registry_client() as r:
-        local = list(predict_images(load_version(r, TASK, alias="production"), x,
-                                    [ImageItem(i, b) for i, b in items if b and i != "broken"], top_k=2))
+        tuner_pb2.PredictRequest(item=tuner_pb2.PredictItem(item_id=i, image=b)) for i, b in items
+    ]
+    with (
+        stack.endpoints(cache_dir=None).extractor_client() as x,
+        stack.endpoints(cache_dir=None).registry_client() as r,
+    ):
+        local = list(
+            predict_images(
+                load_version(r, TASK, alias="production"),
+                x,
+                [ImageItem(i, b) for i, b in items if b and i != "broken"],
+                top_k=2,
+            )
+        )
 
     # Execute
     channel, stub = tuner_stub(stack.tuner.target)
@@ -165,16 +181,29 @@ def test_predict_answers_each_item_in_order_with_per_item_errors(tune_events, st
 @pytest.mark.parametrize(
     ("requests", "code", "expected"),
     [
-        ([tuner_pb2.TuneRequest(image=tuner_pb2.LabelledImage(item_id="x", image=b"x", label="a"))],
-         grpc.StatusCode.INVALID_ARGUMENT, "first message of the call must be its TuneSpec"),
-        ([tuner_pb2.TuneRequest(spec=tuner_pb2.TuneSpec(task="one-class"))]
-         + [tuner_pb2.TuneRequest(image=tuner_pb2.LabelledImage(item_id=f"{i}", image=b"x", label="a"))
-            for i in range(4)],
-         grpc.StatusCode.INVALID_ARGUMENT, "found only one class"),
-        ([tuner_pb2.TuneRequest(spec=tuner_pb2.TuneSpec(task=TASK))]
-         + [tuner_pb2.TuneRequest(image=tuner_pb2.LabelledImage(item_id=f"{i}", image=b"x", label=label))
-            for i, label in enumerate(["red_cross", "zebra", "red_cross", "zebra"])],
-         grpc.StatusCode.INVALID_ARGUMENT, "labels ['zebra'] are not among the classes"),
+        (
+            [tuner_pb2.TuneRequest(image=tuner_pb2.LabelledImage(item_id="x", image=b"x", label="a"))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "first message of the call must be its TuneSpec",
+        ),
+        (
+            [tuner_pb2.TuneRequest(spec=tuner_pb2.TuneSpec(task="one-class"))]
+            + [
+                tuner_pb2.TuneRequest(image=tuner_pb2.LabelledImage(item_id=f"{i}", image=b"x", label="a"))
+                for i in range(4)
+            ],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "found only one class",
+        ),
+        (
+            [tuner_pb2.TuneRequest(spec=tuner_pb2.TuneSpec(task=TASK))]
+            + [
+                tuner_pb2.TuneRequest(image=tuner_pb2.LabelledImage(item_id=f"{i}", image=b"x", label=label))
+                for i, label in enumerate(["red_cross", "zebra", "red_cross", "zebra"])
+            ],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "labels ['zebra'] are not among the classes",
+        ),
     ],
     ids=["no-spec", "one-class", "labels-not-in-task"],
 )

@@ -16,17 +16,17 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from services.common.baselines import GatherModeName
-from services.common.codec import CodecConfig
 from services.common.pb import extractor_pb2
-from services.common.server import ServiceSetup, create_server
-from services.common.server_metrics import GrpcMetrics, new_metrics_registry
-from services.common.synthetic import CLASS_NAMES, render_image
+from services.common.serving.metrics import GrpcMetrics, new_metrics_registry
+from services.common.serving.server import ServiceSetup, create_server
+from services.common.wire.codec import CodecConfig
+from services.common.wire.gather_modes import GatherModeName
 from services.extractor.backbone import LoadedBackbone, load_backbone
 from services.extractor.config import ExtractorConfig
 from services.extractor.gather import gather
 from services.extractor.preprocess import ImagePreprocessor
 from services.extractor.server import build
+from services.tuner.synthetic import CLASS_NAMES, render_image
 from tests.conftest import TINY_VIT_KWARGS
 from tests.helpers.process import ServiceProcess
 
@@ -41,9 +41,15 @@ def load_tiny_backbone(seed: int = 0) -> LoadedBackbone:
 
 def tiny_config(**overrides: object) -> ExtractorConfig:
     """A config for the tiny ViT on loopback; small thread counts, since the test machine has 2 cores."""
-    values: dict[str, object] = dict(backbone=TINY_BACKBONE, model_kwargs=TINY_MODEL_KWARGS_JSON,
-                                     listen="127.0.0.1:0", metrics_listen="off", decode_threads=2, torch_threads=1,
-                                     grace_s=1.0)
+    values: dict[str, object] = dict(
+        backbone=TINY_BACKBONE,
+        model_kwargs=TINY_MODEL_KWARGS_JSON,
+        listen="127.0.0.1:0",
+        metrics_listen="off",
+        decode_threads=2,
+        torch_threads=1,
+        grace_s=1.0,
+    )
     values.update(overrides)
     return ExtractorConfig(**values)  # type: ignore[arg-type]
 
@@ -67,8 +73,9 @@ def huge_blank_png(width: int = 10_000, height: int = 10_000) -> bytes:
     return buffer.getvalue()
 
 
-def reference_features(backbone: LoadedBackbone, image: bytes, mode: GatherModeName,
-                       ks: Sequence[int] = ()) -> dict[int, np.ndarray]:
+def reference_features(
+    backbone: LoadedBackbone, image: bytes, mode: GatherModeName, ks: Sequence[int] = ()
+) -> dict[int, np.ndarray]:
     """What the service must send for one image, computed here with the same preprocessing and gather."""
     tensor = ImagePreprocessor(backbone.data_config).decode(image)
     with backbone.autocast():
@@ -104,8 +111,9 @@ class ExtractorServer:
 
     async def _start(self) -> int:
         self._setup = await build(self.config, self.registry, backbone=self.backbone)
-        self._server, port, _ = await create_server(self.config, self._setup.add_services,
-                                                    metrics=GrpcMetrics(self.registry, "mist_extractor"))
+        self._server, port, _ = await create_server(
+            self.config, self._setup.add_services, metrics=GrpcMetrics(self.registry, "mist_extractor")
+        )
         return port
 
     def stop(self, grace_s: float = 0.0, timeout_s: float = 30.0) -> None:
@@ -135,11 +143,13 @@ class ExtractorServer:
         self.stop()
 
 
-def extract_request(item_id: str, image: bytes, *, ks: Sequence[int] = (4,), mode: int = 1,
-                    codec: str = "f32-none", **fields: object) -> extractor_pb2.ExtractRequest:
+def extract_request(
+    item_id: str, image: bytes, *, ks: Sequence[int] = (4,), mode: int = 1, codec: str = "f32-none", **fields: object
+) -> extractor_pb2.ExtractRequest:
     """An ExtractRequest with the codec given by name (mode 1 = GATHER_MODE_MIST)."""
-    return extractor_pb2.ExtractRequest(item_id=item_id, image=image, mode=mode, ks=list(ks),
-                                        codec=CodecConfig.parse(codec).to_proto(), **fields)
+    return extractor_pb2.ExtractRequest(
+        item_id=item_id, image=image, mode=mode, ks=list(ks), codec=CodecConfig.parse(codec).to_proto(), **fields
+    )
 
 
 # ---------------------------------------------------------------------------------------------- subprocess
@@ -149,8 +159,18 @@ class ExtractorProcess(ServiceProcess):
     """`python -m services.extractor.server` with the tiny ViT (helpers.process.ServiceProcess)."""
 
     def __init__(self, *flags: str) -> None:
-        super().__init__("services.extractor.server", "--backbone", TINY_BACKBONE, "--model-kwargs",
-                         TINY_MODEL_KWARGS_JSON, "--decode-threads", "1", "--torch-threads", "1", *flags)
+        super().__init__(
+            "services.extractor.server",
+            "--backbone",
+            TINY_BACKBONE,
+            "--model-kwargs",
+            TINY_MODEL_KWARGS_JSON,
+            "--decode-threads",
+            "1",
+            "--torch-threads",
+            "1",
+            *flags,
+        )
 
 
 def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.01) -> None:

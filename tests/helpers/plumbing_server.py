@@ -1,4 +1,4 @@
-"""A tiny test-only gRPC service on top of services.common.server, for the plumbing tests (in-process and as
+"""A tiny test-only gRPC service on top of services.common.serving.server, for the plumbing tests (in-process and as
 a subprocess for the SIGTERM drain test). Messages are raw bytes, so no .proto is needed.
 
     python -m tests.helpers.plumbing_server --listen 127.0.0.1:0 --grace-s 5    # from the repository root
@@ -27,10 +27,10 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from services.common import errors
-from services.common.auth import current_principal
 from services.common.config import ServerConfig
-from services.common.rpc import handles_errors
-from services.common.server import ServiceSetup, run_service
+from services.common.serving.auth import current_principal
+from services.common.serving.rpc import handles_errors
+from services.common.serving.server import ServiceSetup, run_service
 
 SERVICE = "mist.test.v1.Plumbing"
 FAKE_SECRET = "postgres://mist:hunter2@db"  # appears only in the RuntimeError that Raise throws

@@ -63,8 +63,10 @@ def ensure_installed() -> None:
     if find_tool("prometheus") and find_tool("promtool"):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise PrometheusUnavailable("prometheus/promtool not found and cannot apt-get install them (not root or no "
-                                    "apt); install Debian's `prometheus` package or run `make system-deps`")
+        raise PrometheusUnavailable(
+            "prometheus/promtool not found and cannot apt-get install them (not root or no "
+            "apt); install Debian's `prometheus` package or run `make system-deps`"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"]):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=_INSTALL_TIMEOUT_S)
@@ -137,9 +139,17 @@ class PrometheusServer:
     def _spawn(cls, root: Path, port: int) -> PrometheusServer:
         log = (root / "prometheus.log").open("w")
         proc = subprocess.Popen(
-            ["prometheus", f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=root)
+            [
+                "prometheus",
+                f"--config.file={root / 'prometheus.yml'}",
+                f"--storage.tsdb.path={root / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+        )
         log.close()  # the child holds its own descriptor
         return cls(proc, port, root)
 

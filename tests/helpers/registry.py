@@ -15,10 +15,10 @@ import numpy as np
 import safetensors.numpy
 from prometheus_client import CollectorRegistry
 
-from services.common.edge_spec import EdgeNetworkConfig, state_shapes
 from services.common.pb import feature_pb2, registry_pb2
-from services.common.server import create_server, shutdown
-from services.common.server_metrics import GrpcMetrics, new_metrics_registry, start_metrics_server
+from services.common.serving.metrics import GrpcMetrics, new_metrics_registry, start_metrics_server
+from services.common.serving.server import create_server, shutdown
+from services.common.wire.edge_spec import EdgeNetworkConfig, state_shapes
 from services.registry.config import RegistryConfig
 from services.registry.records import Version
 from services.registry.server import build
@@ -140,8 +140,6 @@ class RegistryProcess(ServiceProcess):
             server.kill()
             raise
         return server
-
-
 
 
 def all_versions(store: RegistryStore, task: str) -> list[Version]:

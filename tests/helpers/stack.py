@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.synthetic import SplitSizes, generate_dataset
 from services.tuner.config import Endpoints
+from services.tuner.synthetic import SplitSizes, generate_dataset
 from tests.helpers.extractor import ExtractorProcess
 from tests.helpers.process import ServiceProcess
 from tests.helpers.registry import RegistryProcess
@@ -37,8 +37,9 @@ class TunerProcess(ServiceProcess):
     """`python -m services.tuner.server` against the given extractor and registry (helpers.process.ServiceProcess)."""
 
     def __init__(self, extractor: str, registry: str, *flags: str) -> None:
-        super().__init__("services.tuner.server", "--extractor", extractor, "--registry", registry,
-                         "--torch-threads", "1", *flags)
+        super().__init__(
+            "services.tuner.server", "--extractor", extractor, "--registry", registry, "--torch-threads", "1", *flags
+        )
 
 
 @dataclass
@@ -52,14 +53,25 @@ class Stack:
     tuner: TunerProcess | None = None
 
     def endpoints(self, **overrides: object) -> Endpoints:
-        values: dict[str, object] = dict(extractor=self.extractor_target, registry=self.registry.target,
-                                         cache_dir=str(self.cache_dir))
+        values: dict[str, object] = dict(
+            extractor=self.extractor_target, registry=self.registry.target, cache_dir=str(self.cache_dir)
+        )
         values.update(overrides)
         return Endpoints(**values)  # type: ignore[arg-type]
 
     def cli_flags(self) -> list[str]:
-        return ["--extractor", self.extractor_target, "--registry", self.registry.target,
-                "--cache-dir", str(self.cache_dir), "--progress", "log", "--threads", "1"]
+        return [
+            "--extractor",
+            self.extractor_target,
+            "--registry",
+            self.registry.target,
+            "--cache-dir",
+            str(self.cache_dir),
+            "--progress",
+            "log",
+            "--threads",
+            "1",
+        ]
 
     def restart_extractor(self) -> None:
         """SIGKILL the extractor and start a new one on the same port (same seed: the same backbone id)."""

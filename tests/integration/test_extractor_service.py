@@ -14,12 +14,12 @@ import grpc
 import numpy as np
 import pytest
 
-from services.common.baselines import baseline_bytes_per_image, last_block_indices
-from services.common.client import create_aio_channel, create_channel, health_check
-from services.common.codec import decode_feature
+from services.common.clients.channel import create_aio_channel, create_channel, health_check
+from services.common.clients.extractor import ExtractorClient, ImageItem
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
-from services.common.extractor_client import ExtractorClient, ImageItem
 from services.common.pb import extractor_pb2, extractor_pb2_grpc, feature_pb2
+from services.common.wire.codec import decode_feature
+from services.common.wire.gather_modes import baseline_bytes_per_image, last_block_indices
 from services.extractor.backbone import LoadedBackbone
 from tests.helpers.extractor import (
     ExtractorProcess,
@@ -48,15 +48,20 @@ def backbone() -> LoadedBackbone:
 @pytest.fixture(scope="module")
 def server(backbone: LoadedBackbone):
     # A 50 ms queue delay lets one image from each of several streams meet in a batch even on a busy machine.
-    config = tiny_config(max_batch_size=WINDOW, max_queue_delay_ms=50.0, max_items_in_flight=WINDOW,
-                         max_streams=MAX_STREAMS, max_message_bytes=MAX_MESSAGE_BYTES, max_image_bytes=MAX_IMAGE_BYTES,
-                         cache_max_bytes=8 << 20)
+    config = tiny_config(
+        max_batch_size=WINDOW,
+        max_queue_delay_ms=50.0,
+        max_items_in_flight=WINDOW,
+        max_streams=MAX_STREAMS,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        max_image_bytes=MAX_IMAGE_BYTES,
+        cache_max_bytes=8 << 20,
+    )
     with ExtractorServer(config, backbone=backbone) as running:
         yield running
 
 
-async def extract_all(target: str, requests: list[extractor_pb2.ExtractRequest]
-                      ) -> list[extractor_pb2.ExtractResponse]:
+async def extract_all(target: str, requests: list[extractor_pb2.ExtractRequest]) -> list[extractor_pb2.ExtractResponse]:
     async with create_aio_channel(target, retried_methods=NO_RETRY) as channel:
         return [r async for r in extractor_pb2_grpc.ExtractorStub(channel).Extract(iter(requests))]
 
@@ -80,8 +85,9 @@ def status_of(target: str, requests: list[extractor_pb2.ExtractRequest]) -> tupl
 def assert_still_serves(server: ExtractorServer, backbone: LoadedBackbone, seed: int) -> None:
     image = png_image(seed)
     [response] = asyncio.run(extract_all(server.target, [extract_request("check", image, ks=(2,))]))
-    np.testing.assert_allclose(decode_feature(response.features[0]), reference_features(backbone, image, "mist", (2,))[2],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        decode_feature(response.features[0]), reference_features(backbone, image, "mist", (2,))[2], rtol=1e-4, atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -92,8 +98,10 @@ def test_a_stream_with_mixed_k_and_codecs_returns_every_result_in_order_equal_to
     ks_cycle = [(1,), (2, 4), (4, 1, 2), (3,)]
     codec_cycle = ["f32-none", "f16-zstd", "i8-zstd", "bf16-zstd", "f32-zstd"]
     images = [png_image(100 + i) for i in range(12)]
-    requests = [extract_request(f"img-{i}", image, ks=ks_cycle[i % 4], codec=codec_cycle[i % 5])
-                for i, image in enumerate(images)]
+    requests = [
+        extract_request(f"img-{i}", image, ks=ks_cycle[i % 4], codec=codec_cycle[i % 5])
+        for i, image in enumerate(images)
+    ]
 
     # Execute
     responses = asyncio.run(extract_all(server.target, requests))
@@ -113,14 +121,18 @@ def test_a_stream_with_mixed_k_and_codecs_returns_every_result_in_order_equal_to
                 bound = np.abs(reference).max(axis=-1, keepdims=True) / 254 * 1.01 + 1e-5
                 assert (np.abs(decoded - reference) <= bound).all()
             else:  # f16 keeps 11 significant bits, bf16 8
-                np.testing.assert_allclose(decoded, reference, rtol=2 ** -7, atol=1e-3)
+                np.testing.assert_allclose(decoded, reference, rtol=2**-7, atol=1e-3)
 
 
 def test_baseline_modes_send_their_documented_tensors(server, backbone) -> None:
     # Prepare: one stream mixing all four baselines (one forward per mode within a batch).
     image = png_image(150)
-    modes = {"lst": feature_pb2.GATHER_MODE_LST, "last": feature_pb2.GATHER_MODE_LAST,
-             "partial": feature_pb2.GATHER_MODE_PARTIAL, "cls": feature_pb2.GATHER_MODE_CLS}
+    modes = {
+        "lst": feature_pb2.GATHER_MODE_LST,
+        "last": feature_pb2.GATHER_MODE_LAST,
+        "partial": feature_pb2.GATHER_MODE_PARTIAL,
+        "cls": feature_pb2.GATHER_MODE_CLS,
+    }
     requests = [extract_request(name, image, ks=(), mode=value) for name, value in modes.items()]
 
     # Execute
@@ -128,8 +140,12 @@ def test_baseline_modes_send_their_documented_tensors(server, backbone) -> None:
 
     # Assert
     shapes = {r.item_id: tuple(r.features[0].shape) for r in responses}
-    assert shapes == {"lst": (5, 17, 32), "last": (len(last_block_indices(4)) + 1, 17, 32), "partial": (17, 32),
-                      "cls": (32,)}
+    assert shapes == {
+        "lst": (5, 17, 32),
+        "last": (len(last_block_indices(4)) + 1, 17, 32),
+        "partial": (17, 32),
+        "cls": (32,),
+    }
     for response in responses:
         expected = reference_features(backbone, image, response.item_id)[0]
         assert response.features[0].k == 0
@@ -164,7 +180,9 @@ def test_concurrent_streams_share_batches_without_crossing_results(server, backb
 
     # Assert
     batches = server.metric("mist_extractor_batch_size_images_count") - batches_before
-    multi_image_batches = batches - (server.metric("mist_extractor_batch_size_images_bucket", le="1.0") - singles_before)
+    multi_image_batches = batches - (
+        server.metric("mist_extractor_batch_size_images_bucket", le="1.0") - singles_before
+    )
     assert multi_image_batches >= 1 and batches < streams
     for index, response in enumerate(responses):
         assert response.item_id == f"stream-{index}"
@@ -186,8 +204,9 @@ def test_a_repeated_request_is_served_from_the_cache_without_a_forward_pass(serv
     assert server.metric("mist_extractor_batch_size_images_count") == batches
     assert server.metric("mist_extractor_cache_hits_total") - hits == 6
     assert [r.cache_hit for r in first] == [False] * 6 and [r.cache_hit for r in second] == [True] * 6
-    assert [[f.SerializeToString() for f in r.features] for r in second] == \
-           [[f.SerializeToString() for f in r.features] for r in first]
+    assert [[f.SerializeToString() for f in r.features] for r in second] == [
+        [f.SerializeToString() for f in r.features] for r in first
+    ]
     assert server.metric("mist_extractor_cache_bytes") > 0
 
 
@@ -202,8 +221,7 @@ def test_bad_images_get_per_item_errors_and_the_stream_goes_on(server, backbone)
         "corrupt": (good[: len(good) // 2], grpc.StatusCode.INVALID_ARGUMENT, "undecodable_image"),
         "empty": (b"", grpc.StatusCode.INVALID_ARGUMENT, "empty_image"),
         "huge": (huge_blank_png(), grpc.StatusCode.RESOURCE_EXHAUSTED, "image_too_large"),
-        "heavy": (b"\x89PNG\r\n\x1a\n" + bytes(MAX_IMAGE_BYTES), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                  "image_too_large"),
+        "heavy": (b"\x89PNG\r\n\x1a\n" + bytes(MAX_IMAGE_BYTES), grpc.StatusCode.RESOURCE_EXHAUSTED, "image_too_large"),
         "text": (b"name,label\ncat.jpg,3\n", grpc.StatusCode.INVALID_ARGUMENT, "undecodable_image"),
     }
     requests = [extract_request("first", good)] + [extract_request(name, data) for name, (data, _, _) in bad.items()]
@@ -219,8 +237,10 @@ def test_bad_images_get_per_item_errors_and_the_stream_goes_on(server, backbone)
         assert (response.error.code, response.error.reason) == (code.value[0], reason) and not response.features
     assert "10,000x10,000" in responses[3].error.message or "10000x10000" in responses[3].error.message
     assert responses[0].features and responses[-1].features
-    assert server.metric("mist_extractor_images_served_total", mode="mist", codec="f32-none",
-                         status="image_too_large") >= 2
+    assert (
+        server.metric("mist_extractor_images_served_total", mode="mist", codec="f32-none", status="image_too_large")
+        >= 2
+    )
 
 
 @pytest.mark.parametrize(
@@ -228,8 +248,10 @@ def test_bad_images_get_per_item_errors_and_the_stream_goes_on(server, backbone)
     [
         (extract_request("bad", b"x", ks=(0,)), "k must be an integer in [1, 4]"),
         (extract_request("bad", b"x", ks=(5,)), "got 5"),
-        (extractor_pb2.ExtractRequest(item_id="bad", image=b"x", ks=[2], codec=feature_pb2.CodecSpec(dtype=99)),
-         "unknown CodecSpec.dtype enum value 99"),
+        (
+            extractor_pb2.ExtractRequest(item_id="bad", image=b"x", ks=[2], codec=feature_pb2.CodecSpec(dtype=99)),
+            "unknown CodecSpec.dtype enum value 99",
+        ),
         (extract_request("bad", b"x", ks=(2,), mode=42), "unknown GatherMode value 42"),
     ],
     ids=["k=0", "k>N", "unknown-codec", "unknown-mode"],
@@ -250,9 +272,13 @@ def test_invalid_requests_end_the_stream_with_invalid_argument(server, backbone,
 def test_a_different_expected_backbone_is_a_failed_precondition(server, backbone) -> None:
     other = feature_pb2.BackboneId(name=backbone.name, weights_fingerprint="f" * 64)
 
-    answered, code, details = status_of(server.target, [
-        extract_request("mine", png_image(510), expect_backbone=feature_pb2.BackboneId(name=backbone.name)),
-        extract_request("theirs", png_image(511), expect_backbone=other)])
+    answered, code, details = status_of(
+        server.target,
+        [
+            extract_request("mine", png_image(510), expect_backbone=feature_pb2.BackboneId(name=backbone.name)),
+            extract_request("theirs", png_image(511), expect_backbone=other),
+        ],
+    )
 
     assert (answered, code) == (["mine"], grpc.StatusCode.FAILED_PRECONDITION)
     assert backbone.weights_fingerprint in details
@@ -349,8 +375,12 @@ def test_a_cancelled_stream_releases_its_slot_and_its_items(server, backbone) ->
 
     # Assert
     assert in_flight_before_cancel >= 1
-    wait_until(lambda: server.metric("mist_extractor_items_in_flight") == 0
-               and server.metric("mist_extractor_streams_in_flight") == 0)
+    wait_until(
+        lambda: (
+            server.metric("mist_extractor_items_in_flight") == 0
+            and server.metric("mist_extractor_streams_in_flight") == 0
+        )
+    )
     assert_still_serves(server, backbone, seed=660)
 
 
@@ -366,8 +396,17 @@ def test_describe_reports_geometry_fingerprint_baselines_and_the_random_init_war
     assert not info.pretrained and "RANDOMLY INITIALISED" in info.warning
     assert list(info.data_config.input_size) == [3, 32, 32] and info.data_config.interpolation == "bicubic"
     baselines = {b.method: b.bytes_per_image for b in info.baselines}
-    assert baselines == baseline_bytes_per_image(backbone.geometry) == {
-        "lst": 5 * 17 * 32 * 4, "last": 3 * 17 * 32 * 4, "partial": 17 * 32 * 4, "cls": 32 * 4, "mist_f32": 17 * 32 * 4}
+    assert (
+        baselines
+        == baseline_bytes_per_image(backbone.geometry)
+        == {
+            "lst": 5 * 17 * 32 * 4,
+            "last": 3 * 17 * 32 * 4,
+            "partial": 17 * 32 * 4,
+            "cls": 32 * 4,
+            "mist_f32": 17 * 32 * 4,
+        }
+    )
     assert {m: server.metric("mist_extractor_baseline_bytes_per_image", method=m) for m in baselines} == baselines
     assert (info.max_image_bytes, info.max_image_pixels) == (MAX_IMAGE_BYTES, 40_000_000)
 
@@ -382,8 +421,15 @@ def test_the_client_library_returns_results_in_order_and_maps_errors(server, bac
 
     # Execute
     with ExtractorClient(server.target) as client:
-        results = list(client.extract(items, ks=(2, 3), codec="f16-zstd", max_in_flight=3,
-                                      expect_backbone=feature_pb2.BackboneId(name=backbone.name)))
+        results = list(
+            client.extract(
+                items,
+                ks=(2, 3),
+                codec="f16-zstd",
+                max_in_flight=3,
+                expect_backbone=feature_pb2.BackboneId(name=backbone.name),
+            )
+        )
         with pytest.raises(InvalidArgumentError) as bad_k:
             list(client.extract(items[:2], ks=(7,)))
         with pytest.raises(FailedPreconditionError):
@@ -394,8 +440,12 @@ def test_the_client_library_returns_results_in_order_and_maps_errors(server, bac
     assert [r.ok for r in results] == [i != 4 for i in range(10)]
     assert results[4].error.reason == "undecodable_image" and results[4].features == ()
     assert [f.k for f in results[0].features] == [2, 3]
-    np.testing.assert_allclose(decode_feature(results[9].features[1]),
-                               reference_features(backbone, items[9].image, "mist", (3,))[3], rtol=2**-10, atol=1e-3)
+    np.testing.assert_allclose(
+        decode_feature(results[9].features[1]),
+        reference_features(backbone, items[9].image, "mist", (3,))[3],
+        rtol=2**-10,
+        atol=1e-3,
+    )
     assert "item #0" in str(bad_k.value) and "got 7" in str(bad_k.value)
 
 
@@ -511,7 +561,9 @@ def test_sigterm_completes_in_flight_items_goes_not_serving_and_exits_0() -> Non
                 call = extractor_pb2_grpc.ExtractorStub(channel).Extract()
                 for i in range(6):
                     await call.write(extract_request(f"t{i}", png_image(900 + i), ks=(2,)))
-                await asyncio.to_thread(wait_until, lambda: "mist_extractor_items_in_flight 6.0" in scrape(metrics_port))
+                await asyncio.to_thread(
+                    wait_until, lambda: "mist_extractor_items_in_flight 6.0" in scrape(metrics_port)
+                )
                 process.proc.send_signal(signal.SIGTERM)
                 await asyncio.to_thread(wait_until, lambda: health_check(target) == "NOT_SERVING")
                 health = health_check(target)

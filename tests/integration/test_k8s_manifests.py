@@ -71,8 +71,17 @@ def test_targets_render_the_expected_objects(docs):
     base, dev, gpu, postgres = (kinds(t) for t in PLAIN_TARGETS)
 
     # Assert
-    assert base == {"Namespace": 1, "ServiceAccount": 3, "ConfigMap": 3, "Service": 5, "Deployment": 2,
-                    "StatefulSet": 1, "HorizontalPodAutoscaler": 2, "PodDisruptionBudget": 3, "NetworkPolicy": 4}
+    assert base == {
+        "Namespace": 1,
+        "ServiceAccount": 3,
+        "ConfigMap": 3,
+        "Service": 5,
+        "Deployment": 2,
+        "StatefulSet": 1,
+        "HorizontalPodAutoscaler": 2,
+        "PodDisruptionBudget": 3,
+        "NetworkPolicy": 4,
+    }
     assert "HorizontalPodAutoscaler" not in dev and "ServiceMonitor" not in dev
     assert gpu["ServiceMonitor"] == 3 and postgres["ServiceMonitor"] == 3
     assert postgres["Deployment"] == 3 and "StatefulSet" not in postgres
@@ -131,16 +140,21 @@ def test_project_rules_pass(docs, target):
 
 def _set(path: list, value):
     """A mutation setting container[path] (or pod spec when path starts with 'pod')."""
+
     def apply(docs):
         workload = _workload(docs, "Deployment", "mist-extractor")
-        node = workload["spec"]["template"]["spec"] if path[0] == "pod" else _container(docs, "Deployment",
-                                                                                         "mist-extractor")
+        node = (
+            workload["spec"]["template"]["spec"]
+            if path[0] == "pod"
+            else _container(docs, "Deployment", "mist-extractor")
+        )
         for key in path[1:-1]:
             node = node[key]
         if value is None:
             node.pop(path[-1])
         else:
             node[path[-1]] = value
+
     return apply
 
 
@@ -156,8 +170,16 @@ BREACHES = [
     (_set(["pod", "terminationGracePeriodSeconds"], 30), "must exceed preStop 5 s + MIST_GRACE_S 30 s"),
     (_set(["c", "resources", "limits"], {"cpu": "1"}), "resources.limits.memory must be set"),
     (_set(["c", "image"], "mist-extractor"), "needs a fixed tag or digest"),
-    (_set(["c", "env"], [{"name": "MIST_LISTEN", "value": "0.0.0.0:1234"},
-                         {"name": "MIST_METRICS_LISTEN", "value": "0.0.0.0:9101"}]), "does not listen on the 'grpc'"),
+    (
+        _set(
+            ["c", "env"],
+            [
+                {"name": "MIST_LISTEN", "value": "0.0.0.0:1234"},
+                {"name": "MIST_METRICS_LISTEN", "value": "0.0.0.0:9101"},
+            ],
+        ),
+        "does not listen on the 'grpc'",
+    ),
     (_set(["c", "volumeMounts"], []), "needs an emptyDir at /tmp"),
 ]
 
@@ -255,8 +277,9 @@ def test_extractor_has_a_headless_service_the_tuner_dials(docs):
     base = docs["base"]
     headless = _workload(base, "Service", "mist-extractor-headless")
     assert headless["spec"]["clusterIP"] == "None"
-    assert headless["spec"]["ports"] == [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP",
-                                          "appProtocol": "grpc"}]
+    assert headless["spec"]["ports"] == [
+        {"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}
+    ]
     selected = rules.pods_selected(base, headless["spec"]["selector"], plain=True)
     assert [t["spec"]["containers"][0]["name"] for t in selected] == ["extractor"]
     tuner_env = rules.effective_env(base, _container(base, "Deployment", "mist-tuner"))
@@ -267,7 +290,11 @@ def test_extractor_has_a_headless_service_the_tuner_dials(docs):
 
 def test_dev_overlay_runs_one_small_cpu_replica_of_each(docs):
     dev = docs["overlays/dev"]
-    for kind, name in (("Deployment", "mist-extractor"), ("Deployment", "mist-tuner"), ("StatefulSet", "mist-registry")):
+    for kind, name in (
+        ("Deployment", "mist-extractor"),
+        ("Deployment", "mist-tuner"),
+        ("StatefulSet", "mist-registry"),
+    ):
         workload = _workload(dev, kind, name)
         assert workload["spec"]["replicas"] == 1
         limits = workload["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -328,11 +355,16 @@ def test_tls_and_auth_components_mount_their_secrets(docs, target, kind):
     for container in (registry, extractor):
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["MIST_TLS_CERT"] == "/etc/mist/tls/tls.crt" and env["MIST_TLS_KEY"] == "/etc/mist/tls/tls.key"
-        assert container["readinessProbe"]["tcpSocket"] == {"port": "grpc"} and "grpc" not in container["readinessProbe"]
+        assert (
+            container["readinessProbe"]["tcpSocket"] == {"port": "grpc"} and "grpc" not in container["readinessProbe"]
+        )
     extractor_env = {e["name"]: e.get("value") for e in extractor["env"]}
     assert extractor_env["MIST_AUTH_TOKENS_FILE"] == "/etc/mist/extractor-tokens/tokens"
-    secrets = {v["secret"]["secretName"] for v in _workload(docs[target], "Deployment", "mist-extractor")
-               ["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    secrets = {
+        v["secret"]["secretName"]
+        for v in _workload(docs[target], "Deployment", "mist-extractor")["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    }
     assert secrets == {"mist-tls", "mist-extractor-tokens"}
 
 
@@ -375,13 +407,26 @@ REACH = [  # (source labels, source namespace, destination labels, port name, al
 
 @pytest.mark.parametrize("src, src_ns, dst, port, allowed", REACH)
 def test_network_policies_admit_only_tuners_clients_and_prometheus(docs, src, src_ns, dst, port, allowed):
-    assert rules.ingress_allowed(docs["overlays/postgres"], dst_labels=dst, dst_namespace="mist", port=port,
-                                 src_labels=src, src_namespace=src_ns) is allowed
+    assert (
+        rules.ingress_allowed(
+            docs["overlays/postgres"],
+            dst_labels=dst,
+            dst_namespace="mist",
+            port=port,
+            src_labels=src,
+            src_namespace=src_ns,
+        )
+        is allowed
+    )
 
 
 def test_without_policies_nothing_is_isolated():
-    assert rules.ingress_allowed([], dst_labels=EXTRACTOR, dst_namespace="mist", port="grpc", src_labels={},
-                                 src_namespace="default") is True
+    assert (
+        rules.ingress_allowed(
+            [], dst_labels=EXTRACTOR, dst_namespace="mist", port="grpc", src_labels={}, src_namespace="default"
+        )
+        is True
+    )
 
 
 # ---------------------------------------------------------------------------------------------- linters
@@ -399,8 +444,10 @@ def test_yamllint_passes_and_flags_bad_yaml(tmp_path):
     # Assert
     assert clean == []
     assert [p.split("] ", 1)[1].rsplit(" (", 1)[0] for p in dirty] == [  # --strict: warnings fail too
-        "truthy value should be one of [false, true]", 'forbidden implicit octal value "0440"',
-        "line too long (136 > 120 characters)"]
+        "truthy value should be one of [false, true]",
+        'forbidden implicit octal value "0440"',
+        "line too long (136 > 120 characters)",
+    ]
 
 
 def test_checkov_passes_with_justified_skips_and_flags_a_privileged_pod(rendered, docs):
@@ -462,8 +509,10 @@ ENTRYPOINT ["mist-tuner"]
 DOCKERFILE_BREACHES = [
     ("FROM python:3.11-slim\nUSER 10001\n", "needs a multi-stage build"),
     (GOOD_DOCKERFILE.replace("python:3.11-slim-bookworm", "python:latest"), "must be pinned by tag or digest"),
-    (GOOD_DOCKERFILE.replace("FROM ${PYTHON_IMAGE} AS runtime", "FROM python:3.12-slim AS runtime"),
-     "must be python:3.11-slim"),
+    (
+        GOOD_DOCKERFILE.replace("FROM ${PYTHON_IMAGE} AS runtime", "FROM python:3.12-slim AS runtime"),
+        "must be python:3.11-slim",
+    ),
     (GOOD_DOCKERFILE.replace("USER 10001", "USER mist"), "must end as USER 10001"),
     (GOOD_DOCKERFILE.replace('RUN ! python -c "import timm"', "RUN apt-get install -y gcc"), "import timm"),
     (GOOD_DOCKERFILE.replace('RUN ! python -c "import timm"', "RUN apt-get install -y gcc"), "compilers"),

@@ -28,13 +28,13 @@ import pytest
 import yaml
 
 from scripts import build_monitoring
-from services.common.baselines import BackboneGeometry, GatherModeName, baseline_bytes_per_image
-from services.common.codec import CodecConfig, encoded_nbytes, float32_nbytes
+from services.common.clients.extractor import ExtractorClient, ExtractResult
+from services.common.clients.registry import RegistryClient
 from services.common.errors import InvalidArgumentError
-from services.common.extractor_client import ExtractorClient, ExtractResult
 from services.common.pb import tuner_pb2, tuner_pb2_grpc
-from services.common.registry_client import RegistryClient
-from services.common.synthetic import CLASS_NAMES
+from services.common.wire.codec import CodecConfig, encoded_nbytes, float32_nbytes
+from services.common.wire.gather_modes import BackboneGeometry, GatherModeName, baseline_bytes_per_image
+from services.tuner.synthetic import CLASS_NAMES
 from tests.helpers.extractor import ExtractorProcess, png_image
 from tests.helpers.prometheus import (
     PrometheusServer,
@@ -56,7 +56,10 @@ JOBS = ("mist-extractor", "mist-registry", "mist-tuner")
 TOLERANCE = 1e-3  # relative; what remains of rate()'s extrapolation with the window described above
 # Extractor traffic of the clients below, by (gather mode, ks, codec); the tuner's Tune jobs use a third codec.
 DIRECT_STREAMS: tuple[tuple[GatherModeName, tuple[int, ...], str], ...] = (
-    ("mist", (2, 4), "i8-zstd"), ("mist", (4,), "f16-zstd"), ("lst", (), "f16-zstd"))
+    ("mist", (2, 4), "i8-zstd"),
+    ("mist", (4,), "f16-zstd"),
+    ("lst", (), "f16-zstd"),
+)
 TUNER_CODEC = "bf16-zstd"
 
 
@@ -83,8 +86,11 @@ def test_promtool_checks_the_rules_and_config_and_runs_every_unit_test():
     assert f"SUCCESS: {len(rules_in_file())} rules found" in check_rules.stdout
     assert check_config.returncode == 0, check_config.stdout + check_config.stderr
     assert unit_tests.returncode == 0, unit_tests.stdout + unit_tests.stderr
-    tested = {t["alertname"] for case in yaml.safe_load(RULES_TEST.read_text())["tests"]
-              for t in case.get("alert_rule_test") or []}
+    tested = {
+        t["alertname"]
+        for case in yaml.safe_load(RULES_TEST.read_text())["tests"]
+        for t in case.get("alert_rule_test") or []
+    }
     assert tested == {r["alert"] for r in rules_in_file() if "alert" in r}  # every alert has unit tests
 
 
@@ -135,8 +141,19 @@ def test_yaml_files_pass_yamllint():
         pytest.skip("yamllint is not installed (pip install yamllint)")
 
     # Execute
-    done = subprocess.run([str(yamllint), "--strict", "-c", str(ROOT / ".yamllint.yaml"), str(PROMETHEUS_DIR),
-                           str(build_monitoring.PROMETHEUS_RULE)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            str(yamllint),
+            "--strict",
+            "-c",
+            str(ROOT / ".yamllint.yaml"),
+            str(PROMETHEUS_DIR),
+            str(build_monitoring.PROMETHEUS_RULE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     # Assert
     assert done.returncode == 0, done.stdout + done.stderr
@@ -159,24 +176,31 @@ def test_dashboard_structure():
     assert doc["uid"] == "mist-overview" and doc["schemaVersion"] >= 39
     assert [p["id"] for p in every] == list(range(1, len(every) + 1))
     assert [p["title"] for p in every if p["type"] == "row"] == [
-        "Transfer: bytes per image actually sent", "Extractor", "Tuner", "Registry"]
+        "Transfer: bytes per image actually sent",
+        "Extractor",
+        "Tuner",
+        "Registry",
+    ]
     units = {p["title"]: p["fieldConfig"]["defaults"]["unit"] for p in every if p["type"] != "row"}
     assert units["× smaller than LST"] == "suffix:×" and units["MIST bytes per image"] == "bytes"
     assert units["Cache hit ratio"] == "percentunit" and units["Training step time"] == "s"
 
 
-@pytest.mark.parametrize("breach, expected", [
-    (lambda d: d["panels"][2].update(id=1), "panel ids must be unique"),
-    (lambda d: d["panels"][2]["gridPos"].update(x=2), "overlap"),
-    (lambda d: d["panels"][2]["gridPos"].update(x=22), "not inside the 24-column grid"),
-    (lambda d: d["panels"][2]["fieldConfig"]["defaults"].pop("unit"), "no unit"),
-    (lambda d: d["panels"][2].update(datasource={"type": "prometheus", "uid": "prod"}), "datasource must be"),
-    (lambda d: d["panels"][2]["targets"][0].pop("datasource"), "datasource must be"),
-    (lambda d: d["panels"][2]["targets"][0].update(expr="up"), "up lacks the $namespace filter"),
-    (lambda d: d["panels"][2].update(targets=[]), "no queries"),
-    (lambda d: d["templating"].update(list=[]), "template variable 'datasource'"),
-    (lambda d: d.update(schemaVersion=16), "schemaVersion"),
-])
+@pytest.mark.parametrize(
+    "breach, expected",
+    [
+        (lambda d: d["panels"][2].update(id=1), "panel ids must be unique"),
+        (lambda d: d["panels"][2]["gridPos"].update(x=2), "overlap"),
+        (lambda d: d["panels"][2]["gridPos"].update(x=22), "not inside the 24-column grid"),
+        (lambda d: d["panels"][2]["fieldConfig"]["defaults"].pop("unit"), "no unit"),
+        (lambda d: d["panels"][2].update(datasource={"type": "prometheus", "uid": "prod"}), "datasource must be"),
+        (lambda d: d["panels"][2]["targets"][0].pop("datasource"), "datasource must be"),
+        (lambda d: d["panels"][2]["targets"][0].update(expr="up"), "up lacks the $namespace filter"),
+        (lambda d: d["panels"][2].update(targets=[]), "no queries"),
+        (lambda d: d["templating"].update(list=[]), "template variable 'datasource'"),
+        (lambda d: d.update(schemaVersion=16), "schemaVersion"),
+    ],
+)
 def test_dashboard_checker_reports_each_breach(breach, expected):
     # Prepare
     doc = copy.deepcopy(committed_dashboard())
@@ -223,8 +247,14 @@ class Counted:
         self.tuner_bytes += feature_bytes
 
 
-def stream(target: str, mode: GatherModeName, ks: tuple[int, ...], codec: str, items: list[tuple[str, bytes]],
-           counted: Counted | None) -> None:
+def stream(
+    target: str,
+    mode: GatherModeName,
+    ks: tuple[int, ...],
+    codec: str,
+    items: list[tuple[str, bytes]],
+    counted: Counted | None,
+) -> None:
     with ExtractorClient(target) as client:
         for result in client.extract(items, mode=mode, ks=ks, codec=codec, max_in_flight=8):
             if counted is not None:
@@ -240,9 +270,18 @@ def extractor_load(target: str, phase: int, counted: Counted | None) -> None:
     seeds = ([*fresh, *repeated], [s + 50 for s in fresh], fresh[:2])
     broken = [("broken", b"not an image")]
     with ThreadPoolExecutor(len(DIRECT_STREAMS)) as pool:
-        streams = [pool.submit(stream, target, mode, ks, codec,
-                               [(f"img-{s}", png_image(s)) for s in stream_seeds] + (broken if n == 0 else []), counted)
-                   for n, ((mode, ks, codec), stream_seeds) in enumerate(zip(DIRECT_STREAMS, seeds, strict=True))]
+        streams = [
+            pool.submit(
+                stream,
+                target,
+                mode,
+                ks,
+                codec,
+                [(f"img-{s}", png_image(s)) for s in stream_seeds] + (broken if n == 0 else []),
+                counted,
+            )
+            for n, ((mode, ks, codec), stream_seeds) in enumerate(zip(DIRECT_STREAMS, seeds, strict=True))
+        ]
         with ExtractorClient(target) as client, pytest.raises(InvalidArgumentError):
             list(client.extract([("x", png_image(1))], ks=(99,)))
         for done in streams:
@@ -264,12 +303,16 @@ def registry_load(target: str, phase: int) -> None:
 
 def tune_requests(phase: int, *, k: int = 2) -> Iterator[tuner_pb2.TuneRequest]:
     codec = CodecConfig.parse(TUNER_CODEC).to_proto()
-    yield tuner_pb2.TuneRequest(spec=tuner_pb2.TuneSpec(task="shapes", k=k, codec=codec, epochs=1, batch_size=8,
-                                                        seed=phase, val_fraction=0.25))
+    yield tuner_pb2.TuneRequest(
+        spec=tuner_pb2.TuneSpec(task="shapes", k=k, codec=codec, epochs=1, batch_size=8, seed=phase, val_fraction=0.25)
+    )
     for n in range(16):  # two classes: png_image(seed) draws class CLASS_NAMES[seed % 8]
         seed = 1000 * phase + 8 * n + n % 2
-        yield tuner_pb2.TuneRequest(image=tuner_pb2.LabelledImage(
-            item_id=f"t{seed}", image=png_image(seed), label=CLASS_NAMES[seed % len(CLASS_NAMES)]))
+        yield tuner_pb2.TuneRequest(
+            image=tuner_pb2.LabelledImage(
+                item_id=f"t{seed}", image=png_image(seed), label=CLASS_NAMES[seed % len(CLASS_NAMES)]
+            )
+        )
 
 
 def tuner_load(target: str, phase: int, counted: Counted | None) -> None:
@@ -287,7 +330,8 @@ def tuner_load(target: str, phase: int, counted: Counted | None) -> None:
         if phase == 1:
             items = [tuner_pb2.PredictRequest(spec=tuner_pb2.PredictSpec(task="shapes"))] + [
                 tuner_pb2.PredictRequest(item=tuner_pb2.PredictItem(item_id=str(i), image=png_image(i)))
-                for i in range(3)]
+                for i in range(3)
+            ]
             assert len(list(stub.Predict(iter(items), timeout=60))) == 3
 
 
@@ -322,8 +366,7 @@ class Observed:
 
     def concrete(self, expr: str) -> str:
         """A dashboard query as Grafana would send it: every namespace, this test's rate window."""
-        return (expr.replace("$__rate_interval", self.window(expr))
-                .replace('namespace=~"$namespace"', 'namespace=~".*"'))
+        return expr.replace("$__rate_interval", self.window(expr)).replace('namespace=~"$namespace"', 'namespace=~".*"')
 
     def query(self, expr: str) -> list[Sample]:
         return self.prometheus.query(expr, at=self.at)
@@ -350,8 +393,11 @@ def observed(tmp_path_factory) -> Iterator[Observed]:
         tuner = TunerProcess(target, registry.target)
         stops.append(tuner.stop)
         tuner_target, tuner_metrics = tuner.wait_listening()
-        ports = {"mist-extractor": extractor_metrics, "mist-registry": registry.metrics_port,
-                 "mist-tuner": tuner_metrics}
+        ports = {
+            "mist-extractor": extractor_metrics,
+            "mist-registry": registry.metrics_port,
+            "mist-tuner": tuner_metrics,
+        }
         prometheus = PrometheusServer.start(prometheus_config(ports), tmp / "prometheus")
         stops.append(prometheus.stop)
         counted = Counted()
@@ -374,8 +420,11 @@ def observed(tmp_path_factory) -> Iterator[Observed]:
 
 def dashboard_queries() -> list[tuple[str, str, str]]:
     """(panel title, refId, expr) of every query in the committed dashboard."""
-    return [(panel["title"], target["refId"], target["expr"])
-            for panel in build_monitoring.panels(committed_dashboard()) for target in panel.get("targets") or []]
+    return [
+        (panel["title"], target["refId"], target["expr"])
+        for panel in build_monitoring.panels(committed_dashboard())
+        for target in panel.get("targets") or []
+    ]
 
 
 def panel_query(title: str, ref_id: str = "A") -> str:
@@ -408,8 +457,11 @@ def test_bytes_per_image_panel_equals_what_the_clients_counted(observed):
 
     # Assert: every (mode, codec) of phase 2, the tuner's bf16-zstd Tune job included
     expected = {key: counted.bytes_sent[key] / counted.images[key] for key in counted.images}
-    assert set(measured) == set(expected) == {("mist", "i8-zstd"), ("mist", "f16-zstd"), ("lst", "f16-zstd"),
-                                             ("mist", "bf16-zstd")}
+    assert (
+        set(measured)
+        == set(expected)
+        == {("mist", "i8-zstd"), ("mist", "f16-zstd"), ("lst", "f16-zstd"), ("mist", "bf16-zstd")}
+    )
     for key, value in expected.items():
         assert measured[key] == pytest.approx(value, rel=TOLERANCE), key
     assert counted.images[("mist", "i8-zstd")] == 13 and counted.images[("lst", "f16-zstd")] == 2
@@ -423,11 +475,20 @@ def test_headline_ratios_equal_the_baselines_over_the_counted_bytes(observed):
     mist_per_image = sum(counted.bytes_sent[k] for k in mist) / sum(counted.images[k] for k in mist)
 
     # Execute
-    gauges = {s.labels["method"]: s.value
-              for s in observed.query(observed.concrete(panel_query("Bytes per image: sent vs baselines", "B")))}
-    ratio = {title: observed.value(observed.concrete(panel_query(title)))
-             for title in ("× smaller than LST", "× smaller than LAST", "× smaller than Partial-1",
-                           "MIST bytes per image", "Share of uncompressed MIST")}
+    gauges = {
+        s.labels["method"]: s.value
+        for s in observed.query(observed.concrete(panel_query("Bytes per image: sent vs baselines", "B")))
+    }
+    ratio = {
+        title: observed.value(observed.concrete(panel_query(title)))
+        for title in (
+            "× smaller than LST",
+            "× smaller than LAST",
+            "× smaller than Partial-1",
+            "MIST bytes per image",
+            "Share of uncompressed MIST",
+        )
+    }
 
     # Assert
     assert gauges == {"lst": 10880, "last": 6528, "partial": 2176, "cls": 128, "mist_f32": 2176} == baselines
@@ -435,8 +496,7 @@ def test_headline_ratios_equal_the_baselines_over_the_counted_bytes(observed):
     assert ratio["× smaller than LST"] == pytest.approx(baselines["lst"] / mist_per_image, rel=TOLERANCE)
     assert ratio["× smaller than LAST"] == pytest.approx(baselines["last"] / mist_per_image, rel=TOLERANCE)
     assert ratio["× smaller than Partial-1"] == pytest.approx(baselines["partial"] / mist_per_image, rel=TOLERANCE)
-    assert ratio["Share of uncompressed MIST"] == pytest.approx(mist_per_image / baselines["mist_f32"],
-                                                                rel=TOLERANCE)
+    assert ratio["Share of uncompressed MIST"] == pytest.approx(mist_per_image / baselines["mist_f32"], rel=TOLERANCE)
     assert 5 < ratio["× smaller than LST"] < 40  # i8, f16 and bf16 features of a 17 x 32 map
 
 
@@ -447,31 +507,38 @@ def test_extractor_and_tuner_panels_match_the_clients(observed):
     direct = [key for key in counted.images if key != ("mist", "bf16-zstd")]
 
     # Execute
-    compression = {s.labels["codec"]: s.value
-                   for s in observed.query(observed.concrete(panel_query("Codec compression ratio")))}
+    compression = {
+        s.labels["codec"]: s.value for s in observed.query(observed.concrete(panel_query("Codec compression ratio")))
+    }
     hit_ratio = observed.value(observed.concrete(panel_query("Cache hit ratio")))
-    received = {s.labels.get("received", "tune"): s.value for s in observed.query(
-        observed.concrete(panel_query("Bytes per image received by the tuners", "A")))}
+    received = {
+        s.labels.get("received", "tune"): s.value
+        for s in observed.query(observed.concrete(panel_query("Bytes per image received by the tuners", "A")))
+    }
     failed = observed.query(observed.concrete(panel_query("Failed calls by code")))
     item_errors = observed.query(observed.concrete(panel_query("Per-item errors by reason")))
 
     # Assert
     i8 = [k for k in direct if k[1] == "i8-zstd"]
     assert compression["i8-zstd"] == pytest.approx(
-        sum(counted.float32_bytes[k] for k in i8) / sum(counted.bytes_sent[k] for k in i8), rel=TOLERANCE)
+        sum(counted.float32_bytes[k] for k in i8) / sum(counted.bytes_sent[k] for k in i8), rel=TOLERANCE
+    )
     assert hit_ratio == pytest.approx(counted.cache_hits / counted.cache_lookups, rel=TOLERANCE)
     assert counted.cache_hits == 3
     assert received["tune"] == pytest.approx(counted.tuner_bytes / counted.tuner_images, rel=1e-2)
     assert {(s.labels["method"], s.labels["code"]) for s in failed} >= {
-        ("/mist.v1.Extractor/Extract", "INVALID_ARGUMENT")}
+        ("/mist.v1.Extractor/Extract", "INVALID_ARGUMENT")
+    }
     assert {s.labels["status"] for s in item_errors} == {"undecodable_image"}
 
 
 @pytest.mark.slow
 def test_registry_panels_show_the_pushes_and_versions(observed):
     # Execute
-    by_status = {(s.labels.get("code"), s.value > 0) for s in observed.query(
-        observed.concrete(panel_query("Pushes and pulls by status", "A")))}
+    by_status = {
+        (s.labels.get("code"), s.value > 0)
+        for s in observed.query(observed.concrete(panel_query("Pushes and pulls by status", "A")))
+    }
     versions = {s.labels["task"]: s.value for s in observed.query(observed.concrete(panel_query("Versions per task")))}
     moves = observed.value(observed.concrete(panel_query("Alias moves")))
 
@@ -490,8 +557,11 @@ def test_every_rule_evaluates_and_records_a_finite_series(observed):
     def recorded_after_the_load() -> dict[str, list[Sample]]:
         """Each recorded series whose every sample was evaluated after the load's last scrape."""
         stamps = {name: observed.prometheus.query(f"timestamp({name})") for name in records}
-        return {name: observed.prometheus.query(name) for name, found in stamps.items()
-                if found and all(s.value > observed.at for s in found)}
+        return {
+            name: observed.prometheus.query(name)
+            for name, found in stamps.items()
+            if found and all(s.value > observed.at for s in found)
+        }
 
     # Execute: rules evaluate every second, on the scrapes up to then
     recorded = eventually(recorded_after_the_load, lambda found: len(found) == len(records))
@@ -506,8 +576,7 @@ def test_every_rule_evaluates_and_records_a_finite_series(observed):
 @pytest.mark.slow
 def test_alerts_react_to_the_load(observed):
     # Execute: a third of the pushes failed (2 refused of 6), so the push alert goes pending (its `for` is 15m)
-    states = eventually(observed.prometheus.alert_states,
-                        lambda found: found["MistRegistryPushFailures"] == "pending")
+    states = eventually(observed.prometheus.alert_states, lambda found: found["MistRegistryPushFailures"] == "pending")
 
     # Assert
     assert states["MistRegistryPushFailures"] == "pending"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.registry_client import RegistryClient
-from services.registry.cli import main
+from services.common.clients.registry import RegistryClient
+from services.common.clients.registry_cli import main
 from services.registry.config import RegistryConfig
 from tests.helpers.process import ROOT as REPO_ROOT
 from tests.helpers.registry import InProcessRegistry, make_blob, task_proto
@@ -224,7 +224,7 @@ def test_create_token_prints_it_once_and_it_carries_its_scope(tmp_path, capsys):
 
 def test_the_module_runs_as_a_command_without_tracebacks(server):
     result = subprocess.run(
-        [sys.executable, "-m", "services.registry.cli", "--registry", server.target, "versions", "nope"],
+        [sys.executable, "-m", "services.common.clients.registry_cli", "--registry", server.target, "versions", "nope"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -23,12 +23,12 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.client import health_check
+from services.common.clients.channel import health_check
+from services.common.clients.registry import RegistryClient
 from services.common.config import parse_config
-from services.common.edge_spec import EdgeNetworkConfig, state_shapes
 from services.common.errors import InvalidArgumentError, MistError
 from services.common.pb import registry_pb2, registry_pb2_grpc
-from services.common.registry_client import RegistryClient
+from services.common.wire.edge_spec import EdgeNetworkConfig, state_shapes
 from services.registry.config import RegistryConfig, describe_db, read_admin_token
 from services.registry.metrics import StoreCollector
 from services.registry.serde import task_from_proto, version_from_proto
@@ -446,7 +446,7 @@ def test_threads_pushing_on_one_parent_exactly_one_wins(client, server):
 
 _FORCE_PUSHER = """
 import sys
-from services.common.registry_client import RegistryClient
+from services.common.clients.registry import RegistryClient
 from tests.helpers.registry import make_blob
 target, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 with RegistryClient(target, chunk_size_bytes=4096) as client:
@@ -712,5 +712,3 @@ def test_sigkill_during_pushes_loses_no_acknowledged_version(tmp_path):
         assert sorted(stored) == list(range(1, len(stored) + 1))
         # At most the one push in flight at the kill committed without its acknowledgement.
         assert len(stored) - len(acked) <= round_ + 1
-
-

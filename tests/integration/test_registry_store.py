@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from services.common.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig, state_shapes, trainable_parameters
 from services.common.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -35,6 +34,7 @@ from services.common.errors import (
     NotFoundError,
     UnavailableError,
 )
+from services.common.wire.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig, state_shapes, trainable_parameters
 from services.registry.records import Principal, Task
 from services.registry.store import RegistryStore, hash_token, max_blob_bytes, open_store
 from tests.helpers.registry import all_versions

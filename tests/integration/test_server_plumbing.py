@@ -25,8 +25,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from services.common import errors
-from services.common.auth import Principal
-from services.common.client import (
+from services.common.clients.channel import (
     create_aio_channel,
     create_channel,
     health_check,
@@ -36,9 +35,10 @@ from services.common.client import (
 )
 from services.common.config import ConfigError, ServerConfig
 from services.common.logging_setup import TextFormatter, redact
-from services.common.rpc import STATUS_BY_ERROR, handles_errors
-from services.common.server import ServiceSetup, create_server, serve
-from services.common.server_metrics import BindError, GrpcMetrics, new_metrics_registry, start_metrics_server
+from services.common.serving.auth import Principal
+from services.common.serving.metrics import BindError, GrpcMetrics, new_metrics_registry, start_metrics_server
+from services.common.serving.rpc import STATUS_BY_ERROR, handles_errors
+from services.common.serving.server import ServiceSetup, create_server, serve
 from tests.helpers.certs import CertPaths, make_certs
 from tests.helpers.plumbing_server import FAKE_SECRET, SERVICE, Plumbing, add_plumbing
 
@@ -48,8 +48,9 @@ NO_RETRY: tuple = ()
 
 
 @contextlib.asynccontextmanager
-async def running(config: ServerConfig | None = None, plumbing: Plumbing | None = None,
-                  **kwargs) -> AsyncIterator[tuple[int, object]]:
+async def running(
+    config: ServerConfig | None = None, plumbing: Plumbing | None = None, **kwargs
+) -> AsyncIterator[tuple[int, object]]:
     """A started server with the plumbing service; stopped when the block ends."""
     config = config or ServerConfig(metrics_listen="off")
     server, port, health = await create_server(config, functools.partial(add_plumbing, plumbing=plumbing), **kwargs)
@@ -82,8 +83,11 @@ def test_health_overall_and_per_service_serving() -> None:
     async def scenario() -> tuple[str, str, str]:
         async with running() as (port, _):
             target = f"127.0.0.1:{port}"
-            return (await health_check_async(target), await health_check_async(target, SERVICE),
-                    await health_check_async(target, "mist.v1.Nope"))
+            return (
+                await health_check_async(target),
+                await health_check_async(target, SERVICE),
+                await health_check_async(target, "mist.v1.Nope"),
+            )
 
     overall, service, unknown = run(scenario())
 
@@ -147,8 +151,9 @@ def test_unexpected_exception_is_internal_without_leak(caplog) -> None:
 
     rpc_error = run(scenario())
 
-    incident = re.fullmatch(r"internal error \(incident ([0-9a-f]{8})\); the server log has details",
-                            rpc_error.details())
+    incident = re.fullmatch(
+        r"internal error \(incident ([0-9a-f]{8})\); the server log has details", rpc_error.details()
+    )
     assert rpc_error.code() == grpc.StatusCode.INTERNAL
     assert incident is not None
     assert FAKE_SECRET not in rpc_error.details() and "RuntimeError" not in rpc_error.details()
@@ -249,8 +254,11 @@ def test_second_server_on_same_port_fails_clearly() -> None:
 
     message = run(scenario())
 
-    assert re.fullmatch(r"cannot listen on 127\.0\.0\.1:\d+ \(--listen / MIST_LISTEN\): address in use or not "
-                        r"available on this host", message)
+    assert re.fullmatch(
+        r"cannot listen on 127\.0\.0\.1:\d+ \(--listen / MIST_LISTEN\): address in use or not "
+        r"available on this host",
+        message,
+    )
 
 
 def test_wait_for_ready_connects_or_times_out() -> None:
@@ -292,8 +300,11 @@ def test_bearer_token_auth(tokens_file: Path, caplog) -> None:
             async with create_aio_channel(target) as ch:
                 out["none"] = await code_of(call(ch, "Echo", b"x"))
                 out["health"] = await health_check_async(target)
-                out["reflection"] = await code_of(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-                    iter([reflection_pb2.ServerReflectionRequest(list_services="")])).read())
+                out["reflection"] = await code_of(
+                    reflection_pb2_grpc.ServerReflectionStub(ch)
+                    .ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+                    .read()
+                )
             async with create_aio_channel(target, token=TOKEN + "x") as ch:
                 with pytest.raises(grpc.aio.AioRpcError) as wrong:
                     await call(ch, "Echo", b"x")
@@ -373,8 +384,9 @@ def test_bad_tokens_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(errors.InvalidArgumentError) as info:
         run(create_server(ServerConfig(metrics_listen="off", auth_tokens_file=str(path)), add_plumbing))
 
-    assert str(info.value) == ("--auth-tokens-file (env MIST_AUTH_TOKENS_FILE): line 1: expected 'name:token' "
-                               "with a non-empty token")
+    assert str(info.value) == (
+        "--auth-tokens-file (env MIST_AUTH_TOKENS_FILE): line 1: expected 'name:token' with a non-empty token"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- TLS
@@ -405,19 +417,29 @@ def test_tls_and_plaintext_client_refused(certs: CertPaths) -> None:
 
 
 def test_mutual_tls_requires_a_trusted_client_certificate(certs: CertPaths) -> None:
-    config = ServerConfig(metrics_listen="off", tls_cert=str(certs.server_cert), tls_key=str(certs.server_key),
-                          tls_client_ca=str(certs.ca))
+    config = ServerConfig(
+        metrics_listen="off",
+        tls_cert=str(certs.server_cert),
+        tls_key=str(certs.server_key),
+        tls_client_ca=str(certs.ca),
+    )
 
     async def scenario() -> tuple:
         async with running(config) as (port, _):
             target = f"127.0.0.1:{port}"
             async with create_aio_channel(target, tls_ca=certs.ca, retried_methods=NO_RETRY) as ch:
                 without = await code_of(call(ch, "Echo", b"x"))
-            async with create_aio_channel(target, tls_ca=certs.ca, client_cert=certs.rogue_client_cert,
-                                          client_key=certs.rogue_client_key, retried_methods=NO_RETRY) as ch:
+            async with create_aio_channel(
+                target,
+                tls_ca=certs.ca,
+                client_cert=certs.rogue_client_cert,
+                client_key=certs.rogue_client_key,
+                retried_methods=NO_RETRY,
+            ) as ch:
                 rogue = await code_of(call(ch, "Echo", b"x"))
-            async with create_aio_channel(target, tls_ca=certs.ca, client_cert=certs.client_cert,
-                                          client_key=certs.client_key, token=TOKEN) as ch:
+            async with create_aio_channel(
+                target, tls_ca=certs.ca, client_cert=certs.client_cert, client_key=certs.client_key, token=TOKEN
+            ) as ch:
                 with_cert = await call(ch, "Echo", b"mtls")
             return without, rogue, with_cert
 
@@ -429,12 +451,18 @@ def test_mutual_tls_requires_a_trusted_client_certificate(certs: CertPaths) -> N
 
 
 def test_token_rides_on_tls_call_credentials(certs: CertPaths, tokens_file: Path) -> None:
-    config = ServerConfig(metrics_listen="off", tls_cert=str(certs.server_cert), tls_key=str(certs.server_key),
-                          auth_tokens_file=str(tokens_file))
+    config = ServerConfig(
+        metrics_listen="off",
+        tls_cert=str(certs.server_cert),
+        tls_key=str(certs.server_key),
+        auth_tokens_file=str(tokens_file),
+    )
 
     async def scenario() -> bytes:
-        async with running(config) as (port, _), create_aio_channel(f"127.0.0.1:{port}", tls_ca=certs.ca,
-                                                                    token=TOKEN) as ch:
+        async with (
+            running(config) as (port, _),
+            create_aio_channel(f"127.0.0.1:{port}", tls_ca=certs.ca, token=TOKEN) as ch,
+        ):
             return await call(ch, "WhoAmI")
 
     assert run(scenario()) == repr(Principal("device-1")).encode()
@@ -517,8 +545,11 @@ def test_serve_reports_bind_failure_with_exit_code_1(capsys) -> None:
         root.handlers[:], root.level = handlers, level
 
     assert code == 1
-    assert re.search(r"ERROR services\.common\.server: mist-plumbing failed to start: cannot listen on "
-                     r"127\.0\.0\.1:\d+ \(--listen / MIST_LISTEN\)", capsys.readouterr().err)
+    assert re.search(
+        r"ERROR services\.common\.server: mist-plumbing failed to start: cannot listen on "
+        r"127\.0\.0\.1:\d+ \(--listen / MIST_LISTEN\)",
+        capsys.readouterr().err,
+    )
 
 
 async def _setup_plumbing(config: ServerConfig, registry: CollectorRegistry) -> ServiceSetup:
@@ -532,9 +563,22 @@ _LISTENING = re.compile(r"mist-plumbing listening on 127\.0\.0\.1:(\d+) \(metric
 
 def _start_process(*flags: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MIST_", "GRPC_TRACE", "GRPC_VERBOSITY"))}
-    return subprocess.Popen([sys.executable, "-m", "tests.helpers.plumbing_server", "--listen", "127.0.0.1:0",
-                             "--metrics-listen", "127.0.0.1:0", *flags], cwd=ROOT, env=env,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.helpers.plumbing_server",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _first_line(proc: subprocess.Popen, timeout_s: float = 20.0) -> str:
@@ -597,8 +641,10 @@ def test_sigterm_drains_in_flight_calls_and_exits_0() -> None:
     assert slow == b"slept"
     assert refused == grpc.StatusCode.UNAVAILABLE
     assert exit_code == 0 and exited_after_s < 5
-    order = [rest.index(s) for s in ("building the plumbing service", "received SIGTERM",
-                                     "on_shutdown hook ran", "mist-plumbing stopped")]
+    order = [
+        rest.index(s)
+        for s in ("building the plumbing service", "received SIGTERM", "on_shutdown hook ran", "mist-plumbing stopped")
+    ]
     assert order == sorted(order)
 
 
@@ -627,7 +673,7 @@ def test_grace_period_bounds_the_drain_json_logs() -> None:
         proc.wait()
         proc.stderr.close()
 
-    assert (first["level"], first["logger"]) == ("INFO", "services.common.server")
+    assert (first["level"], first["logger"]) == ("INFO", "services.common.serving.server")
     assert code == grpc.StatusCode.UNAVAILABLE  # cancelled by the server: clients retry elsewhere
     assert exit_code == 0 and 0.5 <= exited_after_s < 3
     assert "cancelling 1 call(s) still in flight after the grace period" in [r["message"] for r in rest]
@@ -637,8 +683,7 @@ def test_grace_period_bounds_the_drain_json_logs() -> None:
 
 
 def test_bearer_tokens_are_redacted_from_log_lines() -> None:
-    record = logging.LogRecord("x", logging.INFO, __file__, 1, "headers: %s", (f"authorization: Bearer {TOKEN}",),
-                               None)
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "headers: %s", (f"authorization: Bearer {TOKEN}",), None)
 
     line = TextFormatter().format(record)
 

@@ -25,8 +25,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.config import ServerConfig
-from services.common.server import ServiceSetup, create_server
-from services.common.server_metrics import GrpcMetrics, metric_prefix, new_metrics_registry
+from services.common.serving.metrics import GrpcMetrics, metric_prefix, new_metrics_registry
+from services.common.serving.server import ServiceSetup, create_server
 from services.extractor.backbone import LoadedBackbone
 from services.extractor.gather import gather
 from services.extractor.preprocess import ImagePreprocessor
@@ -116,8 +116,9 @@ def percentile(values: Sequence[float], q: float) -> float:
 # ---------------------------------------------------------------------------------------------- references
 
 
-def reference_gathers(backbone: LoadedBackbone, images: Sequence[bytes], ks: Sequence[int],
-                      batch_size: int = 64) -> list[dict[int, np.ndarray]]:
+def reference_gathers(
+    backbone: LoadedBackbone, images: Sequence[bytes], ks: Sequence[int], batch_size: int = 64
+) -> list[dict[int, np.ndarray]]:
     """What the extractor must answer for each image (MIST gathers at `ks`), computed here in batches.
 
     One torch thread meanwhile: on a shared 2-core machine several threads per process measured 25x slower
@@ -129,7 +130,7 @@ def reference_gathers(backbone: LoadedBackbone, images: Sequence[bytes], ks: Seq
     try:
         results: list[dict[int, np.ndarray]] = []
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([preprocessor.decode(image) for image in images[start:start + batch_size]])
+            batch = torch.stack([preprocessor.decode(image) for image in images[start : start + batch_size]])
             with backbone.autocast():
                 out = gather(backbone.model, batch, "mist", ks)
             results += [{k: out[k][row].numpy() for k in ks} for row in range(len(batch))]
@@ -188,8 +189,12 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 def label_values(text: str) -> set[str]:
     """Every label value of every sample in a scrape."""
-    return {value for family in text_string_to_metric_families(text)
-            for sample in family.samples for value in sample.labels.values()}
+    return {
+        value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        for value in sample.labels.values()
+    }
 
 
 def lines_containing(lines: Iterable[str], needles: Iterable[str]) -> list[tuple[str, str]]:
@@ -198,7 +203,9 @@ def lines_containing(lines: Iterable[str], needles: Iterable[str]) -> list[tuple
     return [(needle, line) for line in lines for needle in wanted if needle in line]
 
 
-def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "condition") -> None:
+def wait_for(
+    predicate: Callable[[], object], timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "condition"
+) -> None:
     """Poll until `predicate()` is true; AssertionError naming `what` after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -211,8 +218,9 @@ def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0, interval_
 
 
 @contextlib.contextmanager
-def serving(config: ServerConfig, build: Callable[..., Awaitable[ServiceSetup]], service_name: str
-            ) -> Iterator[tuple[str, CollectorRegistry]]:
+def serving(
+    config: ServerConfig, build: Callable[..., Awaitable[ServiceSetup]], service_name: str
+) -> Iterator[tuple[str, CollectorRegistry]]:
     """Any service's `build(config, registry)` behind the shared server factory, on an event loop thread here (as
     `serve()` runs it, minus signals); yields its 127.0.0.1 target and metrics registry; stops it all on exit."""
     loop = asyncio.new_event_loop()
@@ -222,8 +230,12 @@ def serving(config: ServerConfig, build: Callable[..., Awaitable[ServiceSetup]],
 
     async def start() -> tuple[object, ServiceSetup, int]:
         setup = await build(config, metrics)
-        server, port, _ = await create_server(config, setup.add_services, token_validator=setup.token_validator,
-                                              metrics=GrpcMetrics(metrics, metric_prefix(service_name)))
+        server, port, _ = await create_server(
+            config,
+            setup.add_services,
+            token_validator=setup.token_validator,
+            metrics=GrpcMetrics(metrics, metric_prefix(service_name)),
+        )
         return server, setup, port
 
     async def stop(server, setup: ServiceSetup) -> None:

@@ -23,12 +23,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """`scale` -> two runs of the same test: "short" and "stress" (the latter marked, so `make test` skips it)."""
     if "scale" in metafunc.fixturenames:
         factor = stress_factor()
-        metafunc.parametrize("scale", [
-            pytest.param(Scale("short"), id="short"),
-            # A stress run may outlast the suite's 300 s per-test timeout by design; it stops itself well before this.
-            pytest.param(Scale("stress", factor), id="stress",
-                         marks=[pytest.mark.stress, pytest.mark.timeout(max(3600, 3600 * factor))]),
-        ])
+        metafunc.parametrize(
+            "scale",
+            [
+                pytest.param(Scale("short"), id="short"),
+                # A stress run may outlast the suite's 300 s per-test timeout by design; it stops itself well before this.
+                pytest.param(
+                    Scale("stress", factor),
+                    id="stress",
+                    marks=[pytest.mark.stress, pytest.mark.timeout(max(3600, 3600 * factor))],
+                ),
+            ],
+        )
 
 
 @pytest.fixture

@@ -26,10 +26,10 @@ import pytest
 from bench.common import BackboneSpec, BenchError, BenchSkipped, child_env
 from bench.netns import EdgeLink
 from bench.servers import ServerProcess
-from services.common.client import create_channel, health_check
-from services.common.codec import decode_feature
-from services.common.extractor_client import ExtractorClient, ExtractResult, ImageItem
+from services.common.clients.channel import create_channel, health_check
+from services.common.clients.extractor import ExtractorClient, ExtractResult, ImageItem
 from services.common.pb import extractor_pb2, extractor_pb2_grpc
+from services.common.wire.codec import decode_feature
 from services.extractor.backbone import LoadedBackbone
 from tests.conftest import TINY_VIT_KWARGS
 from tests.helpers.extractor import (
@@ -48,8 +48,9 @@ WINDOW = 4  # images in flight per stream: at most this many can ever need sendi
 GRACE_S = 2.0  # the draining replica's --grace-s
 
 
-def assert_features_are_references(results: list[ExtractResult], images: dict[str, bytes],
-                                   backbone: LoadedBackbone) -> None:
+def assert_features_are_references(
+    results: list[ExtractResult], images: dict[str, bytes], backbone: LoadedBackbone
+) -> None:
     """Every result succeeded and carries the gather of its own image."""
     assert [r.item_id for r in results if not r.ok] == []
     references = reference_gathers(backbone, [images[r.item_id] for r in results], (K,))
@@ -107,8 +108,12 @@ def watch_drain(process: ExtractorProcess, target: str, client: ExtractorClient,
     replicas, which retries UNAVAILABLE elsewhere), when the process exits."""
     drain.signalled_at = time.monotonic()
     process.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: health_check(target, timeout_s=2) == "NOT_SERVING", timeout_s=GRACE_S, interval_s=0.005,
-             what="NOT_SERVING")
+    wait_for(
+        lambda: health_check(target, timeout_s=2) == "NOT_SERVING",
+        timeout_s=GRACE_S,
+        interval_s=0.005,
+        what="NOT_SERVING",
+    )
     drain.not_serving_after_s = time.monotonic() - drain.signalled_at
     with create_channel(target, retried_methods=()) as channel:
         try:
@@ -123,7 +128,8 @@ def watch_drain(process: ExtractorProcess, target: str, client: ExtractorClient,
 
 
 def test_sigterm_under_load_drains_one_replica_and_clients_finish_on_the_other(
-        scale: Scale, tiny_backbone: LoadedBackbone, figures) -> None:
+    scale: Scale, tiny_backbone: LoadedBackbone, figures
+) -> None:
     # Prepare: replica A (a process, no cache) and replica B (in this process, cache warmed with every image, so
     # each answer says which replica gave it); one client whose target lists both (gRPC round-robin).
     replica_a = ExtractorProcess("--cache-max-bytes", "0", "--grace-s", str(GRACE_S))  # starts while we prepare
@@ -132,8 +138,12 @@ def test_sigterm_under_load_drains_one_replica_and_clients_finish_on_the_other(
     streams, per_stream = scale.pick(4, 16, at_least=4), scale.pick(120, 600, at_least=120)
     drain = Drain()
     try:
-        plans = [PacedStream(s, {f"d{s}-{i}": png_image(20_000 + s * per_stream + i) for i in range(per_stream)},
-                             pace_s=0.04) for s in range(streams)]
+        plans = [
+            PacedStream(
+                s, {f"d{s}-{i}": png_image(20_000 + s * per_stream + i) for i in range(per_stream)}, pace_s=0.04
+            )
+            for s in range(streams)
+        ]
         images = {item_id: image for plan in plans for item_id, image in plan.images.items()}
         replica_b.start()
         target_a, _ = replica_a.wait_listening(timeout_s=120)
@@ -149,29 +159,49 @@ def test_sigterm_under_load_drains_one_replica_and_clients_finish_on_the_other(
             # Execute: SIGTERM to A once a quarter of the images are answered
             for thread in threads:
                 thread.start()
-            wait_for(lambda: sum(len(p.results) for p in plans) >= len(images) // 4, timeout_s=120,
-                     what="a quarter of the answers")
+            wait_for(
+                lambda: sum(len(p.results) for p in plans) >= len(images) // 4,
+                timeout_s=120,
+                what="a quarter of the answers",
+            )
             watch_drain(replica_a, target_a, client, drain)
             for thread in threads:
                 thread.join(120)
-        served_b = replica_b.metric("mist_extractor_images_served_total", mode="mist", codec=CODEC,
-                                    status="ok") - served_b
+        served_b = (
+            replica_b.metric("mist_extractor_images_served_total", mode="mist", codec=CODEC, status="ok") - served_b
+        )
     finally:
         replica_a.stop()
         replica_b.stop()
 
     # Assert: every stream got each of its images once, in order, with its own features, and no error
-    from_a_during_grace = sum(1 for p in plans for r, at in zip(p.results, p.received_at, strict=True)
-                              if not r.cache_hit and at > drain.signalled_at)
+    from_a_during_grace = sum(
+        1
+        for p in plans
+        for r, at in zip(p.results, p.received_at, strict=True)
+        if not r.cache_hit and at > drain.signalled_at
+    )
     from_b = sum(r.cache_hit for p in plans for r in p.results)
-    last_from_a = max(at - drain.signalled_at for p in plans for r, at in zip(p.results, p.received_at, strict=True)
-                      if not r.cache_hit)
+    last_from_a = max(
+        at - drain.signalled_at
+        for p in plans
+        for r, at in zip(p.results, p.received_at, strict=True)
+        if not r.cache_hit
+    )
     resumed = sum(p.switches() > 0 for p in plans)
-    figures.add(streams=streams, images=len(images), not_serving_after_ms=drain.not_serving_after_s * 1e3,
-                new_call=drain.new_call_code, new_calls_retried_elsewhere=drain.retried_elsewhere,
-                exited_after_s=drain.exited_after_s, exit_code=drain.exit_code,
-                answered_by_a_during_grace=from_a_during_grace, last_answer_of_a_after_s=last_from_a,
-                answered_by_b=from_b, streams_resumed_on_b=resumed)
+    figures.add(
+        streams=streams,
+        images=len(images),
+        not_serving_after_ms=drain.not_serving_after_s * 1e3,
+        new_call=drain.new_call_code,
+        new_calls_retried_elsewhere=drain.retried_elsewhere,
+        exited_after_s=drain.exited_after_s,
+        exit_code=drain.exit_code,
+        answered_by_a_during_grace=from_a_during_grace,
+        last_answer_of_a_after_s=last_from_a,
+        answered_by_b=from_b,
+        streams_resumed_on_b=resumed,
+    )
     assert [p.failure for p in plans] == [""] * streams
     assert [[r.item_id for r in p.results] for p in plans] == [list(p.images) for p in plans]
     assert_features_are_references([r for p in plans for r in p.results], images, tiny_backbone)
@@ -191,7 +221,7 @@ def test_sigterm_under_load_drains_one_replica_and_clients_finish_on_the_other(
 _LINK_CLIENT = """
 import struct, sys, time, urllib.request
 from pathlib import Path
-from services.common.extractor_client import ExtractorClient
+from services.common.clients.extractor import ExtractorClient
 from services.common.pb import extractor_pb2
 target, image_dir, out, metrics_url, pace_s, window, k = sys.argv[1:]
 files = sorted(Path(image_dir).glob("*.png"))
@@ -217,7 +247,7 @@ def read_responses(path: Path) -> list[extractor_pb2.ExtractResponse]:
     data, responses, offset = path.read_bytes(), [], 0
     while offset < len(data):
         (size,) = struct.unpack_from("<I", data, offset)
-        responses.append(extractor_pb2.ExtractResponse.FromString(data[offset + 4: offset + 4 + size]))
+        responses.append(extractor_pb2.ExtractResponse.FromString(data[offset + 4 : offset + 4 + size]))
         offset += 4 + size
     return responses
 
@@ -242,12 +272,14 @@ def edge_link() -> Iterator[EdgeLink]:
 
 
 def set_link(link: EdgeLink, state: str) -> None:
-    subprocess.run([*link.exec_prefix("client"), "ip", "link", "set", link.devices["client"], state],
-                   check=True, timeout=20)
+    subprocess.run(
+        [*link.exec_prefix("client"), "ip", "link", "set", link.devices["client"], state], check=True, timeout=20
+    )
 
 
 def test_a_link_that_drops_for_seconds_mid_stream_resumes_without_starting_over(
-        scale: Scale, edge_link: EdgeLink, tiny_backbone: LoadedBackbone, tmp_path: Path, figures) -> None:
+    scale: Scale, edge_link: EdgeLink, tiny_backbone: LoadedBackbone, tmp_path: Path, figures
+) -> None:
     # Prepare: the extractor in the server namespace, pinging idle clients every 1.5 s (so a dead link is noticed
     # in about 2.5 s); the client in the client namespace; the images as files for it.
     total, drops, down_s = scale.pick(150, 1500), scale.pick(1, 3), 3.0
@@ -256,10 +288,23 @@ def test_a_link_that_drops_for_seconds_mid_stream_resumes_without_starting_over(
     images = {f"{i:05d}": png_image(30_000 + i) for i in range(total)}
     for item_id, image in images.items():
         (image_dir / f"{item_id}.png").write_bytes(image)
-    server = ServerProcess(BackboneSpec(TINY_BACKBONE, TINY_VIT_KWARGS), listen=f"{edge_link.server_address}:0",
-                           flags=["--cache-max-bytes", "0", "--keepalive-time-s", "1.5", "--keepalive-timeout-s", "1",
-                                  "--decode-threads", "1", "--torch-threads", "1"],
-                           prefix=edge_link.exec_prefix("server"))
+    server = ServerProcess(
+        BackboneSpec(TINY_BACKBONE, TINY_VIT_KWARGS),
+        listen=f"{edge_link.server_address}:0",
+        flags=[
+            "--cache-max-bytes",
+            "0",
+            "--keepalive-time-s",
+            "1.5",
+            "--keepalive-timeout-s",
+            "1",
+            "--decode-threads",
+            "1",
+            "--torch-threads",
+            "1",
+        ],
+        prefix=edge_link.exec_prefix("server"),
+    )
     out = tmp_path / "responses.bin"
     client = None
     answered: list[int] = [0]
@@ -269,16 +314,35 @@ def test_a_link_that_drops_for_seconds_mid_stream_resumes_without_starting_over(
         except BenchError as error:
             pytest.fail(f"extractor in the server namespace did not start: {error}")
         client = subprocess.Popen(
-            [*edge_link.exec_prefix("client"), sys.executable, "-c", _LINK_CLIENT, server.target, str(image_dir),
-             str(out), server.metrics_url, "0.01", str(WINDOW), str(K)],
-            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                *edge_link.exec_prefix("client"),
+                sys.executable,
+                "-c",
+                _LINK_CLIENT,
+                server.target,
+                str(image_dir),
+                str(out),
+                server.metrics_url,
+                "0.01",
+                str(WINDOW),
+                str(K),
+            ],
+            cwd=ROOT,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         reader = threading.Thread(target=count_answers, args=(client, answered), daemon=True)
         reader.start()
 
         # Execute: take the client's veth down for `down_s` seconds at evenly spaced points of the stream
         for drop in range(1, drops + 1):
-            wait_for(lambda d=drop: answered[0] >= total * d // (drops + 1) or client.poll() is not None,
-                     timeout_s=120, what=f"answer {total * drop // (drops + 1)}")
+            wait_for(
+                lambda d=drop: answered[0] >= total * d // (drops + 1) or client.poll() is not None,
+                timeout_s=120,
+                what=f"answer {total * drop // (drops + 1)}",
+            )
             set_link(edge_link, "down")
             time.sleep(down_s)
             set_link(edge_link, "up")
@@ -296,11 +360,17 @@ def test_a_link_that_drops_for_seconds_mid_stream_resumes_without_starting_over(
     responses = read_responses(out)
     metrics = Path(f"{out}.metrics").read_text()
     served = metric_value(metrics, "mist_extractor_images_served_total", status="ok")
-    streams_opened = metric_value(metrics, "mist_extractor_grpc_requests_total",
-                                  method="/mist.v1.Extractor/Extract")
-    figures.add(images=total, drops=drops, down_s=down_s, streams_opened=streams_opened,
-                images_served=served, images_sent_again=served - total)
+    streams_opened = metric_value(metrics, "mist_extractor_grpc_requests_total", method="/mist.v1.Extractor/Extract")
+    figures.add(
+        images=total,
+        drops=drops,
+        down_s=down_s,
+        streams_opened=streams_opened,
+        images_served=served,
+        images_sent_again=served - total,
+    )
     assert [r.item_id for r in responses] == list(images)
-    assert_features_are_references([ExtractResult(r.item_id, tuple(r.features), None, r.cache_hit)
-                                    for r in responses], images, tiny_backbone)
+    assert_features_are_references(
+        [ExtractResult(r.item_id, tuple(r.features), None, r.cache_hit) for r in responses], images, tiny_backbone
+    )
     assert 0 <= served - total <= WINDOW * (streams_opened - 1)  # never more than the window per reconnection

@@ -31,9 +31,9 @@ import pytest
 import zstandard
 
 from services.common import errors
-from services.common.client import create_aio_channel, create_channel
-from services.common.codec import CodecConfig, FeatureCodec, FeatureDecodeError
-from services.common.extractor_client import ExtractorClient, ImageItem
+from services.common.clients.channel import create_aio_channel, create_channel
+from services.common.clients.extractor import ExtractorClient, ImageItem
+from services.common.clients.registry import RegistryClient
 from services.common.pb import (
     extractor_pb2,
     extractor_pb2_grpc,
@@ -43,7 +43,7 @@ from services.common.pb import (
     tuner_pb2,
     tuner_pb2_grpc,
 )
-from services.common.registry_client import RegistryClient
+from services.common.wire.codec import CodecConfig, FeatureCodec, FeatureDecodeError
 from services.registry.config import RegistryConfig
 from services.tuner.config import TunerConfig
 from services.tuner.data import Dataset, dataset_from_memory
@@ -74,7 +74,8 @@ _GiB = 1 << 30
 
 
 def test_a_flood_of_one_byte_images_gets_one_per_item_error_each_in_bounded_memory(
-        scale: Scale, shared_extractor, figures) -> None:
+    scale: Scale, shared_extractor, figures
+) -> None:
     # Prepare: one stream, every image a single byte; the server's peak memory is measured from here
     count = scale.pick(20_000, 1_000_000)
     requests = (extract_request(str(i), b"\x00", ks=(4,)) for i in range(count))
@@ -87,16 +88,25 @@ def test_a_flood_of_one_byte_images_gets_one_per_item_error_each_in_bounded_memo
     with create_channel(shared_extractor.target, retried_methods=NO_RETRY) as channel:
         responses = extractor_pb2_grpc.ExtractorStub(channel).Extract(requests, timeout=scale.seconds(120, 3000))
         for response in responses:
-            if (response.item_id, response.error.reason, response.error.code) != (str(answered), "undecodable_image",
-                                                                                grpc.StatusCode.INVALID_ARGUMENT.value[0]):
+            if (response.item_id, response.error.reason, response.error.code) != (
+                str(answered),
+                "undecodable_image",
+                grpc.StatusCode.INVALID_ARGUMENT.value[0],
+            ):
                 wrong.append(response.item_id)
             answered += 1
     elapsed_s = time.perf_counter() - started
     rss_end, rss_peak = rss_bytes(shared_extractor.pid), peak_rss_bytes(shared_extractor.pid)
 
     # Assert: every item answered in order with its own per-item error; the stream and the server went on
-    figures.add(items=answered, seconds=round(elapsed_s, 1), items_per_s=answered / elapsed_s,
-                rss_start_mib=rss_start / MiB, rss_peak_mib=rss_peak / MiB, rss_end_mib=rss_end / MiB)
+    figures.add(
+        items=answered,
+        seconds=round(elapsed_s, 1),
+        items_per_s=answered / elapsed_s,
+        rss_start_mib=rss_start / MiB,
+        rss_peak_mib=rss_peak / MiB,
+        rss_end_mib=rss_end / MiB,
+    )
     assert (answered, wrong[:5]) == (count, [])
     assert rss_peak - rss_start < 64 * MiB, (rss_start, rss_peak)
 
@@ -121,7 +131,7 @@ class Slowloris:
 
     def _dribble(self) -> None:
         while not self._stop.wait(self.interval_s) and self.sent < len(_DRIBBLE):
-            byte = _DRIBBLE[self.sent:self.sent + 1]
+            byte = _DRIBBLE[self.sent : self.sent + 1]
             for sock in list(self.sockets):
                 try:
                     sock.sendall(byte)
@@ -167,7 +177,8 @@ def timed_streams(target: str, streams: int, images: list[bytes]) -> tuple[list[
 
 
 def test_slowloris_connections_leave_other_clients_served_and_memory_bounded(
-        scale: Scale, shared_extractor, figures) -> None:
+    scale: Scale, shared_extractor, figures
+) -> None:
     # Prepare: what four ordinary clients see without the attack
     connections = scale.pick(64, 512)
     images = [png_image(40_000 + i) for i in range(10)]
@@ -187,9 +198,16 @@ def test_slowloris_connections_leave_other_clients_served_and_memory_bounded(
     after, after_failures = timed_streams(shared_extractor.target, 1, images[:2])
 
     # Assert: nobody was refused or failed; latency stayed within a wide band of the baseline; memory bounded
-    figures.add(slow_connections=connections, still_open=held, closed_by_server=closed, bytes_dribbled_each=dribbled,
-                baseline_p99_ms=percentile(baseline, 99) * 1e3, p99_ms=percentile(latencies, 99) * 1e3,
-                rss_start_mib=rss_start / MiB, rss_during_mib=rss_during / MiB)
+    figures.add(
+        slow_connections=connections,
+        still_open=held,
+        closed_by_server=closed,
+        bytes_dribbled_each=dribbled,
+        baseline_p99_ms=percentile(baseline, 99) * 1e3,
+        p99_ms=percentile(latencies, 99) * 1e3,
+        rss_start_mib=rss_start / MiB,
+        rss_during_mib=rss_during / MiB,
+    )
     assert baseline_failures == failures == after_failures == []
     assert len(latencies) >= 40 and len(after) == 2
     assert percentile(latencies, 99) < max(10 * percentile(baseline, 99), 3.0)
@@ -200,6 +218,7 @@ def test_idle_streams_from_one_connection_cannot_lock_other_clients_out(tiny_bac
     # Prepare: a server with 8 stream slots and a 1 s idle timeout; one client opens 8 streams and never sends
     config = tiny_config(max_streams=8, stream_idle_timeout_s=1.0)
     with ExtractorServer(config, backbone=tiny_backbone) as server:
+
         async def hold_and_probe() -> tuple[grpc.StatusCode, list[grpc.StatusCode], float, grpc.StatusCode]:
             async with create_aio_channel(server.target, retried_methods=NO_RETRY) as channel:
                 idle = [extractor_pb2_grpc.ExtractorStub(channel).Extract() for _ in range(8)]
@@ -216,8 +235,10 @@ def test_idle_streams_from_one_connection_cannot_lock_other_clients_out(tiny_bac
                         call.cancel()
 
         while_held, codes, freed_after_s, after = asyncio.run(hold_and_probe())
-        streams_left, ended_idle = (server.metric("mist_extractor_streams_in_flight"),
-                                    server.metric("mist_extractor_streams_ended_idle_total", waiting_for="request"))
+        streams_left, ended_idle = (
+            server.metric("mist_extractor_streams_in_flight"),
+            server.metric("mist_extractor_streams_ended_idle_total", waiting_for="request"),
+        )
 
     # Assert: refused while held (the documented code), each idle stream ended by the server, then served
     figures.add(idle_streams=8, idle_timeout_s=1.0, slots_freed_after_s=round(freed_after_s, 2))
@@ -231,8 +252,11 @@ def test_idle_streams_from_one_connection_cannot_lock_other_clients_out(tiny_bac
 def probe(target: str) -> grpc.StatusCode:
     with create_channel(target, retried_methods=NO_RETRY) as channel:
         try:
-            list(extractor_pb2_grpc.ExtractorStub(channel).Extract(iter([extract_request("probe", png_image(1))]),
-                                                                     timeout=10))
+            list(
+                extractor_pb2_grpc.ExtractorStub(channel).Extract(
+                    iter([extract_request("probe", png_image(1))]), timeout=10
+                )
+            )
         except grpc.RpcError as error:
             return error.code()
     return grpc.StatusCode.OK
@@ -244,7 +268,8 @@ def probe(target: str) -> grpc.StatusCode:
 def zstd_bomb(declare_size: bool) -> bytes:
     """1 GiB of zeros as one zstd frame of about 32 KiB, with or without the size in its header."""
     compressor = zstandard.ZstdCompressor(level=1, write_content_size=declare_size).compressobj(
-        size=_GiB if declare_size else -1)
+        size=_GiB if declare_size else -1
+    )
     zeros = bytes(MiB)
     return b"".join([compressor.compress(zeros) for _ in range(1024)] + [compressor.flush()])
 
@@ -257,21 +282,35 @@ class BombingExtractor(extractor_pb2_grpc.ExtractorServicer):
         self.bombs = [zstd_bomb(True), zstd_bomb(False)]
         self.gzip_bytes = gzip_bytes
 
-    def Describe(self, request: extractor_pb2.DescribeRequest, context: grpc.ServicerContext
-                 ) -> extractor_pb2.BackboneInfo:
+    def Describe(
+        self, request: extractor_pb2.DescribeRequest, context: grpc.ServicerContext
+    ) -> extractor_pb2.BackboneInfo:
         return extractor_pb2.BackboneInfo(backbone=TINY_ID, num_blocks=4, tokens=17, dims=32)
 
-    def Extract(self, request_iterator: Iterator[extractor_pb2.ExtractRequest], context: grpc.ServicerContext
-                ) -> Iterator[extractor_pb2.ExtractResponse]:
+    def Extract(
+        self, request_iterator: Iterator[extractor_pb2.ExtractRequest], context: grpc.ServicerContext
+    ) -> Iterator[extractor_pb2.ExtractResponse]:
         if self.gzip_bytes:
             context.set_compression(grpc.Compression.Gzip)
         for number, request in enumerate(request_iterator):
             payload = bytes(self.gzip_bytes) if self.gzip_bytes else self.bombs[number % 2]
-            yield extractor_pb2.ExtractResponse(item_id=request.item_id, features=[
-                feature_pb2.FeatureTensor(shape=[17, 32], dtype=feature_pb2.DTYPE_F32, byte_shuffle=True,
-                                          compression=feature_pb2.COMPRESSION_ZSTD, payload=payload, crc32=1,
-                                          backbone=TINY_ID, mode=feature_pb2.GATHER_MODE_MIST, k=k)
-                for k in request.ks])
+            yield extractor_pb2.ExtractResponse(
+                item_id=request.item_id,
+                features=[
+                    feature_pb2.FeatureTensor(
+                        shape=[17, 32],
+                        dtype=feature_pb2.DTYPE_F32,
+                        byte_shuffle=True,
+                        compression=feature_pb2.COMPRESSION_ZSTD,
+                        payload=payload,
+                        crc32=1,
+                        backbone=TINY_ID,
+                        mode=feature_pb2.GATHER_MODE_MIST,
+                        k=k,
+                    )
+                    for k in request.ks
+                ],
+            )
 
 
 @pytest.fixture
@@ -292,7 +331,8 @@ def tiny_dataset(count: int = 6) -> Dataset:
 
 
 def test_zstd_bombs_from_the_extractor_are_refused_by_the_tuner_as_data_loss_in_bounded_memory(
-        bombing_extractor: str, figures) -> None:
+    bombing_extractor: str, figures
+) -> None:
     # Prepare: the tuner's own path: ExtractorClient -> FeatureStore.add (which decodes to verify)
     dataset = tiny_dataset()
     store = FeatureStore.for_dataset(dataset)
@@ -313,8 +353,13 @@ def test_zstd_bombs_from_the_extractor_are_refused_by_the_tuner_as_data_loss_in_
     peak = peak_rss_bytes()
 
     # Assert: each bomb refused as DATA_LOSS on its payload; nothing kept; no GiB ever allocated
-    figures.add(bombs=len(refused), wire_bytes_each=len(zstd_bomb(False)), expands_to_bytes=_GiB,
-                seconds=round(elapsed_s, 3), peak_rss_growth_mib=(peak - rss_start) / MiB)
+    figures.add(
+        bombs=len(refused),
+        wire_bytes_each=len(zstd_bomb(False)),
+        expands_to_bytes=_GiB,
+        seconds=round(elapsed_s, 3),
+        peak_rss_growth_mib=(peak - rss_start) / MiB,
+    )
     assert refused == [("DATA_LOSS", "payload")] * len(dataset)
     assert store.ks == [] and store.compressed_bytes() == 0
     assert peak - rss_start < 64 * MiB and elapsed_s < 10
@@ -328,8 +373,10 @@ def test_a_tune_fed_only_corrupt_features_fails_with_data_loss(bombing_extractor
 @pytest.mark.parametrize("bombing_extractor", [64 * MiB], indirect=True, ids=["gzip-64MiB"])
 def test_a_gzip_bomb_message_from_the_extractor_is_resource_exhausted_at_the_tuner(bombing_extractor: str) -> None:
     started = time.perf_counter()
-    with ExtractorClient(bombing_extractor, max_resumes=0) as client, \
-            pytest.raises(errors.ResourceExhaustedError, match="larger than max"):
+    with (
+        ExtractorClient(bombing_extractor, max_resumes=0) as client,
+        pytest.raises(errors.ResourceExhaustedError, match="larger than max"),
+    ):
         list(client.extract([ImageItem("x", png_image(1))], ks=(2,)))
     assert time.perf_counter() - started < 20
 
@@ -351,53 +398,86 @@ def code_of(call: Callable[..., Any], *args: Any, **kwargs: Any) -> grpc.StatusC
 LIMIT = MiB  # the in-process servers' --max-message-bytes here
 
 
-@pytest.mark.parametrize("compression", [grpc.Compression.NoCompression, grpc.Compression.Gzip],
-                         ids=["plain", "gzip-bomb"])
+@pytest.mark.parametrize(
+    "compression", [grpc.Compression.NoCompression, grpc.Compression.Gzip], ids=["plain", "gzip-bomb"]
+)
 def test_a_registry_message_over_the_limit_is_resource_exhausted_and_stores_nothing(
-        tmp_path: Path, compression: grpc.Compression) -> None:
-    config = RegistryConfig(db=f"sqlite:///{tmp_path}/r.db", metrics_listen="off", max_message_bytes=LIMIT,
-                            chunk_size_bytes=4096)
+    tmp_path: Path, compression: grpc.Compression
+) -> None:
+    config = RegistryConfig(
+        db=f"sqlite:///{tmp_path}/r.db", metrics_listen="off", max_message_bytes=LIMIT, chunk_size_bytes=4096
+    )
     blob = bytes(LIMIT + 1)  # over the limit: sent as one chunk, 1 KiB on the wire with gzip
-    with InProcessRegistry(config) as server, RegistryClient(server.target) as client, \
-            create_channel(server.target, max_message_bytes=8 * LIMIT) as channel:
+    with (
+        InProcessRegistry(config) as server,
+        RegistryClient(server.target) as client,
+        create_channel(server.target, max_message_bytes=8 * LIMIT) as channel,
+    ):
         client.create_task(task_proto("big"))
         header = registry_pb2.PushHeader(task="big", sha256=hashlib.sha256(blob).hexdigest(), size_bytes=len(blob))
         messages = [registry_pb2.PushVersionRequest(header=header), registry_pb2.PushVersionRequest(chunk=blob)]
 
-        code = code_of(registry_pb2_grpc.RegistryStub(channel).PushVersion, iter(messages), timeout=30,
-                       compression=compression)
+        code = code_of(
+            registry_pb2_grpc.RegistryStub(channel).PushVersion, iter(messages), timeout=30, compression=compression
+        )
 
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert list(client.list_versions("big")) == [] and server.metric("mist_registry_stored_bytes") == 0
 
 
-@pytest.mark.parametrize("compression", [grpc.Compression.NoCompression, grpc.Compression.Gzip],
-                         ids=["plain", "gzip-bomb"])
+@pytest.mark.parametrize(
+    "compression", [grpc.Compression.NoCompression, grpc.Compression.Gzip], ids=["plain", "gzip-bomb"]
+)
 def test_a_tune_refused_midway_for_an_oversized_image_is_resource_exhausted_and_pushes_nothing(
-        tiny_backbone, tmp_path: Path, compression: grpc.Compression, figures) -> None:
+    tiny_backbone, tmp_path: Path, compression: grpc.Compression, figures
+) -> None:
     # Prepare: a worker in this process with a real extractor and registry; 20 good images, then one too large
-    good = [tuner_pb2.LabelledImage(item_id=f"g{i}", image=png_image(60_000 + i), label="ab"[i % 2])
-            for i in range(20)]
+    good = [tuner_pb2.LabelledImage(item_id=f"g{i}", image=png_image(60_000 + i), label="ab"[i % 2]) for i in range(20)]
     oversized = tuner_pb2.LabelledImage(item_id="big", image=bytes(LIMIT + 1), label="a")
     spec = tuner_pb2.TuneSpec(task="refused", k=2, epochs=2)
-    with ExtractorServer(tiny_config(), backbone=tiny_backbone) as extractor, \
-            InProcessRegistry(RegistryConfig(db=f"sqlite:///{tmp_path}/r.db", metrics_listen="off")) as registry:
-        config = TunerConfig(listen="127.0.0.1:0", metrics_listen="off", extractor=extractor.target,
-                             registry=registry.target, max_message_bytes=LIMIT, torch_threads=1)
-        with serving(config, build_tuner, "mist-tuner") as (target, metrics), \
-                create_channel(target, max_message_bytes=8 * LIMIT) as channel:
+    with (
+        ExtractorServer(tiny_config(), backbone=tiny_backbone) as extractor,
+        InProcessRegistry(RegistryConfig(db=f"sqlite:///{tmp_path}/r.db", metrics_listen="off")) as registry,
+    ):
+        config = TunerConfig(
+            listen="127.0.0.1:0",
+            metrics_listen="off",
+            extractor=extractor.target,
+            registry=registry.target,
+            max_message_bytes=LIMIT,
+            torch_threads=1,
+        )
+        with (
+            serving(config, build_tuner, "mist-tuner") as (target, metrics),
+            create_channel(target, max_message_bytes=8 * LIMIT) as channel,
+        ):
             stub = tuner_pb2_grpc.TunerStub(channel)
-            requests = [tuner_pb2.TuneRequest(spec=spec), *(tuner_pb2.TuneRequest(image=i) for i in good),
-                        tuner_pb2.TuneRequest(image=oversized)]
+            requests = [
+                tuner_pb2.TuneRequest(spec=spec),
+                *(tuner_pb2.TuneRequest(image=i) for i in good),
+                tuner_pb2.TuneRequest(image=oversized),
+            ]
 
             # Execute: the Tune, and a Predict whose very first message is too large
             tune = code_of(stub.Tune, iter(requests), timeout=60, compression=compression)
-            predict = code_of(stub.Predict, iter([tuner_pb2.PredictRequest(item=tuner_pb2.PredictItem(
-                item_id="big", image=oversized.image))]), timeout=30, compression=compression)
-            wait_for(lambda: (metrics.get_sample_value("mist_tuner_jobs_running", {"kind": "tune"}) or 0) == 0,
-                     timeout_s=60, what="the worker's tune job to end")
-            outcomes = {s.labels["outcome"]: s.value for f in metrics.collect() if f.name == "mist_tuner_jobs"
-                        for s in f.samples if s.name == "mist_tuner_jobs_total" and s.labels["kind"] == "tune"}
+            predict = code_of(
+                stub.Predict,
+                iter([tuner_pb2.PredictRequest(item=tuner_pb2.PredictItem(item_id="big", image=oversized.image))]),
+                timeout=30,
+                compression=compression,
+            )
+            wait_for(
+                lambda: (metrics.get_sample_value("mist_tuner_jobs_running", {"kind": "tune"}) or 0) == 0,
+                timeout_s=60,
+                what="the worker's tune job to end",
+            )
+            outcomes = {
+                s.labels["outcome"]: s.value
+                for f in metrics.collect()
+                if f.name == "mist_tuner_jobs"
+                for s in f.samples
+                if s.name == "mist_tuner_jobs_total" and s.labels["kind"] == "tune"
+            }
         with RegistryClient(registry.target) as reader:
             pushed = code_of(reader.get_task, "refused")
 
@@ -415,8 +495,12 @@ def test_a_gzip_bomb_image_to_the_extractor_is_resource_exhausted_in_bounded_mem
 
     # Execute
     with create_channel(shared_extractor.target, retried_methods=NO_RETRY, max_message_bytes=128 * MiB) as channel:
-        code = code_of(extractor_pb2_grpc.ExtractorStub(channel).Extract, iter([request]), timeout=30,
-                       compression=grpc.Compression.Gzip)
+        code = code_of(
+            extractor_pb2_grpc.ExtractorStub(channel).Extract,
+            iter([request]),
+            timeout=30,
+            compression=grpc.Compression.Gzip,
+        )
     peak = peak_rss_bytes(shared_extractor.pid)
 
     # Assert: refused before the whole message was inflated
@@ -431,10 +515,10 @@ def test_a_gzip_bomb_image_to_the_extractor_is_resource_exhausted_in_bounded_mem
 def relabelled(blob: bytes, change: Callable[[dict], None]) -> bytes:
     """A real safetensors file whose JSON header `change(header)` edited (the data bytes are untouched)."""
     (length,) = struct.unpack_from("<Q", blob)
-    header = json.loads(blob[8:8 + length])
+    header = json.loads(blob[8 : 8 + length])
     change(header)
     encoded = json.dumps(header).encode()
-    return struct.pack("<Q", len(encoded)) + encoded + blob[8 + length:]
+    return struct.pack("<Q", len(encoded)) + encoded + blob[8 + length :]
 
 
 def _first(header: dict) -> dict:
@@ -442,11 +526,13 @@ def _first(header: dict) -> dict:
 
 
 LIES = {
-    "shape larger than its bytes": lambda b: relabelled(b, lambda h: _first(h).update(
-        shape=[2 * d for d in _first(h)["shape"]])),
+    "shape larger than its bytes": lambda b: relabelled(
+        b, lambda h: _first(h).update(shape=[2 * d for d in _first(h)["shape"]])
+    ),
     "a 1 GiB tensor in a 7 KB file": lambda b: relabelled(b, lambda h: _first(h).update(shape=[1 << 28])),
-    "offsets past the end": lambda b: relabelled(b, lambda h: _first(h).update(
-        data_offsets=[_first(h)["data_offsets"][0], len(b) * 4])),
+    "offsets past the end": lambda b: relabelled(
+        b, lambda h: _first(h).update(data_offsets=[_first(h)["data_offsets"][0], len(b) * 4])
+    ),
     "header length past the end": lambda b: struct.pack("<Q", len(b) + 100) + b[8:],
     "header length of 2**63": lambda b: struct.pack("<Q", 1 << 63) + b[8:],
 }
@@ -454,10 +540,13 @@ LIES = {
 
 @pytest.mark.parametrize("lie", list(LIES), ids=list(LIES))
 def test_safetensors_lying_about_sizes_pushed_to_the_registry_are_refused_and_store_nothing(
-        tmp_path: Path, lie: str) -> None:
+    tmp_path: Path, lie: str
+) -> None:
     blob = LIES[lie](make_blob(3))
-    with InProcessRegistry(RegistryConfig(db=f"sqlite:///{tmp_path}/r.db", metrics_listen="off")) as server, \
-            RegistryClient(server.target) as client:
+    with (
+        InProcessRegistry(RegistryConfig(db=f"sqlite:///{tmp_path}/r.db", metrics_listen="off")) as server,
+        RegistryClient(server.target) as client,
+    ):
         client.create_task(task_proto("cats"))
 
         code = code_of(client.push, "cats", blob, parent_version=0)
@@ -476,10 +565,10 @@ import sys
 import atheris
 with atheris.instrument_imports():
     from google.protobuf.message import DecodeError
-    from services.common.codec import FeatureDecodeError, decode_feature
+    from services.common.wire.codec import FeatureDecodeError, decode_feature
     from services.common.errors import InvalidArgumentError
     from services.common.pb import feature_pb2
-    from services.common.weights import parse_safetensors
+    from services.common.wire.weights import parse_safetensors
 
 def decoder(data):
     try:
@@ -524,10 +613,28 @@ def test_atheris_finds_no_crash_in_the_decoder_or_the_safetensors_parser(target:
     seed_corpus(target, corpus)
     runs, seconds = round(200_000 * stress_factor()), round(120 * stress_factor())
     result = subprocess.run(
-        [sys.executable, "-c", _FUZZ_HARNESS, target, f"-runs={runs}", f"-max_total_time={seconds}",
-         "-rss_limit_mb=2048", "-timeout=10", "-max_len=65536", str(corpus)],
-        cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120)
+        [
+            sys.executable,
+            "-c",
+            _FUZZ_HARNESS,
+            target,
+            f"-runs={runs}",
+            f"-max_total_time={seconds}",
+            "-rss_limit_mb=2048",
+            "-timeout=10",
+            "-max_len=65536",
+            str(corpus),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+    )
     done = re.findall(r"#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\d+)", result.stderr)
-    figures.add(target=target, runs=int(done[-1][0]) if done else 0, coverage=int(done[-1][1]) if done else 0,
-                corpus=int(done[-1][3]) if done else 0)
+    figures.add(
+        target=target,
+        runs=int(done[-1][0]) if done else 0,
+        coverage=int(done[-1][1]) if done else 0,
+        corpus=int(done[-1][3]) if done else 0,
+    )
     assert result.returncode == 0, result.stderr[-3000:]

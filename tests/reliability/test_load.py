@@ -18,11 +18,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from services.common.client import create_aio_channel
-from services.common.codec import decode_feature
+from services.common.clients.channel import create_aio_channel
+from services.common.clients.registry import RegistryClient
 from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.pb import extractor_pb2, extractor_pb2_grpc
-from services.common.registry_client import RegistryClient
+from services.common.wire.codec import decode_feature
 from services.extractor.backbone import LoadedBackbone
 from services.registry.store import open_store
 from tests.helpers.extractor import extract_request, png_image
@@ -75,8 +75,9 @@ def matches(response: extractor_pb2.ExtractResponse, expected: dict[int, np.ndar
     return all(np.allclose(decode_feature(f), expected[f.k], rtol=1e-4, atol=1e-5) for f in response.features)
 
 
-async def run_stream(target: str, plan: StreamPlan, plans: list[StreamPlan],
-                     references: dict[bytes, dict[int, np.ndarray]]) -> StreamLog:
+async def run_stream(
+    target: str, plan: StreamPlan, plans: list[StreamPlan], references: dict[bytes, dict[int, np.ndarray]]
+) -> StreamLog:
     """Send this stream's images with at most WINDOW unanswered; check every answer against its own reference."""
     log, window, sent_at = StreamLog(), asyncio.Semaphore(WINDOW), {}
     async with create_aio_channel(target, retried_methods=NO_RETRY) as channel:  # one connection per device
@@ -104,8 +105,9 @@ async def run_stream(target: str, plan: StreamPlan, plans: list[StreamPlan],
     return log
 
 
-async def run_streams(target: str, plans: list[StreamPlan],
-                      references: dict[bytes, dict[int, np.ndarray]]) -> list[StreamLog]:
+async def run_streams(
+    target: str, plans: list[StreamPlan], references: dict[bytes, dict[int, np.ndarray]]
+) -> list[StreamLog]:
     return await asyncio.gather(*(run_stream(target, plan, plans, references) for plan in plans))
 
 
@@ -116,13 +118,13 @@ def stream_plans(images: list[list[bytes]], count: int, duration_s: float) -> li
 
 
 def test_concurrent_extract_streams_get_their_own_features_with_flat_server_memory(
-        scale: Scale, shared_extractor, tiny_backbone: LoadedBackbone, figures) -> None:
+    scale: Scale, shared_extractor, tiny_backbone: LoadedBackbone, figures
+) -> None:
     # Prepare: every stream has its own images (so a crossed answer cannot match) and their in-process references.
     streams = scale.pick(16, 64)
     images_per_stream = 10
     duration_s = scale.seconds(0.0, 60.0)  # short: a fixed count; stress: a minute of traffic
-    images = [[png_image(10_000 + s * images_per_stream + i) for i in range(images_per_stream)]
-              for s in range(streams)]
+    images = [[png_image(10_000 + s * images_per_stream + i) for i in range(images_per_stream)] for s in range(streams)]
     flat = [image for own in images for image in own]
     references = dict(zip(flat, reference_gathers(tiny_backbone, flat, KS), strict=True))
     warm_up = stream_plans(images, count=3, duration_s=0)  # threads, allocator arenas, batch shapes
@@ -141,14 +143,24 @@ def test_concurrent_extract_streams_get_their_own_features_with_flat_server_memo
     # Assert: no failure, each stream got exactly its own ids in order, each feature its own image's
     answered = sum(len(log.answered) for log in logs)
     latencies = [s for log in logs for s in log.latencies_s]
-    served = (metric_value(after, "mist_extractor_images_served_total", status="ok")
-              - metric_value(before, "mist_extractor_images_served_total", status="ok"))
-    batches = (metric_value(after, "mist_extractor_batch_size_images_count")
-               - metric_value(before, "mist_extractor_batch_size_images_count"))
-    figures.add(streams=streams, images=answered, seconds=round(elapsed_s, 1), images_per_s=answered / elapsed_s,
-                p50_ms=percentile(latencies, 50) * 1e3, p99_ms=percentile(latencies, 99) * 1e3,
-                max_ms=max(latencies) * 1e3, mean_batch=served / max(batches, 1),
-                rss_start_mib=rss_start / MiB, rss_end_mib=rss_end / MiB)
+    served = metric_value(after, "mist_extractor_images_served_total", status="ok") - metric_value(
+        before, "mist_extractor_images_served_total", status="ok"
+    )
+    batches = metric_value(after, "mist_extractor_batch_size_images_count") - metric_value(
+        before, "mist_extractor_batch_size_images_count"
+    )
+    figures.add(
+        streams=streams,
+        images=answered,
+        seconds=round(elapsed_s, 1),
+        images_per_s=answered / elapsed_s,
+        p50_ms=percentile(latencies, 50) * 1e3,
+        p99_ms=percentile(latencies, 99) * 1e3,
+        max_ms=max(latencies) * 1e3,
+        mean_batch=served / max(batches, 1),
+        rss_start_mib=rss_start / MiB,
+        rss_end_mib=rss_end / MiB,
+    )
     assert [log.failure for log in logs] == [""] * streams
     assert [log.wrong for log in logs] == [[]] * streams
     for plan, log in zip(plans, logs, strict=True):
@@ -254,10 +266,12 @@ def test_concurrent_pushers_and_pullers_lose_and_duplicate_no_version(scale: Sca
         with RegistryClient(server.target) as admin:
             admin.create_task(task_proto("load"))
         rss_start = rss_bytes(server.proc.pid)
-        threads = [threading.Thread(target=pull_versions, args=(server.target, i, pulls_each, load))
-                   for i in range(pullers)]
-        push_threads = [threading.Thread(target=push_versions, args=(server.target, i, pushes_each, load))
-                        for i in range(pushers)]
+        threads = [
+            threading.Thread(target=pull_versions, args=(server.target, i, pulls_each, load)) for i in range(pullers)
+        ]
+        push_threads = [
+            threading.Thread(target=push_versions, args=(server.target, i, pushes_each, load)) for i in range(pushers)
+        ]
 
         # Execute
         started = time.perf_counter()
@@ -280,11 +294,18 @@ def test_concurrent_pushers_and_pullers_lose_and_duplicate_no_version(scale: Sca
         problems = store.integrity_check()
 
     # Assert
-    figures.add(pushers=pushers, pullers=pullers, versions=len(stored), pulls=len(load.pulled),
-                aborted_cas=load.aborted, seconds=round(elapsed_s, 1),
-                push_p99_ms=percentile(load.push_latencies_s, 99) * 1e3,
-                pull_p99_ms=percentile(load.pull_latencies_s, 99) * 1e3,
-                rss_start_mib=rss_start / MiB, rss_end_mib=rss_end / MiB)
+    figures.add(
+        pushers=pushers,
+        pullers=pullers,
+        versions=len(stored),
+        pulls=len(load.pulled),
+        aborted_cas=load.aborted,
+        seconds=round(elapsed_s, 1),
+        push_p99_ms=percentile(load.push_latencies_s, 99) * 1e3,
+        pull_p99_ms=percentile(load.pull_latencies_s, 99) * 1e3,
+        rss_start_mib=rss_start / MiB,
+        rss_end_mib=rss_end / MiB,
+    )
     assert load.failures == []
     assert sorted(load.acked) == list(range(1, pushers * pushes_each + 1)) == sorted(stored)  # no gap, no duplicate
     assert stored == load.acked and latest == pushers * pushes_each  # each number holds the blob acknowledged for it
@@ -295,7 +316,8 @@ def test_concurrent_pushers_and_pullers_lose_and_duplicate_no_version(scale: Sca
 
 
 def test_hundreds_of_clients_in_one_process_share_a_connection_and_none_is_refused(
-        scale: Scale, tmp_path: Path, figures) -> None:
+    scale: Scale, tmp_path: Path, figures
+) -> None:
     """gRPC Python multiplexes every channel of a process to one target over one connection: an application with
     many RegistryClients (a gateway, a worker pool) puts hundreds of streams on it at once. Pushes are not retried
     by the client (not idempotent), so a refused stream would surface as a lost push."""
@@ -338,7 +360,12 @@ def test_hundreds_of_clients_in_one_process_share_a_connection_and_none_is_refus
         server.kill()
 
     # Assert
-    figures.add(clients=clients, pushes=len(acked), failures=len(failures), seconds=round(elapsed_s, 1),
-                first_failure=failures[0] if failures else "")
+    figures.add(
+        clients=clients,
+        pushes=len(acked),
+        failures=len(failures),
+        seconds=round(elapsed_s, 1),
+        first_failure=failures[0] if failures else "",
+    )
     assert failures == []
     assert sorted(acked) == list(range(1, clients * rounds + 1)) and latest == clients * rounds

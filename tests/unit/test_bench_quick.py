@@ -40,11 +40,14 @@ def _fake_section(name: str, *, result: object = None, error: Exception | None =
 
 
 FAKE_ACCURACY = {
-    "rows": [{"codec": "f32-none", "mean": 0.81, "std": 0.02, "seeds": [0, 1, 2, 3, 4]},
-             {"codec": "i8-zstd", "mean": 0.805, "std": 0.021, "seeds": [0, 1, 2, 3, 4]}],
+    "rows": [
+        {"codec": "f32-none", "mean": 0.81, "std": 0.02, "seeds": [0, 1, 2, 3, 4]},
+        {"codec": "i8-zstd", "mean": 0.805, "std": 0.021, "seeds": [0, 1, 2, 3, 4]},
+    ],
     "method": "paired seeds",
-    "targets": [{"name": "default codec vs float32", "target": "within 0.5 points", "measured": "-0.5",
-                 "passed": True}],
+    "targets": [
+        {"name": "default codec vs float32", "target": "within 0.5 points", "measured": "-0.5", "passed": True}
+    ],
 }
 
 
@@ -52,8 +55,9 @@ FAKE_ACCURACY = {
 def fake_other_sections(monkeypatch: pytest.MonkeyPatch) -> None:
     """accuracy returns rows; edge fails: the run must record the failure and carry on."""
     monkeypatch.setitem(sys.modules, "bench.accuracy", _fake_section("bench.accuracy", result=FAKE_ACCURACY))
-    monkeypatch.setitem(sys.modules, "bench.edge",
-                        _fake_section("bench.edge", error=RuntimeError("edge probe crashed on purpose")))
+    monkeypatch.setitem(
+        sys.modules, "bench.edge", _fake_section("bench.edge", error=RuntimeError("edge probe crashed on purpose"))
+    )
 
 
 @pytest.mark.slow
@@ -137,7 +141,11 @@ def _check_link(rows: list[dict], detail: dict) -> None:
         return
     assert detail["status"] == "ok"
     assert [(row["method"], row["codec"]) for row in rows] == [
-        ("lst", "f32-none"), ("last", "f32-none"), ("mist", "f32-none"), ("mist", "i8-zstd")]
+        ("lst", "f32-none"),
+        ("last", "f32-none"),
+        ("mist", "f32-none"),
+        ("mist", "i8-zstd"),
+    ]
     for row in rows:
         assert row["rate_mbit"] == 10 and row["images"] >= 2 and row["seconds"] > 0
         assert row["wire_bytes_per_image"] > row["payload_bytes_per_image"] > 0
@@ -176,15 +184,26 @@ def test_section_returning_the_wrong_shape_is_an_error(tmp_path: Path, monkeypat
 
 def test_merge_keeps_earlier_sections_marked_with_their_run(tmp_path: Path, fake_other_sections: None) -> None:
     # Prepare: an earlier run measured transfer only
-    earlier = {"date": "2026-01-02T03:04:05+00:00", "commit": "a" * 40,
-               "transfer": [{"method": "mist", "codec": "i8-zstd", "bytes_per_image": 1000.0,
-                             "socket_bytes_per_image": 1100.0, "is_default": True}],
-               "details": {"transfer": {"status": "ok", "seconds": 12.0, "meta": {"images": 8}}}}
+    earlier = {
+        "date": "2026-01-02T03:04:05+00:00",
+        "commit": "a" * 40,
+        "transfer": [
+            {
+                "method": "mist",
+                "codec": "i8-zstd",
+                "bytes_per_image": 1000.0,
+                "socket_bytes_per_image": 1100.0,
+                "is_default": True,
+            }
+        ],
+        "details": {"transfer": {"status": "ok", "seconds": 12.0, "meta": {"images": 8}}},
+    }
     (tmp_path / "latest.json").write_text(json.dumps(earlier))
 
     # Execute: accuracy only, merged
-    code = run.main(["--profile", "smoke", "--only", "accuracy", "--merge", "--out", str(tmp_path)],
-                    log=lambda text: None)
+    code = run.main(
+        ["--profile", "smoke", "--only", "accuracy", "--merge", "--out", str(tmp_path)], log=lambda text: None
+    )
 
     # Assert
     assert code == 0
@@ -201,8 +220,10 @@ def test_unknown_section_name_is_a_usage_error(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as exit_info:
         run.main(["--only", "transfer,speed"])
     assert exit_info.value.code == 2
-    assert "unknown section(s) speed; choose from transfer, accuracy, link, extractor, edge, scaling" in \
-        capsys.readouterr().err
+    assert (
+        "unknown section(s) speed; choose from transfer, accuracy, link, extractor, edge, scaling"
+        in capsys.readouterr().err
+    )
 
 
 def test_quick_and_another_profile_contradict() -> None:
@@ -263,8 +284,12 @@ def test_summaries_and_percentiles() -> None:
 
 def test_server_that_cannot_start_reports_its_own_error() -> None:
     # Prepare: a stand-in "server" that fails the way mist-extractor does on a bad flag (message on stderr, exit 2)
-    fail = ("sh", "-c", "echo 'mist-extractor: --max-batch-size (env MIST_MAX_BATCH_SIZE): must be >= 1' >&2; exit 2",
-            "sh")
+    fail = (
+        "sh",
+        "-c",
+        "echo 'mist-extractor: --max-batch-size (env MIST_MAX_BATCH_SIZE): must be >= 1' >&2; exit 2",
+        "sh",
+    )
     server = ServerProcess(VIT_MICRO, prefix=fail)
 
     # Execute

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from bench import accuracy, edge, edge_probe
-from services.common.codec import DEFAULT_CODEC
-from services.common.edge_spec import EdgeNetworkConfig, macs_per_image, parameter_breakdown
 from services.common.errors import InvalidArgumentError
-from services.common.synthetic import SplitSizes
+from services.common.wire.codec import DEFAULT_CODEC
+from services.common.wire.edge_spec import EdgeNetworkConfig, macs_per_image, parameter_breakdown
+from services.tuner.synthetic import SplitSizes
 from tests.conftest import TINY_VIT_KWARGS
 
 MB, MIB = 1_000_000, 1 << 20
@@ -65,7 +65,9 @@ def test_accuracy_rows_cover_the_reference_and_every_codec(accuracy_section: dic
         assert {"codec", "mean", "std", "seeds", "paired_delta_mean", "paired_delta_std",
                 "f32_model_on_codec_features"} <= set(row)  # fmt: skip
         assert row["seeds"] == 2 and len(row["accuracies"]) == 2
-        assert all(0.0 <= value <= 1.0 for value in (*row["accuracies"], row["mean"], row["f32_model_on_codec_features"]))
+        assert all(
+            0.0 <= value <= 1.0 for value in (*row["accuracies"], row["mean"], row["f32_model_on_codec_features"])
+        )
         assert row["std"] >= 0.0 and row["paired_delta_std"] >= 0.0
         assert row["paired_delta_min"] <= row["paired_delta_mean"] <= row["paired_delta_max"]
     assert [row["codec"] for row in accuracy_section["rows"] if row["is_default"]] == [DEFAULT_CODEC.name]
@@ -82,7 +84,9 @@ def test_accuracy_pairs_lossless_codecs_exactly_with_float32(accuracy_section: d
     # The codecs' own error on the features: f16 rounding far below i8 quantisation (MIST.md: 0.02 % vs 0.6 %).
     assert 0.0 < rows["f16-zstd"]["feature_relative_error"] < 1e-3
     assert 1e-3 < rows["i8-zstd"]["feature_relative_error"] < 2e-2
-    assert rows["i8-zstd"]["bytes_per_image"] < rows["f16-zstd"]["bytes_per_image"] < rows["f32-none"]["bytes_per_image"]
+    assert (
+        rows["i8-zstd"]["bytes_per_image"] < rows["f16-zstd"]["bytes_per_image"] < rows["f32-none"]["bytes_per_image"]
+    )
     delta = [a - b for a, b in zip(rows["i8-zstd"]["accuracies"], rows["f32-none"]["accuracies"], strict=True)]
     assert rows["i8-zstd"]["paired_delta_mean"] == pytest.approx(sum(delta) / 2)
 
@@ -140,7 +144,11 @@ def test_edge_section_has_the_documented_figures(edge_section: dict) -> None:
     assert (edge_section["tokens"], edge_section["dims"], edge_section["num_classes"]) == (17, 32, 3)
     assert edge_section["environment_kind"] == "current" and "CURRENT interpreter" in edge_section["environment"]
     assert edge_section["timm_imported"] is False
-    assert edge_section["train_images"] == 20 and edge_section["epochs"] == 1 and len(edge_section["epoch_seconds_each"]) == 1
+    assert (
+        edge_section["train_images"] == 20
+        and edge_section["epochs"] == 1
+        and len(edge_section["epoch_seconds_each"]) == 1
+    )
     assert edge_section["epoch_seconds"] > 0 and edge_section["images_per_second"] > 0
     assert edge_section["predict_ms_per_image"] > 0 and edge_section["predictions"] == 3
     assert edge_section["paper"]["finetune_peak_rss_bytes"] == 663 * MB
@@ -157,7 +165,9 @@ def test_edge_memory_figures_are_ordered_and_the_probe_own(edge_section: dict) -
     assert baseline < edge_section["predict_peak_rss_bytes"] <= edge_section["predict_cli_imports_peak_rss_bytes"]
     # The harness's target rows: name, target, measured, passed, judged on the same bytes.
     fine_tune, predict = edge_section["targets"]
-    assert fine_tune["target"] == "<= 500 MB" and fine_tune["passed"] == (edge_section["finetune_peak_rss_bytes"] <= 500 * MB)
+    assert fine_tune["target"] == "<= 500 MB" and fine_tune["passed"] == (
+        edge_section["finetune_peak_rss_bytes"] <= 500 * MB
+    )
     assert predict["measured"] == f"{edge_section['predict_peak_rss_bytes'] / MB:.1f} MB"
 
 
@@ -166,7 +176,10 @@ def test_edge_parameters_and_macs_match_the_spec_and_the_module(edge_section: di
 
     # Assert: edge_spec's formulas, and the real module trained in the probe counts the same parameters.
     assert edge_section["trainable_params"] == parameter_breakdown(config).total == edge_section["module_params"]
-    assert edge_section["trainable_params_blocks"] + edge_section["trainable_params_head"] == edge_section["trainable_params"]
+    assert (
+        edge_section["trainable_params_blocks"] + edge_section["trainable_params_head"]
+        == edge_section["trainable_params"]
+    )
     assert edge_section["macs_per_image"] == macs_per_image(config)
 
 

@@ -1,4 +1,4 @@
-"""The feature wire codec (services.common.codec): configs, round trips, sizes, hostile messages, threads.
+"""The feature wire codec (services.common.wire.codec): configs, round trips, sizes, hostile messages, threads.
 
 Run with `-s` to see the bytes per [197, 768] tensor and the error of each codec.
 """
@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from services.common.codec import (
+from services.common.errors import DataLossError, InvalidArgumentError
+from services.common.pb import feature_pb2
+from services.common.wire.codec import (
     ALL_CODECS,
     DEFAULT_CODEC,
     DEFAULT_MAX_ELEMENTS,
@@ -30,8 +32,6 @@ from services.common.codec import (
     encoded_nbytes,
     float32_nbytes,
 )
-from services.common.errors import DataLossError, InvalidArgumentError
-from services.common.pb import feature_pb2
 
 VIT_B16_SHAPE = (197, 768)  # MIST feature of ViT-B/16 at 224 px
 BUDGET_BYTES = 157_286  # 0.15 MiB: the product target for the default codec per image

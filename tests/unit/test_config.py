@@ -53,8 +53,14 @@ def test_defaults_when_neither_flag_nor_env() -> None:
 
 
 def test_env_var_used_when_no_flag() -> None:
-    env = {"MIST_BACKBONE": "vit_small", "MIST_METRICS_LISTEN": "0.0.0.0:9101", "MIST_GRACE_S": "2.5",
-           "MIST_WARM_UP": "off", "MIST_KS": "1, 4,12", "MIST_MAX_MESSAGE_BYTES": "2048"}
+    env = {
+        "MIST_BACKBONE": "vit_small",
+        "MIST_METRICS_LISTEN": "0.0.0.0:9101",
+        "MIST_GRACE_S": "2.5",
+        "MIST_WARM_UP": "off",
+        "MIST_KS": "1, 4,12",
+        "MIST_MAX_MESSAGE_BYTES": "2048",
+    }
 
     config = parse([], env)
 
@@ -89,10 +95,22 @@ def test_ipv6_listen_in_brackets() -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "expected"),
     [
-        (["--max-message-bytes", "lots"], {}, "--max-message-bytes (env MIST_MAX_MESSAGE_BYTES): expected an integer, got 'lots'"),
-        ([], {"MIST_GRACE_S": "soon"}, "--grace-s (env MIST_GRACE_S): expected a number, got 'soon' (from MIST_GRACE_S)"),
+        (
+            ["--max-message-bytes", "lots"],
+            {},
+            "--max-message-bytes (env MIST_MAX_MESSAGE_BYTES): expected an integer, got 'lots'",
+        ),
+        (
+            [],
+            {"MIST_GRACE_S": "soon"},
+            "--grace-s (env MIST_GRACE_S): expected a number, got 'soon' (from MIST_GRACE_S)",
+        ),
         (["--grace-s", "nan"], {}, "--grace-s (env MIST_GRACE_S): expected a finite number"),
-        (["--listen", "localhost"], {}, "--listen (env MIST_LISTEN): expected HOST:PORT, got 'localhost' (from --listen)"),
+        (
+            ["--listen", "localhost"],
+            {},
+            "--listen (env MIST_LISTEN): expected HOST:PORT, got 'localhost' (from --listen)",
+        ),
         ([], {"MIST_LISTEN": "127.0.0.1:65536"}, "port must be in 0..65535, got 65536"),
         (["--listen", "::1:80"], {}, "IPv6 hosts in brackets"),
         (["--metrics-listen", "nowhere"], {}, "--metrics-listen (env MIST_METRICS_LISTEN): expected HOST:PORT"),
@@ -104,7 +122,22 @@ def test_ipv6_listen_in_brackets() -> None:
         ([], {"MIST_WARM_UP": "maybe"}, "--warm-up (env MIST_WARM_UP): expected true/false"),
         (["--keepalive-time-s", "5", "--keepalive-timeout-s", "5"], {}, "must be shorter than --keepalive-time-s"),
     ],
-    ids=['bad-int', 'bad-float-env', 'nan', 'no-port', 'port-out-of-range', 'ipv6-no-brackets', 'bad-metrics-listen', 'unknown-log-format', 'unknown-literal', 'below-minimum', 'tuple-above-maximum', 'bad-int-list', 'bad-bool-env', 'keepalive-timeout-too-long'],
+    ids=[
+        "bad-int",
+        "bad-float-env",
+        "nan",
+        "no-port",
+        "port-out-of-range",
+        "ipv6-no-brackets",
+        "bad-metrics-listen",
+        "unknown-log-format",
+        "unknown-literal",
+        "below-minimum",
+        "tuple-above-maximum",
+        "bad-int-list",
+        "bad-bool-env",
+        "keepalive-timeout-too-long",
+    ],
 )
 def test_malformed_value_names_flag_and_env(argv: list[str], env: dict[str, str], expected: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -135,8 +168,9 @@ def test_missing_file(tmp_path) -> None:
     with pytest.raises(ConfigError) as info:
         parse(["--backbone", "b"], {"MIST_AUTH_TOKENS_FILE": str(missing)})
 
-    assert str(info.value) == (f"--auth-tokens-file (env MIST_AUTH_TOKENS_FILE): no such file: '{missing}' "
-                               "(from MIST_AUTH_TOKENS_FILE)")
+    assert str(info.value) == (
+        f"--auth-tokens-file (env MIST_AUTH_TOKENS_FILE): no such file: '{missing}' (from MIST_AUTH_TOKENS_FILE)"
+    )
 
 
 def test_required_field_missing() -> None:
@@ -163,8 +197,10 @@ def test_unknown_mist_env_var_with_suggestion() -> None:
     with pytest.raises(InvalidArgumentError) as info:
         parse(["--backbone", "b"], {"MIST_METRIC_LISTEN": "off", "PATH": "/bin", "MISTRAL": "x"})
 
-    assert str(info.value) == ("unknown environment variable MIST_METRIC_LISTEN: no flag --metric-listen here; "
-                               "did you mean MIST_METRICS_LISTEN?")
+    assert str(info.value) == (
+        "unknown environment variable MIST_METRIC_LISTEN: no flag --metric-listen here; "
+        "did you mean MIST_METRICS_LISTEN?"
+    )
 
 
 def test_allowed_env_is_not_unknown() -> None:
@@ -220,24 +256,38 @@ def test_redacted_cuts_absolute_file_paths_to_their_names(tmp_path) -> None:
     # Prepare: a TLS pair and a tokens file (metavar PATH) at absolute paths, one relative path
     for name in ("server.pem", "server.key", "tokens.txt"):
         (tmp_path / name).write_text("x")
-    argv = ["--backbone", "b", "--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key"),
-            "--auth-tokens-file", str(tmp_path / "tokens.txt")]
+    argv = [
+        "--backbone",
+        "b",
+        "--tls-cert",
+        str(tmp_path / "server.pem"),
+        "--tls-key",
+        str(tmp_path / "server.key"),
+        "--auth-tokens-file",
+        str(tmp_path / "tokens.txt"),
+    ]
 
     values = redacted(parse(argv))
 
     assert (values["tls_cert"], values["tls_key"], values["auth_tokens_file"]) == (
-        ".../server.pem", ".../server.key", ".../tokens.txt")
+        ".../server.pem",
+        ".../server.key",
+        ".../tokens.txt",
+    )
     assert str(tmp_path) not in repr(values)
     assert values["tls_client_ca"] == ""  # unset stays unset
 
 
-@pytest.mark.parametrize(("path", "shown"), [
-    ("/srv/mist/secrets/tokens.txt", ".../tokens.txt"),
-    ("/srv/mist/cache/", ".../cache"),
-    ("/", "..."),
-    ("weights/vit.safetensors", "weights/vit.safetensors"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    ("path", "shown"),
+    [
+        ("/srv/mist/secrets/tokens.txt", ".../tokens.txt"),
+        ("/srv/mist/cache/", ".../cache"),
+        ("/", "..."),
+        ("weights/vit.safetensors", "weights/vit.safetensors"),
+        ("", ""),
+    ],
+)
 def test_loggable_path_keeps_only_the_name_of_an_absolute_path(path: str, shown: str) -> None:
     assert loggable_path(path) == shown
 
@@ -256,8 +306,9 @@ def test_load_config_exits_2_with_one_line(capsys) -> None:
 
     err = capsys.readouterr().err
     assert info.value.code == 2
-    assert err == ("mist-demo: error: --listen (env MIST_LISTEN): expected HOST:PORT, got 'x' (from --listen) "
-                   "(see --help)\n")
+    assert err == (
+        "mist-demo: error: --listen (env MIST_LISTEN): expected HOST:PORT, got 'x' (from --listen) (see --help)\n"
+    )
 
 
 def test_help_documents_every_field(capsys) -> None:
@@ -292,8 +343,9 @@ def test_the_tuner_worker_takes_a_client_certificate_for_mutual_tls_upstream(tmp
         (tmp_path / name).write_text("x")
     ca, cert, key = (str(tmp_path / n) for n in ("ca.pem", "client.pem", "client.key"))
 
-    endpoints = parse_config(TunerConfig, ["--upstream-tls-ca", ca, "--upstream-tls-cert", cert,
-                                           "--upstream-tls-key", key], {}).endpoints()
+    endpoints = parse_config(
+        TunerConfig, ["--upstream-tls-ca", ca, "--upstream-tls-cert", cert, "--upstream-tls-key", key], {}
+    ).endpoints()
 
     assert (endpoints.tls, endpoints.tls_ca, endpoints.client_cert, endpoints.client_key) == (True, ca, cert, key)
     with pytest.raises(ConfigError, match="go together"):

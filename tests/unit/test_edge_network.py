@@ -17,7 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 
-from services.common.edge_spec import (
+from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.common.pb import feature_pb2
+from services.common.wire.edge_spec import (
     CONFIG_METADATA_KEY,
     EdgeNetworkConfig,
     macs_per_image,
@@ -25,9 +27,7 @@ from services.common.edge_spec import (
     state_shapes,
     trainable_parameters,
 )
-from services.common.errors import FailedPreconditionError, InvalidArgumentError
-from services.common.pb import feature_pb2
-from services.common.weights import check_edge_weights, inspect_safetensors
+from services.common.wire.weights import check_edge_weights, inspect_safetensors
 from services.tuner.edge_network import EdgeNetwork, from_safetensors_bytes, to_safetensors_bytes
 
 VIT_B16 = EdgeNetworkConfig(dims=768, tokens=197, num_classes=10)  # M = 4, r = 16, one head, CLS pooling
@@ -432,7 +432,7 @@ def test_save_rejects_bad_metadata():
 
 def test_spec_module_imports_neither_torch_nor_numpy():
     # The registry checks weights with it and has no torch; a stray import would break it only there.
-    code = "import sys, services.common.edge_spec; print(sorted({'torch', 'numpy', 'safetensors'} & set(sys.modules)))"
+    code = "import sys, services.common.wire.edge_spec; print(sorted({'torch', 'numpy', 'safetensors'} & set(sys.modules)))"
     # Execute
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     # Assert
@@ -508,7 +508,7 @@ def test_dict_and_json_round_trip_strictly():
 
 _HASH_SCRIPT = """
 import hashlib, torch
-from services.common.edge_spec import EdgeNetworkConfig
+from services.common.wire.edge_spec import EdgeNetworkConfig
 from services.tuner.edge_network import EdgeNetwork, to_safetensors_bytes
 torch.manual_seed(0)
 model = EdgeNetwork(EdgeNetworkConfig(dims=16, tokens=5, num_classes=3, rank=4))

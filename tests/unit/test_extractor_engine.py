@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import numpy as np
 import pytest
 
-from services.common.baselines import baseline_bytes_per_image
-from services.common.codec import CodecConfig, decode_feature
 from services.common.config import ConfigError, parse_config
 from services.common.errors import (
     DeadlineExceededError,
@@ -19,7 +17,9 @@ from services.common.errors import (
     ResourceExhaustedError,
 )
 from services.common.pb import extractor_pb2, feature_pb2
-from services.common.server_metrics import new_metrics_registry
+from services.common.serving.metrics import new_metrics_registry
+from services.common.wire.codec import CodecConfig, decode_feature
+from services.common.wire.gather_modes import baseline_bytes_per_image
 from services.extractor.backbone import LoadedBackbone
 from services.extractor.config import ExtractorConfig
 from services.extractor.engine import BatchItem, ExtractionEngine, WorkItem
@@ -114,7 +114,8 @@ def test_expect_backbone_must_match_the_loaded_weights(backbone) -> None:
     with pytest.raises(FailedPreconditionError) as caught:
         engine.validate(extract_request("a", b"img", expect_backbone=other_weights), 0)
     same_name_only = engine.validate(
-        extract_request("b", b"img", expect_backbone=feature_pb2.BackboneId(name=ours.name)), 1)
+        extract_request("b", b"img", expect_backbone=feature_pb2.BackboneId(name=ours.name)), 1
+    )
 
     # Assert
     assert "item #0 (item_id 'a')" in str(caught.value) and ours.weights_fingerprint in str(caught.value)
@@ -160,8 +161,9 @@ def test_a_batch_mixing_modes_runs_one_forward_per_mode_and_matches_gather(backb
 
 
 def work_item(index: int, image: bytes, ks: Sequence[int] = (2,), codec: str = "f32-none") -> WorkItem:
-    return WorkItem(index=index, item_id=f"img-{index}", image=image, mode="mist", ks=tuple(ks),
-                    codec=CodecConfig.parse(codec))
+    return WorkItem(
+        index=index, item_id=f"img-{index}", image=image, mode="mist", ks=tuple(ks), codec=CodecConfig.parse(codec)
+    )
 
 
 def test_a_cached_image_skips_decode_and_forward_and_returns_the_same_bytes(backbone) -> None:
@@ -172,8 +174,13 @@ def test_a_cached_image_skips_decode_and_forward_and_returns_the_same_bytes(back
         batches_after_first = sample(registry, "mist_extractor_batch_size_images_count")
         second = await engine.extract(work_item(1, image, ks=(3, 1)))
         partly_cached = await engine.extract(work_item(2, image, ks=(1, 2)))  # k=2 is new: a full miss
-        return first, second, partly_cached, batches_after_first, sample(registry,
-                                                                          "mist_extractor_batch_size_images_count")
+        return (
+            first,
+            second,
+            partly_cached,
+            batches_after_first,
+            sample(registry, "mist_extractor_batch_size_images_count"),
+        )
 
     first, second, partly, batches_mid, batches_end = run_with_engine(backbone, scenario)
 
@@ -190,9 +197,12 @@ def test_bad_images_and_unencodable_features_are_per_item_errors(backbone) -> No
     image = png_image(3)
 
     async def scenario(engine: ExtractionEngine, registry):
-        return [await engine.extract(work_item(i, data, codec=codec))
-                for i, (data, codec) in enumerate([(b"", "f32-none"), (b"GIF89a...", "f32-none"),
-                                                   (image, "f16-zstd"), (image, "f32-none")])]
+        return [
+            await engine.extract(work_item(i, data, codec=codec))
+            for i, (data, codec) in enumerate(
+                [(b"", "f32-none"), (b"GIF89a...", "f32-none"), (image, "f16-zstd"), (image, "f32-none")]
+            )
+        ]
 
     empty, gif, f16, f32 = run_with_engine(loud, scenario)
 
@@ -206,8 +216,9 @@ def test_bad_images_and_unencodable_features_are_per_item_errors(backbone) -> No
 # ---------------------------------------------------------------------------------------------- streams
 
 
-async def requests_of(items: Sequence[extractor_pb2.ExtractRequest], pulled: list[int]
-                      ) -> AsyncIterator[extractor_pb2.ExtractRequest]:
+async def requests_of(
+    items: Sequence[extractor_pb2.ExtractRequest], pulled: list[int]
+) -> AsyncIterator[extractor_pb2.ExtractRequest]:
     for item in items:
         pulled[0] += 1
         yield item
@@ -242,7 +253,8 @@ def test_a_stream_reads_no_further_than_its_window_while_the_reader_waits(backbo
         return first, rest, pulled_while_waiting, in_flight, sample(registry, "mist_extractor_items_in_flight")
 
     first, rest, pulled_while_waiting, in_flight, in_flight_after = run_with_engine(
-        backbone, scenario, max_items_in_flight=window, cache_max_bytes=0)
+        backbone, scenario, max_items_in_flight=window, cache_max_bytes=0
+    )
 
     assert pulled_while_waiting <= window and in_flight <= window - 1
     assert [r.item_id for r in [first, *rest]] == [f"i{i}" for i in range(40)]
@@ -250,8 +262,12 @@ def test_a_stream_reads_no_further_than_its_window_while_the_reader_waits(backbo
 
 
 def test_an_invalid_request_ends_the_stream_after_the_answers_before_it(backbone) -> None:
-    items = [extract_request("ok-0", png_image(40)), extract_request("ok-1", png_image(41)),
-             extract_request("bad", png_image(42), ks=[9]), extract_request("never", png_image(43))]
+    items = [
+        extract_request("ok-0", png_image(40)),
+        extract_request("ok-1", png_image(41)),
+        extract_request("bad", png_image(42), ks=[9]),
+        extract_request("never", png_image(43)),
+    ]
     answered: list[str] = []
 
     async def scenario(engine: ExtractionEngine, registry):
@@ -268,8 +284,9 @@ def test_an_invalid_request_ends_the_stream_after_the_answers_before_it(backbone
 
 def test_streams_beyond_the_limit_are_refused_and_slots_are_released(backbone) -> None:
     async def scenario(engine: ExtractionEngine, registry):
-        open_streams = [engine.run_stream(requests_of([extract_request(f"s{i}", png_image(50))], [0]))
-                        for i in range(2)]
+        open_streams = [
+            engine.run_stream(requests_of([extract_request(f"s{i}", png_image(50))], [0])) for i in range(2)
+        ]
         firsts = [await anext(stream) for stream in open_streams]
         with pytest.raises(ResourceExhaustedError) as caught:
             await anext(engine.run_stream(requests_of([], [0])))
@@ -286,8 +303,10 @@ def test_streams_beyond_the_limit_are_refused_and_slots_are_released(backbone) -
     assert (gauge_full, after, gauge_end) == (2, ["x"], 0)
 
 
-async def pausing_requests(items: Sequence[extractor_pb2.ExtractRequest], pause_s: float,
-                           ) -> AsyncIterator[extractor_pb2.ExtractRequest]:
+async def pausing_requests(
+    items: Sequence[extractor_pb2.ExtractRequest],
+    pause_s: float,
+) -> AsyncIterator[extractor_pb2.ExtractRequest]:
     """The first item at once, each next one after `pause_s` (a client with nothing to send for a while)."""
     for i, item in enumerate(items):
         if i:
@@ -306,8 +325,13 @@ def test_a_stream_with_nothing_in_progress_and_no_request_ends_after_the_idle_ti
         with pytest.raises(DeadlineExceededError) as caught:
             async for response in engine.run_stream(pausing_requests(items, 0.6)):
                 answered.append(response.item_id)
-        return (answered, caught.value, loop.time() - started, sample(registry, "mist_extractor_streams_in_flight"),
-                sample(registry, "mist_extractor_streams_ended_idle_total", waiting_for="request"))
+        return (
+            answered,
+            caught.value,
+            loop.time() - started,
+            sample(registry, "mist_extractor_streams_in_flight"),
+            sample(registry, "mist_extractor_streams_ended_idle_total", waiting_for="request"),
+        )
 
     answered, error, took_s, streams_left, ended = run_with_engine(backbone, scenario, stream_idle_timeout_s=0.25)
 
@@ -323,12 +347,16 @@ def test_slow_work_in_progress_never_counts_as_idle(backbone) -> None:
 
     async def scenario(engine: ExtractionEngine, registry):
         answered = [r.item_id async for r in engine.run_stream(pausing_requests(items, 0.1))]
-        return (answered, sample(registry, "mist_extractor_streams_ended_idle_total", waiting_for="request"),
-                sample(registry, "mist_extractor_image_latency_seconds_count"),
-                sample(registry, "mist_extractor_image_latency_seconds_sum"))
+        return (
+            answered,
+            sample(registry, "mist_extractor_streams_ended_idle_total", waiting_for="request"),
+            sample(registry, "mist_extractor_image_latency_seconds_count"),
+            sample(registry, "mist_extractor_image_latency_seconds_sum"),
+        )
 
     answered, ended, timed, latency_sum = run_with_engine(
-        backbone, scenario, stream_idle_timeout_s=0.25, max_queue_delay_ms=500.0, cache_max_bytes=0)
+        backbone, scenario, stream_idle_timeout_s=0.25, max_queue_delay_ms=500.0, cache_max_bytes=0
+    )
 
     assert (answered, ended) == (["i0", "i1", "i2"], 0)
     assert timed == 3 and latency_sum >= 0.25  # every image timed; the waits for a batch are in it
@@ -347,8 +375,11 @@ def test_an_idle_timeout_of_zero_lets_a_stream_wait_for_its_client(backbone) -> 
 
 
 def test_config_reads_flags_and_environment_and_resolves_automatic_values() -> None:
-    config = parse_config(ExtractorConfig, ["--max-streams", "3", "--max-items-in-flight", "5", "--max-batch-size", "8",
-                                            "--model-kwargs", '{"depth": 2}'], {"MIST_DECODE_THREADS": "2"})
+    config = parse_config(
+        ExtractorConfig,
+        ["--max-streams", "3", "--max-items-in-flight", "5", "--max-batch-size", "8", "--model-kwargs", '{"depth": 2}'],
+        {"MIST_DECODE_THREADS": "2"},
+    )
 
     assert (config.queue_items, config.worker_threads, config.model_kwargs_dict) == (15, 2, {"depth": 2})
     assert config.forward_threads >= 1 and config.max_image_bytes < config.max_message_bytes

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.common.codec import CodecConfig, FeatureCodec, FeatureDecodeError, decode_feature
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import feature_pb2
+from services.common.wire.codec import CodecConfig, FeatureCodec, FeatureDecodeError, decode_feature
 from services.tuner.data import dataset_from_memory
 from services.tuner.feature_store import FeatureStore
 

@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 
-from services.common.baselines import VIT_B16, BackboneGeometry, baseline_bytes_per_image, last_block_indices
 from services.common.errors import InvalidArgumentError
+from services.common.wire.gather_modes import VIT_B16, BackboneGeometry, baseline_bytes_per_image, last_block_indices
 from services.extractor.gather import (
     backbone_geometry,
     check_supported,

@@ -13,9 +13,15 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("timm", "torchvision", "services.extractor", "torch._dynamo")
-CLIENT_MODULES = ("services.common.extractor_client", "services.common.registry_client", "services.common.client",
-                  "services.common.codec", "services.common.baselines", "services.common.edge_spec",
-                  "services.common.synthetic")
+CLIENT_MODULES = (
+    "services.common.clients.extractor",
+    "services.common.clients.registry",
+    "services.common.clients.channel",
+    "services.common.wire.codec",
+    "services.common.wire.gather_modes",
+    "services.common.wire.edge_spec",
+    "services.tuner.synthetic",
+)
 
 _PROBE = textwrap.dedent("""
     import contextlib, importlib, io, json, pkgutil, sys
@@ -53,12 +59,23 @@ def test_tuner_modules_clients_and_mist_help_import_no_backbone_code():
     probe = run_probe()
 
     # Assert: every tuner module was imported, none pulled in a forbidden module
-    assert {"services.tuner.tune", "services.tuner.predict", "services.tuner.cli", "services.tuner.servicer",
-            "services.tuner.server", "services.tuner.demo", "services.tuner.training"} <= set(probe["modules"])
+    assert {
+        "services.tuner.tune",
+        "services.tuner.predict",
+        "services.tuner.cli",
+        "services.tuner.servicer",
+        "services.tuner.server",
+        "services.tuner.demo",
+        "services.tuner.training",
+    } <= set(probe["modules"])
     assert probe["after_imports"] == []
     # ... `mist --help` (and every subcommand's) printed help without torch, let alone timm
-    assert probe["help"] == {"loaded": [], "torch": False, "codes": [0, 0, 0, 0, 0],
-                             "help_chars": probe["help"]["help_chars"]}
+    assert probe["help"] == {
+        "loaded": [],
+        "torch": False,
+        "codes": [0, 0, 0, 0, 0],
+        "help_chars": probe["help"]["help_chars"],
+    }
     assert probe["help"]["help_chars"] > 2000
     # ... and the probe is not blind: importing the extractor's backbone code shows up
     assert "timm" in probe["control"] and "services.extractor.backbone" in probe["control"]

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from services.common.errors import InvalidArgumentError
-from services.common.synthetic import (
+from services.tuner.synthetic import (
     CLASS_NAMES,
     MANIFEST_NAME,
     MARKER_NAME,
@@ -340,7 +340,7 @@ def test_main_reports_bad_arguments_with_status_2(tmp_path: Path, capsys: pytest
 def test_module_help_documents_every_flag() -> None:
     # Execute
     result = subprocess.run(
-        [sys.executable, "-m", "services.common.synthetic", "--help"],
+        [sys.executable, "-m", "services.tuner.synthetic", "--help"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

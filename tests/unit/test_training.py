@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.common.codec import CodecConfig, FeatureCodec
-from services.common.edge_spec import EdgeNetworkConfig
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import feature_pb2
+from services.common.wire.codec import CodecConfig, FeatureCodec
+from services.common.wire.edge_spec import EdgeNetworkConfig
 from services.tuner.edge_network import EdgeNetwork
 from services.tuner.evaluation import Predictions, evaluate, report_from_predictions
 from services.tuner.feature_store import FeatureStore

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from services.common.baselines import baseline_bytes_per_image
-from services.common.codec import ALL_CODECS
+from services.common.wire.codec import ALL_CODECS
+from services.common.wire.gather_modes import baseline_bytes_per_image
 from services.extractor.backbone import load_backbone
 from services.extractor.transfer import main, measure_transfer, synthetic_png_images
 from tests.conftest import TINY_VIT_KWARGS
@@ -36,14 +36,30 @@ def test_every_mode_and_codec_is_measured_on_real_messages(tiny_backbone):
         assert raw.max_relative_error == 0.0
     default = [row for row in rows if row.is_default]
     assert [(row.method, row.codec) for row in default] == [("mist", "i8-zstd")]
-    assert default[0].bytes_per_image < by_cell[("mist", "f16-none")].bytes_per_image < by_cell[("mist", "f32-none")].bytes_per_image
+    assert (
+        default[0].bytes_per_image
+        < by_cell[("mist", "f16-none")].bytes_per_image
+        < by_cell[("mist", "f32-none")].bytes_per_image
+    )
     assert 0 < default[0].max_relative_error <= 1 / 254 + 1e-6
 
 
 def test_command_line_writes_json_and_prints_both_tables(tmp_path, capsys):
     # Execute
-    code = main(["--backbone", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY_VIT_KWARGS),
-                 "--images", "2", "--codecs", "f32-none,i8-zstd", "--json", str(tmp_path / "t.json")])
+    code = main(
+        [
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--model-kwargs",
+            json.dumps(TINY_VIT_KWARGS),
+            "--images",
+            "2",
+            "--codecs",
+            "f32-none,i8-zstd",
+            "--json",
+            str(tmp_path / "t.json"),
+        ]
+    )
 
     # Assert
     assert code == 0

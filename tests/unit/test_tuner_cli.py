@@ -31,8 +31,12 @@ def closed_port() -> int:
 
 @pytest.mark.parametrize(
     ("command", "flags"),
-    [("tune", TUNE + CONNECTION + OUTPUT + THREADS), ("predict", PREDICT + CONNECTION + OUTPUT + THREADS),
-     ("evaluate", EVALUATE + CONNECTION + OUTPUT + THREADS), ("demo", DEMO + OUTPUT)],
+    [
+        ("tune", TUNE + CONNECTION + OUTPUT + THREADS),
+        ("predict", PREDICT + CONNECTION + OUTPUT + THREADS),
+        ("evaluate", EVALUATE + CONNECTION + OUTPUT + THREADS),
+        ("demo", DEMO + OUTPUT),
+    ],
 )
 def test_help_documents_every_flag_and_its_variable(command, flags):
     # Execute
@@ -71,8 +75,19 @@ def test_top_level_help_lists_the_subcommands_and_registry_delegates():
         (["predict", "--task", "t"], {}, "the following arguments are required: IMAGE"),
         ([], {}, "the following arguments are required: COMMAND"),
     ],
-    ids=["unknown-flag", "not-a-number", "zero-epochs", "bad-k", "no-task", "bad-variable", "bad-address",
-         "bad-choice", "version-and-alias", "no-images", "no-command"],
+    ids=[
+        "unknown-flag",
+        "not-a-number",
+        "zero-epochs",
+        "bad-k",
+        "no-task",
+        "bad-variable",
+        "bad-address",
+        "bad-choice",
+        "version-and-alias",
+        "no-images",
+        "no-command",
+    ],
 )
 def test_usage_errors_exit_2_with_one_line(args, env, expected):
     # Execute
@@ -102,12 +117,16 @@ def test_unreachable_registry_is_one_unavailable_line(command, tmp_path):
     # Prepare
     image = tmp_path / "a.png"
     image.write_bytes(b"png")
-    args = {"tune": ["--task", "t", "--data", str(tmp_path)], "predict": ["--task", "t", str(image)],
-            "evaluate": ["--task", "t", "--data", str(tmp_path)]}[command]
+    args = {
+        "tune": ["--task", "t", "--data", str(tmp_path)],
+        "predict": ["--task", "t", str(image)],
+        "evaluate": ["--task", "t", "--data", str(tmp_path)],
+    }[command]
 
     # Execute
-    code, out, err = run(command, *args, "--registry", f"127.0.0.1:{closed_port()}", "--cache-dir", "",
-                         "--progress", "quiet")
+    code, out, err = run(
+        command, *args, "--registry", f"127.0.0.1:{closed_port()}", "--cache-dir", "", "--progress", "quiet"
+    )
 
     # Assert: exit 1, one line naming the status and the server, no traceback
     assert code == 1 and out == ""
@@ -119,8 +138,10 @@ def test_missing_image_is_a_clear_error(tmp_path):
     code, out, err = run("predict", "--task", "t", str(tmp_path / "nope.png"), "--registry", "127.0.0.1:1")
 
     # Assert
-    assert code == 1 and err.strip() == f"mist predict: error: INVALID_ARGUMENT: no such image or folder: " \
-                                        f"{tmp_path / 'nope.png'}"
+    assert (
+        code == 1
+        and err.strip() == f"mist predict: error: INVALID_ARGUMENT: no such image or folder: {tmp_path / 'nope.png'}"
+    )
 
 
 def test_every_variable_the_cli_reads_is_allowed_by_the_worker():
@@ -134,18 +155,26 @@ def test_demo_transfer_table_compares_every_method_with_what_mist_received():
     from services.tuner.demo import DemoOptions, transfer_rows
     from services.tuner.reports import TransferSummary
 
-    transfer = TransferSummary(k=2, codec="i8-zstd", bytes_per_image=700.0, fetched_bytes_per_image=2800.0,
-                               baselines={"lst": 10880, "last": 6528, "partial": 2176, "cls": 128, "mist_f32": 2176})
+    transfer = TransferSummary(
+        k=2,
+        codec="i8-zstd",
+        bytes_per_image=700.0,
+        fetched_bytes_per_image=2800.0,
+        baselines={"lst": 10880, "last": 6528, "partial": 2176, "cls": 128, "mist_f32": 2176},
+    )
 
     # Execute
     rows = transfer_rows(transfer)
 
     # Assert
     assert rows[0] == ("method", "bytes/image", "vs MIST as received")
-    assert rows[1:] == [("MIST as received (i8-zstd, k=2)", "700", "1.00x"),
-                        ("MIST uncompressed (float32)", "2,176", "3.11x"), ("LST", "10,880", "15.54x"),
-                        ("LAST", "6,528", "9.33x"), ("Partial-1", "2,176", "3.11x"),
-                        ("linear probing (CLS only)", "128", "0.18x")]
+    assert rows[1:] == [
+        ("MIST as received (i8-zstd, k=2)", "700", "1.00x"),
+        ("MIST uncompressed (float32)", "2,176", "3.11x"),
+        ("LST", "10,880", "15.54x"),
+        ("LAST", "6,528", "9.33x"),
+        ("Partial-1", "2,176", "3.11x"),
+        ("linear probing (CLS only)", "128", "0.18x"),
+    ]
     with pytest.raises(InvalidArgumentError, match="epochs must be an integer >= 2"):
         DemoOptions(epochs=1)
-

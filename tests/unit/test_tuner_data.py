@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import InvalidArgumentError
-from services.common.synthetic import SplitSizes, generate_dataset
 from services.tuner.data import Dataset, assign_splits, dataset_from_memory, load_dataset
+from services.tuner.synthetic import SplitSizes, generate_dataset
 
 
 def write_images(root: Path, counts: dict[str, int], *, ext: str = "png") -> None:

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.common.errors import DataLossError, FailedPreconditionError, InvalidArgumentError
-from services.common.weights import (
+from services.common.wire.weights import (
     MAX_HEADER_BYTES,
     TensorInfo,
     inspect_safetensors,

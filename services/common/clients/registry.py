@@ -28,7 +28,7 @@ from typing import Literal
 
 import grpc
 
-from services.common.client import create_channel
+from services.common.clients.channel import create_channel
 from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.errors import DataLossError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.pb import registry_pb2, registry_pb2_grpc

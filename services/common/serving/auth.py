@@ -1,14 +1,14 @@
 """Bearer-token auth of mist servers: who may call, and who is calling inside a handler.
 
-    current_principal() -> object | None    who is calling, inside a handler: None with auth off; a Principal
-                           (name) with the tokens-file validator; whatever a custom token_validator returned
-    Principal(name)        what the default validator returns
-    TokenValidator = Callable[[str | None, str], object | Awaitable[object]]
-                           (bearer token or None, full method "/pkg.Service/Method") -> principal; raise
-                           UnauthenticatedError / PermissionDeniedError to refuse (health, reflection are exempt)
-    StaticTokenValidator(tokens: Mapping[name, token]); load_tokens_file(path) -> dict[name, token]
-    bearer_token(metadata) -> str | None    the token of an `authorization: Bearer <token>` entry
-    AuthInterceptor(validator)              the server interceptor create_server installs
+current_principal() -> object | None    who is calling, inside a handler: None with auth off; a Principal
+                       (name) with the tokens-file validator; whatever a custom token_validator returned
+Principal(name)        what the default validator returns
+TokenValidator = Callable[[str | None, str], object | Awaitable[object]]
+                       (bearer token or None, full method "/pkg.Service/Method") -> principal; raise
+                       UnauthenticatedError / PermissionDeniedError to refuse (health, reflection are exempt)
+StaticTokenValidator(tokens: Mapping[name, token]); load_tokens_file(path) -> dict[name, token]
+bearer_token(metadata) -> str | None    the token of an `authorization: Bearer <token>` entry
+AuthInterceptor(validator)              the server interceptor create_server installs
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common import errors
 from services.common.config import ConfigError
 from services.common.errors import MistError
-from services.common.rpc import clip_details, refusing_handler, status_for, wrap_handler
+from services.common.serving.rpc import clip_details, refusing_handler, status_for, wrap_handler
 
 log = logging.getLogger(__name__)
 _EXEMPT = (f"/{grpc_health.SERVICE_NAME}/", f"/{reflection.SERVICE_NAME}/", "/grpc.reflection.v1.ServerReflection/")

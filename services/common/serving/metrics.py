@@ -23,7 +23,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.config import split_host_port
-from services.common.rpc import wrap_handler
+from services.common.serving.rpc import wrap_handler
 
 
 def _outcome(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
@@ -39,14 +39,23 @@ class GrpcMetrics:
     """Per-method request counts by status code, latency histogram and in-flight gauge for one server."""
 
     def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
-        self.requests = Counter(f"{prefix}_grpc_requests_total", "gRPC calls finished, by method and status code",
-                                ["method", "code"], registry=registry)
+        self.requests = Counter(
+            f"{prefix}_grpc_requests_total",
+            "gRPC calls finished, by method and status code",
+            ["method", "code"],
+            registry=registry,
+        )
         # Calls range from a health check (sub-ms) to a dataset extraction stream (minutes).
-        self.duration = Histogram(f"{prefix}_grpc_request_duration_seconds", "gRPC call duration, whole stream",
-                                  ["method"], registry=registry,
-                                  buckets=(0.001, 0.005, 0.025, 0.1, 0.25, 1, 2.5, 10, 30, 120, 600))
-        self.in_flight = Gauge(f"{prefix}_grpc_requests_in_flight", "gRPC calls being handled",
-                               ["method"], registry=registry)
+        self.duration = Histogram(
+            f"{prefix}_grpc_request_duration_seconds",
+            "gRPC call duration, whole stream",
+            ["method"],
+            registry=registry,
+            buckets=(0.001, 0.005, 0.025, 0.1, 0.25, 1, 2.5, 10, 30, 120, 600),
+        )
+        self.in_flight = Gauge(
+            f"{prefix}_grpc_requests_in_flight", "gRPC calls being handled", ["method"], registry=registry
+        )
         self.interceptor = _MetricsInterceptor(self)
 
 
@@ -103,8 +112,9 @@ def start_metrics_server(listen: str, registry: CollectorRegistry) -> tuple[Call
     try:
         httpd, thread = prometheus_client.start_http_server(port, addr=host.strip("[]"), registry=registry)
     except OSError as e:
-        raise BindError(f"cannot serve metrics on {listen} (--metrics-listen / MIST_METRICS_LISTEN): "
-                        f"{e.strerror or e}") from None
+        raise BindError(
+            f"cannot serve metrics on {listen} (--metrics-listen / MIST_METRICS_LISTEN): {e.strerror or e}"
+        ) from None
 
     def stop() -> None:
         httpd.shutdown()

@@ -76,8 +76,13 @@ def service_config_json(retried: Sequence[tuple[str, str]] = RETRIED_METHODS) ->
     return json.dumps(config)
 
 
-def _channel_options(max_message_bytes: int, keepalive_time_s: float, keepalive_timeout_s: float,
-                     retried: Sequence[tuple[str, str]], server_name: str | None) -> list[tuple[str, Any]]:
+def _channel_options(
+    max_message_bytes: int,
+    keepalive_time_s: float,
+    keepalive_timeout_s: float,
+    retried: Sequence[tuple[str, str]],
+    server_name: str | None,
+) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         # Same limits as the servers' default, both ways (gRPC's own default receive limit is 4 MiB).
         ("grpc.max_send_message_length", max_message_bytes),
@@ -105,13 +110,16 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
         raise InvalidArgumentError(f"{what}: cannot read {str(path)!r}: {e.strerror}") from None
 
 
-def _tls_credentials(tls_ca: str | Path | None, client_cert: str | Path | None,
-                     client_key: str | Path | None) -> grpc.ChannelCredentials:
+def _tls_credentials(
+    tls_ca: str | Path | None, client_cert: str | Path | None, client_key: str | Path | None
+) -> grpc.ChannelCredentials:
     if (client_cert is None) != (client_key is None):
         raise InvalidArgumentError("client_cert and client_key go together (mutual TLS needs both)")
-    return grpc.ssl_channel_credentials(root_certificates=_read(tls_ca, "tls_ca"),
-                                        private_key=_read(client_key, "client_key"),
-                                        certificate_chain=_read(client_cert, "client_cert"))
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(tls_ca, "tls_ca"),
+        private_key=_read(client_key, "client_key"),
+        certificate_chain=_read(client_cert, "client_cert"),
+    )
 
 
 def _is_loopback(target: str) -> bool:
@@ -131,14 +139,21 @@ def _bearer(token: str) -> tuple[str, str]:
     return ("authorization", f"Bearer {token}")
 
 
-class _CallDetails(collections.namedtuple(
-        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
-        grpc.ClientCallDetails):
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
     pass
 
 
-class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _TokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds the bearer token to every call of a plaintext sync channel."""
 
     def __init__(self, token: str) -> None:
@@ -146,8 +161,14 @@ class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
 
     def _details(self, d: grpc.ClientCallDetails) -> _CallDetails:
         metadata = [*(d.metadata or ()), self._entry]
-        return _CallDetails(d.method, d.timeout, metadata, d.credentials, getattr(d, "wait_for_ready", None),
-                            getattr(d, "compression", None))
+        return _CallDetails(
+            d.method,
+            d.timeout,
+            metadata,
+            d.credentials,
+            getattr(d, "wait_for_ready", None),
+            getattr(d, "compression", None),
+        )
 
     def intercept_unary_unary(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
         return continuation(self._details(client_call_details), request)
@@ -183,20 +204,30 @@ class _AioTokenUnaryStream(_AioTokenMixin, grpc.aio.UnaryStreamClientInterceptor
 
 
 class _AioTokenStreamUnary(_AioTokenMixin, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation: Callable, client_call_details: Any, request_iterator: Any) -> Any:
+    async def intercept_stream_unary(
+        self, continuation: Callable, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return await self._call(continuation, client_call_details, request_iterator)
 
 
 class _AioTokenStreamStream(_AioTokenMixin, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Callable, client_call_details: Any, request_iterator: Any) -> Any:
+    async def intercept_stream_stream(
+        self, continuation: Callable, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return await self._call(continuation, client_call_details, request_iterator)
 
 
 # ---------------------------------------------------------------------------------------------- channels
 
 
-def _plan(target: str, tls: bool, tls_ca: str | Path | None, client_cert: str | Path | None,
-          client_key: str | Path | None, token: str | None) -> grpc.ChannelCredentials | None:
+def _plan(
+    target: str,
+    tls: bool,
+    tls_ca: str | Path | None,
+    client_cert: str | Path | None,
+    client_key: str | Path | None,
+    token: str | None,
+) -> grpc.ChannelCredentials | None:
     """Channel credentials (None: plaintext). A token rides on TLS credentials when there are any."""
     if token is not None and not token.strip():
         raise InvalidArgumentError("token is empty")
@@ -210,38 +241,54 @@ def _plan(target: str, tls: bool, tls_ca: str | Path | None, client_cert: str | 
     return credentials
 
 
-def create_channel(target: str, *, tls: bool = False, tls_ca: str | Path | None = None,
-                   client_cert: str | Path | None = None, client_key: str | Path | None = None,
-                   token: str | None = None, server_name: str | None = None,
-                   max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepalive_time_s: float = 30.0,
-                   keepalive_timeout_s: float = 10.0,
-                   retried_methods: Sequence[tuple[str, str]] = RETRIED_METHODS) -> grpc.Channel:
+def create_channel(
+    target: str,
+    *,
+    tls: bool = False,
+    tls_ca: str | Path | None = None,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
+    token: str | None = None,
+    server_name: str | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    keepalive_time_s: float = 30.0,
+    keepalive_timeout_s: float = 10.0,
+    retried_methods: Sequence[tuple[str, str]] = RETRIED_METHODS,
+) -> grpc.Channel:
     """A blocking-API channel to a mist server (see the module docstring for the arguments)."""
     credentials = _plan(target, tls, tls_ca, client_cert, client_key, token)
-    options = _channel_options(max_message_bytes, keepalive_time_s, keepalive_timeout_s, retried_methods,
-                               server_name)
+    options = _channel_options(max_message_bytes, keepalive_time_s, keepalive_timeout_s, retried_methods, server_name)
     if credentials is not None:
         return grpc.secure_channel(target, credentials, options=options)
     channel = grpc.insecure_channel(target, options=options)
     return grpc.intercept_channel(channel, _TokenInterceptor(token)) if token is not None else channel
 
 
-def create_aio_channel(target: str, *, tls: bool = False, tls_ca: str | Path | None = None,
-                       client_cert: str | Path | None = None, client_key: str | Path | None = None,
-                       token: str | None = None, server_name: str | None = None,
-                       max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepalive_time_s: float = 30.0,
-                       keepalive_timeout_s: float = 10.0,
-                       retried_methods: Sequence[tuple[str, str]] = RETRIED_METHODS) -> grpc.aio.Channel:
+def create_aio_channel(
+    target: str,
+    *,
+    tls: bool = False,
+    tls_ca: str | Path | None = None,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
+    token: str | None = None,
+    server_name: str | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    keepalive_time_s: float = 30.0,
+    keepalive_timeout_s: float = 10.0,
+    retried_methods: Sequence[tuple[str, str]] = RETRIED_METHODS,
+) -> grpc.aio.Channel:
     """The asyncio twin of create_channel (create it inside the event loop that uses it)."""
     credentials = _plan(target, tls, tls_ca, client_cert, client_key, token)
-    options = _channel_options(max_message_bytes, keepalive_time_s, keepalive_timeout_s, retried_methods,
-                               server_name)
+    options = _channel_options(max_message_bytes, keepalive_time_s, keepalive_timeout_s, retried_methods, server_name)
     if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, options=options)
     interceptors = None
     if token is not None:
-        interceptors = [cls(token) for cls in (_AioTokenUnaryUnary, _AioTokenUnaryStream,
-                                               _AioTokenStreamUnary, _AioTokenStreamStream)]
+        interceptors = [
+            cls(token)
+            for cls in (_AioTokenUnaryUnary, _AioTokenUnaryStream, _AioTokenStreamUnary, _AioTokenStreamStream)
+        ]
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
@@ -277,8 +324,7 @@ def health_check(target: str, service: str = "", *, timeout_s: float = 5.0, **ch
             raise
 
 
-async def health_check_async(target: str, service: str = "", *, timeout_s: float = 5.0,
-                             **channel_kwargs: Any) -> str:
+async def health_check_async(target: str, service: str = "", *, timeout_s: float = 5.0, **channel_kwargs: Any) -> str:
     """The asyncio twin of health_check."""
     async with create_aio_channel(target, **channel_kwargs) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

@@ -32,20 +32,22 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------- errors
 
 # The one table from DESIGN.md ("Errors"). Subclasses a service defines map through their base class.
-STATUS_BY_ERROR: Mapping[type[MistError], grpc.StatusCode] = MappingProxyType({
-    errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
-    errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.AbortedError: grpc.StatusCode.ABORTED,
-    errors.DataLossError: grpc.StatusCode.DATA_LOSS,
-    errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
-    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
-    errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
-    MistError: grpc.StatusCode.INTERNAL,
-})
+STATUS_BY_ERROR: Mapping[type[MistError], grpc.StatusCode] = MappingProxyType(
+    {
+        errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
+        errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+        errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+        errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+        errors.AbortedError: grpc.StatusCode.ABORTED,
+        errors.DataLossError: grpc.StatusCode.DATA_LOSS,
+        errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+        errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+        errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+        errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+        MistError: grpc.StatusCode.INTERNAL,
+    }
+)
 _MAX_DETAILS_CHARS = 1024  # status details travel in HTTP/2 trailers; keep them well under header limits
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -109,9 +111,12 @@ Around = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextMan
 
 
 def handler_kind(handler: grpc.RpcMethodHandler) -> str:
-    return {(False, False): "unary_unary", (False, True): "unary_stream",
-            (True, False): "stream_unary", (True, True): "stream_stream"}[
-        (handler.request_streaming, handler.response_streaming)]
+    return {
+        (False, False): "unary_unary",
+        (False, True): "unary_stream",
+        (True, False): "stream_unary",
+        (True, True): "stream_stream",
+    }[(handler.request_streaming, handler.response_streaming)]
 
 
 def wrap_handler(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMethodHandler:

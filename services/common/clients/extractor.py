@@ -29,12 +29,12 @@ from typing import NamedTuple
 import grpc
 
 from services.common import errors
-from services.common.baselines import GatherModeName, check_mode, mode_to_proto
-from services.common.client import create_channel
-from services.common.codec import CodecConfig
+from services.common.clients.channel import create_channel
 from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.errors import InvalidArgumentError, MistError
 from services.common.pb import extractor_pb2, extractor_pb2_grpc, feature_pb2
+from services.common.wire.codec import CodecConfig
+from services.common.wire.gather_modes import GatherModeName, check_mode, mode_to_proto
 
 DEFAULT_MAX_IN_FLIGHT = 32  # the server's default window: enough to fill its batches from one stream
 _FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.2, 5.0
@@ -45,10 +45,19 @@ _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EX
 # Status codes -> domain errors, from each error's own `code` (errors.py keeps the one list).
 _ERROR_BY_CODE: dict[grpc.StatusCode, type[MistError]] = {
     getattr(grpc.StatusCode, cls.code): cls
-    for cls in (errors.NotFoundError, errors.AlreadyExistsError, errors.InvalidArgumentError,
-                errors.FailedPreconditionError, errors.AbortedError, errors.DataLossError,
-                errors.ResourceExhaustedError, errors.UnauthenticatedError, errors.PermissionDeniedError,
-                errors.UnavailableError, errors.DeadlineExceededError)
+    for cls in (
+        errors.NotFoundError,
+        errors.AlreadyExistsError,
+        errors.InvalidArgumentError,
+        errors.FailedPreconditionError,
+        errors.AbortedError,
+        errors.DataLossError,
+        errors.ResourceExhaustedError,
+        errors.UnauthenticatedError,
+        errors.PermissionDeniedError,
+        errors.UnavailableError,
+        errors.DeadlineExceededError,
+    )
 }
 
 
@@ -107,8 +116,9 @@ class _Outbox:
 class _Stream:
     """One extract() call's state across attempts: the source, the images sent without a result, the budget."""
 
-    def __init__(self, items: Iterable[ImageItem | tuple[str, bytes]], template: extractor_pb2.ExtractRequest,
-                 max_in_flight: int) -> None:
+    def __init__(
+        self, items: Iterable[ImageItem | tuple[str, bytes]], template: extractor_pb2.ExtractRequest, max_in_flight: int
+    ) -> None:
         self.source = iter(items)
         self.template = template
         self.max_in_flight = max_in_flight
@@ -145,17 +155,33 @@ class _Stream:
 class ExtractorClient:
     """A channel to one extractor target (a host:port or a DNS name of several replicas); thread-safe to share."""
 
-    def __init__(self, target: str, *, token: str | None = None, tls: bool = False,
-                 tls_ca: str | Path | None = None, client_cert: str | Path | None = None,
-                 client_key: str | Path | None = None, server_name: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_resumes: int = 5,
-                 resume_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
+        server_name: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_resumes: int = 5,
+        resume_timeout_s: float = 30.0,
+    ) -> None:
         if max_resumes < 0 or resume_timeout_s <= 0:
             raise InvalidArgumentError("max_resumes must be >= 0 and resume_timeout_s > 0")
         self.target = target
-        self._channel = create_channel(target, tls=tls, tls_ca=tls_ca, client_cert=client_cert,
-                                       client_key=client_key, token=token, server_name=server_name,
-                                       max_message_bytes=max_message_bytes)
+        self._channel = create_channel(
+            target,
+            tls=tls,
+            tls_ca=tls_ca,
+            client_cert=client_cert,
+            client_key=client_key,
+            token=token,
+            server_name=server_name,
+            max_message_bytes=max_message_bytes,
+        )
         self._stub = extractor_pb2_grpc.ExtractorStub(self._channel)
         self._max_resumes = max_resumes  # consecutive resumable failures without a new result
         self._resume_timeout_s = resume_timeout_s  # how long one resume waits for a server to come back
@@ -176,10 +202,16 @@ class ExtractorClient:
         except grpc.RpcError as error:
             raise rpc_error_to_mist(error) from None
 
-    def extract(self, items: Iterable[ImageItem | tuple[str, bytes]], *, mode: GatherModeName = "mist",
-                ks: Sequence[int] = (), codec: str | CodecConfig = "i8-zstd",
-                expect_backbone: feature_pb2.BackboneId | None = None,
-                max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> Iterator[ExtractResult]:
+    def extract(
+        self,
+        items: Iterable[ImageItem | tuple[str, bytes]],
+        *,
+        mode: GatherModeName = "mist",
+        ks: Sequence[int] = (),
+        codec: str | CodecConfig = "i8-zstd",
+        expect_backbone: feature_pb2.BackboneId | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> Iterator[ExtractResult]:
         """One result per item, in order, with at most `max_in_flight` images sent and not yet answered.
 
         `items` is read lazily (a generator reading files is fine). `ks`: one or several k in [1, N] for mist, none
@@ -188,8 +220,9 @@ class ExtractorClient:
         if max_in_flight < 1:
             raise InvalidArgumentError(f"max_in_flight must be >= 1; got {max_in_flight}")
         codec_config = codec if isinstance(codec, CodecConfig) else CodecConfig.parse(codec)
-        template = extractor_pb2.ExtractRequest(mode=mode_to_proto(check_mode(mode)), ks=list(ks),
-                                                codec=codec_config.to_proto())
+        template = extractor_pb2.ExtractRequest(
+            mode=mode_to_proto(check_mode(mode)), ks=list(ks), codec=codec_config.to_proto()
+        )
         if expect_backbone is not None:
             template.expect_backbone.CopyFrom(expect_backbone)
         return self._results(_Stream(items, template, max_in_flight))
@@ -214,8 +247,9 @@ class ExtractorClient:
                 call.cancel()
             self._wait_before_resume(failures)
 
-    def _attempt(self, stream: _Stream, call: Iterator[extractor_pb2.ExtractResponse],
-                 outbox: _Outbox) -> Iterator[ExtractResult]:
+    def _attempt(
+        self, stream: _Stream, call: Iterator[extractor_pb2.ExtractResponse], outbox: _Outbox
+    ) -> Iterator[ExtractResult]:
         while True:
             stream.refill(outbox)
             if not stream.unanswered:
@@ -225,15 +259,20 @@ class ExtractorClient:
             response = next(call, None)
             if response is None:
                 raise errors.DataLossError(
-                    f"the extractor ended the stream with {len(stream.unanswered)} images unanswered")
+                    f"the extractor ended the stream with {len(stream.unanswered)} images unanswered"
+                )
             expected = stream.unanswered[0]
             if response.item_id != expected.item_id:
                 raise errors.DataLossError(
-                    f"the extractor answered {response.item_id!r} where {expected.item_id!r} was next: out of order")
+                    f"the extractor answered {response.item_id!r} where {expected.item_id!r} was next: out of order"
+                )
             stream.unanswered.popleft()
-            yield ExtractResult(item_id=response.item_id, features=tuple(response.features),
-                                error=response.error if response.HasField("error") else None,
-                                cache_hit=response.cache_hit)
+            yield ExtractResult(
+                item_id=response.item_id,
+                features=tuple(response.features),
+                error=response.error if response.HasField("error") else None,
+                cache_hit=response.cache_hit,
+            )
 
     def _wait_before_resume(self, failures: int) -> None:
         time.sleep(min(_MAX_BACKOFF_S, _FIRST_BACKOFF_S * 2 ** (failures - 1)))
@@ -241,4 +280,5 @@ class ExtractorClient:
             grpc.channel_ready_future(self._channel).result(timeout=self._resume_timeout_s)
         except grpc.FutureTimeoutError:
             raise errors.UnavailableError(
-                f"the extractor at {self.target} did not come back within {self._resume_timeout_s:g}s") from None
+                f"the extractor at {self.target} did not come back within {self._resume_timeout_s:g}s"
+            ) from None

@@ -1,4 +1,4 @@
-"""Gather modes, geometry, k candidates and the paper's transfer sizes (services.common.baselines)."""
+"""Gather modes, geometry, k candidates and the paper's transfer sizes (services.common.wire.gather_modes)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.common.baselines import (
+from services.common.errors import InvalidArgumentError
+from services.common.pb import feature_pb2
+from services.common.wire.gather_modes import (
     GATHER_MODES,
     VIT_B16,
     BackboneGeometry,
@@ -23,8 +25,6 @@ from services.common.baselines import (
     mode_to_proto,
     validate_ks,
 )
-from services.common.errors import InvalidArgumentError
-from services.common.pb import feature_pb2
 
 MIB = 2**20
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -182,7 +182,7 @@ def test_validate_ks_needs_at_least_one_k(ks):
 
 def test_module_imports_neither_torch_nor_numpy():
     # Prepare: a fresh interpreter, since this test process may have imported torch already.
-    code = "import sys, services.common.baselines; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    code = "import sys, services.common.wire.gather_modes; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
 
     # Execute
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)

@@ -34,18 +34,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from services.common.auth import AuthInterceptor, StaticTokenValidator, TokenValidator, load_tokens_file
 from services.common.config import ConfigError, ServerConfig, load_config, redacted, split_host_port
 from services.common.errors import MistError
 from services.common.logging_setup import configure_logging, hold_logs
-from services.common.rpc import wrap_handler
-from services.common.server_metrics import (
+from services.common.serving.auth import AuthInterceptor, StaticTokenValidator, TokenValidator, load_tokens_file
+from services.common.serving.metrics import (
     BindError,
     GrpcMetrics,
     metric_prefix,
     new_metrics_registry,
     start_metrics_server,
 )
+from services.common.serving.rpc import wrap_handler
 
 log = logging.getLogger(__name__)
 HEALTH_SERVICE = grpc_health.SERVICE_NAME
@@ -68,8 +68,10 @@ class _DrainGate(grpc.aio.ServerInterceptor):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
         if self._limit and self.in_flight >= self._limit:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"server busy: {self.in_flight} calls in flight (--max-concurrent-rpcs); retry later")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {self.in_flight} calls in flight (--max-concurrent-rpcs); retry later",
+            )
         self.in_flight += 1
         self.idle.clear()
         try:
@@ -126,8 +128,9 @@ class HealthHandle:
 _STATUS_FLUSH_S = 1.0
 
 
-async def shutdown(server: grpc.aio.Server, health: HealthHandle, grace_s: float,
-                   force: asyncio.Event | None = None) -> None:
+async def shutdown(
+    server: grpc.aio.Server, health: HealthHandle, grace_s: float, force: asyncio.Event | None = None
+) -> None:
     """Drain: NOT_SERVING, refuse new calls, wait up to grace_s (or until `force` is set) for in-flight ones."""
     await health.begin_drain()
     waiters = [asyncio.ensure_future(health.wait_idle(grace_s))]
@@ -168,8 +171,10 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
     if config.max_connection_age_s > 0:
         # Recycle connections so clients of a headless Service re-resolve and reach new replicas.
-        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
-                    ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000))]
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000)),
+        ]
     return options
 
 
@@ -185,8 +190,9 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
     cert = _read_pem("tls_cert", config.tls_cert, b"CERTIFICATE-----")
     key = _read_pem("tls_key", config.tls_key, b"PRIVATE KEY-----")
     client_ca = _read_pem("tls_client_ca", config.tls_client_ca, b"CERTIFICATE-----") if config.tls_client_ca else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
@@ -199,8 +205,10 @@ def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
         port = 0
     if port == 0:
         tls_hint = ", or --tls-cert and --tls-key are not a matching pair" if config.tls_cert else ""
-        raise BindError(f"cannot listen on {config.listen} (--listen / MIST_LISTEN): address in use or not "
-                        f"available on this host{tls_hint}")
+        raise BindError(
+            f"cannot listen on {config.listen} (--listen / MIST_LISTEN): address in use or not "
+            f"available on this host{tls_hint}"
+        )
     return port
 
 
@@ -288,8 +296,12 @@ async def _start(config: ServerConfig, build: BuildFn, service_name: str) -> _Ru
     server = None
     try:
         server, port, health = await create_server(
-            config, setup.add_services, token_validator=setup.token_validator,
-            extra_interceptors=setup.extra_interceptors, metrics=GrpcMetrics(registry, metric_prefix(service_name)))
+            config,
+            setup.add_services,
+            token_validator=setup.token_validator,
+            extra_interceptors=setup.extra_interceptors,
+            metrics=GrpcMetrics(registry, metric_prefix(service_name)),
+        )
         stop_metrics, metrics_port = start_metrics_server(config.metrics_listen, registry)
     except BaseException:  # release what build() acquired (a model, a DB pool) before failing
         if server is not None:
@@ -304,12 +316,15 @@ def _listening_line(service_name: str, config: ServerConfig, running: _Running) 
     where = f"{split_host_port(config.listen)[0]}:{running.port}"
     if running.metrics_port is None:
         return f"{service_name} listening on {where} (metrics off)"
-    return f"{service_name} listening on {where} (metrics on {split_host_port(config.metrics_listen)[0]}:" \
-           f"{running.metrics_port})"
+    return (
+        f"{service_name} listening on {where} (metrics on {split_host_port(config.metrics_listen)[0]}:"
+        f"{running.metrics_port})"
+    )
 
 
-async def serve(config: ServerConfig, build: BuildFn, *, service_name: str,
-                stop_event: asyncio.Event | None = None) -> int:
+async def serve(
+    config: ServerConfig, build: BuildFn, *, service_name: str, stop_event: asyncio.Event | None = None
+) -> int:
     """Run a service until SIGTERM/SIGINT (or `stop_event`), then drain; returns the process exit code."""
     configure_logging(config.log_level, config.log_format)
     held = hold_logs()  # build() may log; the "listening on" line must still come first
@@ -346,8 +361,14 @@ async def serve(config: ServerConfig, build: BuildFn, *, service_name: str,
     return 0
 
 
-def run_service(config_cls: type[ServerConfig], build: BuildFn, *, service_name: str,
-                argv: Sequence[str] | None = None, allowed_env: Collection[str] = ()) -> int:
+def run_service(
+    config_cls: type[ServerConfig],
+    build: BuildFn,
+    *,
+    service_name: str,
+    argv: Sequence[str] | None = None,
+    allowed_env: Collection[str] = (),
+) -> int:
     """The body of a service's main(): config from flags/env (exit 2 on errors), serve, exit code.
 
     `allowed_env`: MIST_* variables the service reads itself (not reported as unknown).

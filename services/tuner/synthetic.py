@@ -1,6 +1,6 @@
 """Deterministic synthetic image classes, written as a real ImageFolder tree, for the demo, tests and benchmarks.
 
-Nothing in the suite may download a dataset, so this draws its own: `python -m services.common.synthetic OUT_DIR`.
+Nothing in the suite may download a dataset, so this draws its own: `python -m services.tuner.synthetic OUT_DIR`.
 """
 
 from __future__ import annotations
@@ -456,7 +456,7 @@ def generate_dataset(
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m services.common.synthetic",
+        prog="python -m services.tuner.synthetic",
         description="Write a deterministic synthetic ImageFolder dataset (train/val/test + manifest.csv).",
     )
     parser.add_argument(

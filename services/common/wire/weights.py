@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from services.common.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig, check_state_shapes, shape_problems
 from services.common.errors import DataLossError, FailedPreconditionError, InvalidArgumentError
+from services.common.wire.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig, check_state_shapes, shape_problems
 
 # A real edge network's header is a few KiB (about 40 tensors); 1 MiB leaves room for big metadata
 # while keeping what a hostile length field can make us copy and parse small.
@@ -240,8 +240,11 @@ def _check_declared(blob: memoryview, declared_sha256: str | None, declared_size
 
 
 def _check_shapes(tensors: Mapping[str, TensorInfo], expected: Mapping[str, Sequence[int]]) -> None:
-    problems = shape_problems({name: list(shape) for name, shape in expected.items()},
-                              {name: list(info.shape) for name, info in tensors.items()}, label_sep=" ")
+    problems = shape_problems(
+        {name: list(shape) for name, shape in expected.items()},
+        {name: list(info.shape) for name, info in tensors.items()},
+        label_sep=" ",
+    )
     if problems:
         raise FailedPreconditionError(f"weights do not match the task's edge network: {'; '.join(problems)}")
 

@@ -31,10 +31,10 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common.baselines import mode_from_proto
+from services.common.clients.registry import RegistryClient, status_name
 from services.common.errors import MistError
 from services.common.pb import registry_pb2
-from services.common.registry_client import RegistryClient, status_name
+from services.common.wire.gather_modes import mode_from_proto
 
 PROG = "mist registry"
 DEFAULT_REGISTRY = "127.0.0.1:50052"
@@ -102,7 +102,7 @@ def task_dict(task: registry_pb2.Task) -> dict[str, Any]:
 
 
 def _codec_name(task: registry_pb2.Task) -> str:
-    from services.common.codec import CodecConfig  # numpy + zstandard: only when a task is shown
+    from services.common.wire.codec import CodecConfig  # numpy + zstandard: only when a task is shown
 
     try:
         return CodecConfig.from_proto(task.codec).name
