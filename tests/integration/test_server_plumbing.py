@@ -546,7 +546,7 @@ def test_serve_reports_bind_failure_with_exit_code_1(capsys) -> None:
 
     assert code == 1
     assert re.search(
-        r"ERROR services\.common\.server: mist-plumbing failed to start: cannot listen on "
+        r"ERROR services\.common\.serving\.server: mist-plumbing failed to start: cannot listen on "
         r"127\.0\.0\.1:\d+ \(--listen / MIST_LISTEN\)",
         capsys.readouterr().err,
     )
