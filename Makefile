@@ -43,7 +43,14 @@ proto-check: setup
 test: setup tools system-deps
 	$(PY) -m pytest -q -m "not stress" $(PYTEST_ARGS)
 
-stress: setup system-deps
+# The fuzz runs need atheris (the `stress` extra, a compiled wheel): installed here, not by `make setup`.
+STRESS_STAMP := $(VENV)/.mist-stress-installed
+
+$(STRESS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[stress]'
+	@touch $@
+
+stress: setup system-deps $(STRESS_STAMP)
 	$(PY) -m pytest -q -s -m stress $(PYTEST_ARGS)
 
 demo: setup
