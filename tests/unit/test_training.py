@@ -351,6 +351,50 @@ def test_select_k_picks_the_only_informative_k_and_scores_every_candidate():
     assert selection.to_dict()["val_accuracy_by_k"]["3"] == selection.val_accuracy_by_k[3]
 
 
+def store_with_signals(signals: dict[int, float], count: int = 240) -> tuple[FeatureStore, list[int], list[int]]:
+    """Every k gets the same noise per image plus `signals[k]` times its class direction (0: the same features)."""
+    rng = np.random.default_rng(0)
+    labels = [i % CLASSES for i in range(count)]
+    directions = rng.normal(size=(CLASSES, DIMS)).astype(np.float32)
+    splits = ["val" if i % 4 == 3 else "train" for i in range(count)]
+    store = FeatureStore(labels, num_classes=CLASSES, splits=splits, backbone=BACKBONE)
+    codec = FeatureCodec(CodecConfig.parse("f32-zstd"))
+    for index, label in enumerate(labels):
+        noise = rng.normal(size=(TOKENS, DIMS)).astype(np.float32)
+        for k, signal in signals.items():
+            store.add(index, k, codec.encode(noise + signal * directions[label], backbone=BACKBONE, k=k))
+    return store, store.indices("train"), store.indices("val")
+
+
+def test_select_k_breaks_a_complete_tie_by_the_smallest_k_whatever_the_candidate_order():
+    # Prepare: bitwise the same features under k = 2, 3 and 4, so the same seed trains the same network for each
+    store, train, val = store_with_signals({2: 3.0, 3: 3.0, 4: 3.0}, count=120)
+
+    # Execute: the candidates in an order where the smallest comes neither first nor last
+    selection = select_k(
+        store, [4, 2, 3], EDGE, TrainConfig(epochs=10, lr=3e-3), train_indices=train, val_indices=val, short_epochs=2
+    )
+
+    # Assert: a real tie on both accuracy and loss (README: "ties: lower loss, then smaller k"), broken by k
+    assert len(set(selection.val_accuracy_by_k.values())) == 1 and len(set(selection.val_loss_by_k.values())) == 1
+    assert selection.chosen_k == 2
+
+
+def test_select_k_breaks_an_accuracy_tie_by_the_lower_validation_loss_before_the_smaller_k():
+    # Prepare: both ks separate the classes perfectly; k = 2's (weaker, measured) signal ends at the lower val loss
+    store, train, val = store_with_signals({1: 8.0, 2: 3.0})
+
+    # Execute
+    selection = select_k(
+        store, [1, 2], EDGE, TrainConfig(epochs=40, lr=3e-3), train_indices=train, val_indices=val, short_epochs=8
+    )
+
+    # Assert: equal accuracy (measured 1.0 both), so the lower loss wins although k = 1 is smaller
+    assert selection.val_accuracy_by_k == {1: 1.0, 2: 1.0}
+    assert selection.val_loss_by_k[2] < selection.val_loss_by_k[1]  # measured 0.118 against 0.189
+    assert selection.chosen_k == 2
+
+
 def test_short_runs_default_to_a_fifth_of_the_epochs():
     assert [default_short_epochs(epochs) for epochs in (1, 2, 5, 30, 100)] == [1, 2, 2, 6, 20]
 
