@@ -167,11 +167,16 @@ def test_concurrent_streams_share_batches_without_crossing_results(server, backb
         [response] = [r async for r in call]
         return response
 
+    open_before = server.metric("mist_extractor_streams_in_flight")
+
     async def scenario() -> list[extractor_pb2.ExtractResponse]:
         async with create_aio_channel(server.target, retried_methods=NO_RETRY) as channel:
             go = asyncio.Event()
             tasks = [asyncio.ensure_future(one_stream(channel, s, go)) for s in range(streams)]
-            await asyncio.sleep(0.05)
+            # every stream open on the server before any of them writes
+            await asyncio.to_thread(
+                wait_until, lambda: server.metric("mist_extractor_streams_in_flight") == open_before + streams
+            )
             go.set()
             return await asyncio.gather(*tasks)
 
@@ -491,6 +496,13 @@ def impatient_server(backbone: LoadedBackbone):
 def test_a_client_that_stops_reading_is_ended_after_the_idle_timeout_and_frees_its_slot(impatient_server) -> None:
     # Prepare: a 64 KiB receive window (no BDP growth) that a few f32 answers of every k fill
     images = [png_image(900 + i) for i in range(10)]
+    ended_before = impatient_server.metric("mist_extractor_streams_ended_idle_total", waiting_for="response")
+
+    def ended_idle() -> bool:  # the server ended this stream for an answer nobody reads, and freed its slot
+        return (
+            impatient_server.metric("mist_extractor_streams_ended_idle_total", waiting_for="response") > ended_before
+            and impatient_server.metric("mist_extractor_streams_in_flight") == 0
+        )
 
     async def scenario() -> tuple[grpc.StatusCode, int, float]:
         async with grpc.aio.insecure_channel(impatient_server.target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
@@ -503,43 +515,50 @@ def test_a_client_that_stops_reading_is_ended_after_the_idle_timeout_and_frees_i
                     await call.done_writing()
 
             sender = asyncio.ensure_future(send())
-            await asyncio.sleep(2.0)  # read nothing for five idle timeouts
-            streams_while_stalled = impatient_server.metric("mist_extractor_streams_in_flight")
+            started = time.monotonic()
+            await asyncio.to_thread(wait_until, ended_idle)  # read nothing until the server gives up on us
+            ended_after_s = time.monotonic() - started
             received = 0
             with contextlib.suppress(grpc.aio.AioRpcError):
                 async for _ in call:
                     received += 1
             sender.cancel()
-            return await call.code(), received, streams_while_stalled
+            return await call.code(), received, ended_after_s
 
     # Execute
-    code, received, streams_while_stalled = asyncio.run(scenario())
+    code, received, ended_after_s = asyncio.run(scenario())
 
-    # Assert: what had been written before the stall still arrived, then the documented code
+    # Assert: what had been written before the stall still arrived, then the documented code; never before the
+    # 0.4 s idle timeout had run out
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 1 <= received < 300
-    assert streams_while_stalled == 0
-    assert impatient_server.metric("mist_extractor_streams_ended_idle_total", waiting_for="response") >= 1
+    assert ended_after_s >= 0.4
+    assert (
+        impatient_server.metric("mist_extractor_streams_ended_idle_total", waiting_for="response") == ended_before + 1
+    )
     assert_still_serves(impatient_server, impatient_server.backbone, seed=905)
 
 
 def test_the_client_library_reopens_a_stream_the_server_ended_as_idle(impatient_server) -> None:
-    # Prepare: items that trickle in, 1 s apart: every gap is longer than the server's idle timeout
+    # Prepare: items that trickle in; each after the server ended the stream, idle, waiting for it
+    ended_before = impatient_server.metric("mist_extractor_streams_ended_idle_total", waiting_for="request")
+
+    def ended_idle() -> float:
+        return impatient_server.metric("mist_extractor_streams_ended_idle_total", waiting_for="request") - ended_before
+
     def trickle():
         for i in range(3):
             if i:
-                time.sleep(1.0)
+                wait_until(lambda i=i: ended_idle() >= i)
             yield ImageItem(f"t{i}", png_image(950 + i))
-
-    ended_before = impatient_server.metric("mist_extractor_streams_ended_idle_total", waiting_for="request")
 
     # Execute
     with ExtractorClient(impatient_server.target) as client:
         results = list(client.extract(trickle(), ks=(2,), max_in_flight=1))
 
-    # Assert: one result per image, all fine, and the server did end streams in the gaps
+    # Assert: one result per image, all fine, although the server ended the stream in both gaps
     assert [(r.item_id, r.ok) for r in results] == [("t0", True), ("t1", True), ("t2", True)]
-    assert impatient_server.metric("mist_extractor_streams_ended_idle_total", waiting_for="request") - ended_before >= 1
+    assert ended_idle() >= 2
 
 
 # ---------------------------------------------------------------------------------------------- SIGTERM
