@@ -1,19 +1,21 @@
-"""Database plumbing under the registry store: URL parsing, a connection pool, transactions, schema migrations.
+"""The registry store's database: SQLite or PostgreSQL behind one pooled, migrated `Database` and `?` placeholders.
 
-SQLite and PostgreSQL share every SQL statement (written with `?` placeholders); the few differences
-(column types, row locks, how a write transaction starts) live in `Dialect`.
+    db = Database("sqlite:///var/registry.db")           # or postgresql://USER@HOST:PORT/DB
+    with db.write() as cur:                               # one transaction: committed, or rolled back on error
+        cur.execute("UPDATE tasks SET description = ? WHERE name = ?", ("cats v2", "cats"))
+    with db.read() as cur:                                # one consistent read-only snapshot
+        rows = cur.execute("SELECT name FROM tasks").all()
+    db.close()
 
-API:
-    Database(url, *, max_connections=8, busy_timeout_s=30.0)   opens, migrates the schema to SCHEMA_VERSION
-    Database.read() -> context manager yielding Cursor          a consistent read-only snapshot
-    Database.write() -> context manager yielding Cursor         commits on success, rolls back on any error
-    Database.dialect: Dialect; Database.integrity_errors; Database.close()
-    Cursor.execute(sql, params=()) -> Cursor; Cursor.one() -> tuple | None; Cursor.all() -> list[tuple]
+SQLite and PostgreSQL share every SQL statement; the few differences (column types, row locks, how a write
+transaction starts) live in `Dialect`. Each transaction borrows one connection from a pool of at most
+`max_connections`: psycopg_pool's for PostgreSQL (each connection is checked before it is handed out and replaced
+after 30 minutes; a call waits at most `pool_timeout_s` for one), a plain one for SQLite, whose connections no
+server can drop. Writers are serialised by SQLite's `BEGIN IMMEDIATE` or by the
+PostgreSQL row locks the store takes (`Dialect.for_update`).
 
-Concurrency: a pool of at most `max_connections` connections, each used by one thread at a time and
-handed back after its transaction; a caller waits (up to busy_timeout_s) when all are busy. Writers are
-serialised by SQLite's `BEGIN IMMEDIATE` or by PostgreSQL row locks the store takes (`Dialect.for_update`).
-Lost connections and lock timeouts become UnavailableError, which clients retry.
+Errors: a lost connection, a lock or pool timeout is UnavailableError (clients retry); the transaction was rolled
+back.
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from services.common.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
+from services.common.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    MistError,
+    UnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,10 @@ DialectName = Literal["sqlite", "postgresql"]
 SCHEMA_VERSION = 1
 # Arbitrary constant: the PostgreSQL advisory lock that serialises schema migrations across replicas.
 _MIGRATION_LOCK_ID = 0x6D697374
+# A pooled PostgreSQL connection is replaced after this long (psycopg_pool adds jitter): server-side memory a long
+# session accumulates is returned, and after a failover or DNS change every connection soon reaches the new server.
+_PG_MAX_LIFETIME_S = 30 * 60.0
+_POOL_LOGGER = logging.getLogger("psycopg.pool")
 
 
 @dataclass(frozen=True)
@@ -196,12 +207,12 @@ def parse_url(url: str) -> tuple[DialectName, str]:
     )
 
 
-class _Pool:
-    """At most `max_size` connections, opened on demand; a broken one is closed instead of returned."""
+class _SqlitePool:
+    """At most `max_size` SQLite connections, opened on demand; a broken one is closed instead of returned."""
 
     def __init__(self, connect: Callable[[], Any], max_size: int, wait_s: float) -> None:
         self._connect = connect
-        self.max_size = max_size
+        self._max_size = max_size
         self._wait_s = wait_s
         self._idle: list[Any] = []
         self._open = 0
@@ -210,8 +221,8 @@ class _Pool:
 
     def acquire(self) -> Any:
         with self._cond:
-            if not self._cond.wait_for(lambda: self._closed or self._idle or self._open < self.max_size, self._wait_s):
-                raise UnavailableError(f"all {self.max_size} database connections stayed busy for {self._wait_s} s")
+            if not self._cond.wait_for(lambda: self._closed or self._idle or self._open < self._max_size, self._wait_s):
+                raise UnavailableError(f"all {self._max_size} database connections stayed busy for {self._wait_s:g} s")
             if self._closed:
                 raise UnavailableError("the registry store is closed")
             if self._idle:
@@ -244,6 +255,76 @@ class _Pool:
             self._cond.notify_all()
 
 
+class _PostgresPool:
+    """psycopg_pool.ConnectionPool, its exceptions turned into domain errors that say what happened."""
+
+    def __init__(self, params: dict[str, Any], where: str, max_size: int, wait_s: float) -> None:
+        from psycopg_pool import ConnectionPool
+
+        # psycopg_pool logs every checkout and return at INFO: three lines per registry call.
+        if _POOL_LOGGER.level == logging.NOTSET:
+            _POOL_LOGGER.setLevel(logging.WARNING)
+        self._params, self._where, self._max_size, self._wait_s = params, where, max_size, wait_s
+        self._pool = ConnectionPool(
+            kwargs={**params, "autocommit": True},  # transactions are ours: BEGIN ... COMMIT on the cursor
+            min_size=1,
+            max_size=max_size,
+            open=False,
+            check=self._check,
+            timeout=wait_s,
+            max_lifetime=_PG_MAX_LIFETIME_S,
+            name="registry-db",
+        )
+        self.connect_once()  # a clear error now, rather than a pool that keeps retrying in the background
+        self._pool.open(wait=False)
+
+    def connect_once(self) -> None:
+        """Opens and closes one connection outside the pool; UnavailableError saying why it cannot."""
+        import psycopg
+
+        try:
+            psycopg.connect(**self._params, autocommit=True).close()
+        except psycopg.OperationalError as error:
+            # The message may carry the host but never the password; psycopg does not echo it.
+            raise UnavailableError(
+                f"cannot connect to PostgreSQL at {self._where}: {str(error).strip()[:300]}"
+            ) from error
+
+    def _check(self, conn: Any) -> None:
+        from psycopg_pool import ConnectionPool
+
+        try:
+            ConnectionPool.check_connection(conn)  # one empty round trip
+        except Exception:
+            # One dead connection usually means the server restarted or failed over and every idle one died with
+            # it: test them all now, or this call would back off once per dead connection (1, 2, 4... s).
+            self._pool.check()
+            raise
+
+    def acquire(self) -> Any:
+        from psycopg_pool import PoolClosed, PoolTimeout
+
+        try:
+            return self._pool.getconn()
+        except PoolClosed:
+            raise UnavailableError("the registry store is closed") from None
+        except PoolTimeout:
+            pass
+        self.connect_once()  # raises when PostgreSQL cannot be reached, the usual reason for the wait
+        raise UnavailableError(
+            f"no connection to PostgreSQL at {self._where} became free within {self._wait_s:g} s "
+            f"(all {self._max_size} busy or being replaced); retry"
+        )
+
+    def release(self, conn: Any, broken: bool) -> None:
+        if broken:
+            _close_quietly(conn)  # the pool replaces a closed connection
+        self._pool.putconn(conn)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
 def _close_quietly(conn: Any) -> None:
     try:
         conn.close()
@@ -251,26 +332,59 @@ def _close_quietly(conn: Any) -> None:
         pass
 
 
+def _in_transaction(conn: Any) -> bool:
+    """False only for a SQLite connection known to be outside a transaction (psycopg's: always True)."""
+    try:
+        return bool(getattr(conn, "in_transaction", True))
+    except Exception:  # closed
+        return True
+
+
+def _postgres_params(url: str) -> tuple[dict[str, Any], str]:
+    """psycopg connection parameters of a postgresql:// URL, and HOST:PORT/DB for messages (never the password)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as error:
+        raise InvalidArgumentError(f"malformed PostgreSQL URL: {error}") from error
+    if not all(part.isdigit() for part in str(params.get("port", "5432")).split(",")):
+        raise InvalidArgumentError(f"PostgreSQL port must be a number, got {params['port']!r}")
+    where = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}/{params.get('dbname', '')}"
+    params.setdefault("connect_timeout", 10)
+    return params, where
+
+
+def _database_error(error: Exception) -> MistError:
+    """The domain error of a driver's OperationalError."""
+    return UnavailableError(f"database unavailable: {str(error).strip()[:300]}")
+
+
 class Database:
     """A pooled, migrated SQLite or PostgreSQL database; see the module docstring."""
 
-    def __init__(self, url: str, *, max_connections: int = 8, busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, url: str, *, max_connections: int = 8, busy_timeout_s: float = 30.0, pool_timeout_s: float = 10.0
+    ) -> None:
+        """busy_timeout_s: how long SQLite waits for its write lock (and a call for a free SQLite connection);
+        pool_timeout_s: how long a call waits for a PostgreSQL connection (busy, or the server unreachable)."""
         dialect_name, target = parse_url(url)
         if not isinstance(max_connections, int) or max_connections < 1:
             raise InvalidArgumentError(f"max_connections must be a positive integer, got {max_connections!r}")
         self.dialect = SQLITE if dialect_name == "sqlite" else POSTGRESQL
         self._busy_timeout_s = busy_timeout_s
+        self._pool: _SqlitePool | _PostgresPool
         if dialect_name == "sqlite":
-            connect = self._sqlite_connector(target)
             self.integrity_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
-            self._unavailable_errors: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+            self._operational_errors: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+            self._pool = _SqlitePool(self._sqlite_connector(target), max_connections, busy_timeout_s)
         else:
             import psycopg  # only PostgreSQL deployments need the driver
 
-            connect = self._postgres_connector(target)
             self.integrity_errors = (psycopg.IntegrityError,)
-            self._unavailable_errors = (psycopg.OperationalError,)
-        self._pool = _Pool(connect, max_connections, busy_timeout_s)
+            self._operational_errors = (psycopg.OperationalError,)
+            self._pool = _PostgresPool(*_postgres_params(target), max_connections, pool_timeout_s)
         try:
             self._migrate()
         except BaseException:
@@ -300,70 +414,28 @@ class Database:
 
         return connect
 
-    def _postgres_connector(self, url: str) -> Callable[[], Any]:
-        import psycopg
-        from psycopg.conninfo import conninfo_to_dict
-
-        try:
-            params = conninfo_to_dict(url)
-        except psycopg.ProgrammingError as error:
-            raise InvalidArgumentError(f"malformed PostgreSQL URL: {error}") from error
-        if not all(part.isdigit() for part in str(params.get("port", "5432")).split(",")):
-            raise InvalidArgumentError(f"PostgreSQL port must be a number, got {params['port']!r}")
-        where = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}/{params.get('dbname', '')}"
-        params.setdefault("connect_timeout", 10)
-
-        def connect() -> Any:
-            try:
-                return psycopg.connect(**params, autocommit=True)
-            except psycopg.OperationalError as error:
-                # The message may carry the host but never the password; psycopg does not echo it.
-                raise UnavailableError(
-                    f"cannot connect to PostgreSQL at {where}: {str(error).strip()[:300]}"
-                ) from error
-
-        return connect
-
-    def _is_dead(self, conn: Any) -> bool:
-        return bool(getattr(conn, "broken", False) or getattr(conn, "closed", False))
-
-    def _begin(self, begin: str) -> tuple[Any, Any]:
-        """A pooled connection with a transaction open on it.
-
-        A pooled PostgreSQL connection the server has dropped (restart, failover, idle timeout) fails at
-        BEGIN, before anything ran, so it is discarded and the next one tried instead of failing the call.
-        """
-        for attempt in range(self._pool.max_size + 1):
-            conn = self._pool.acquire()
-            try:
-                raw = conn.cursor()
-                raw.execute(begin)
-                return conn, raw
-            except self._unavailable_errors as error:
-                dead = self._is_dead(conn)
-                self._pool.release(conn, broken=dead)
-                if not dead or attempt == self._pool.max_size:
-                    raise UnavailableError(f"database unavailable: {str(error).strip()[:300]}") from error
-        raise AssertionError("unreachable")
-
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[Cursor]:
-        conn, raw = self._begin(begin)
+        conn = self._pool.acquire()
+        raw = None
         committed = broken = False
         try:
+            raw = conn.cursor()
+            raw.execute(begin)
             yield Cursor(raw, self.dialect)
             raw.execute("COMMIT")
             committed = True
-        except self._unavailable_errors as error:
-            broken = self._is_dead(conn)
-            raise UnavailableError(f"database unavailable: {str(error).strip()[:300]}") from error
+        except self._operational_errors as error:
+            raise _database_error(error) from error
         finally:
-            if not committed:
+            if not committed and raw is not None:
                 try:
                     raw.execute("ROLLBACK")
-                except Exception:  # the connection is gone: do not hand it out again
-                    broken = True
-            self._pool.release(conn, broken)
+                except Exception:
+                    # SQLite rolls a transaction back by itself on some errors (a full disk): the connection is
+                    # fine then. Otherwise it is gone: do not hand it out again.
+                    broken = _in_transaction(conn)
+            self._pool.release(conn, broken or raw is None)
 
     def read(self) -> Any:
         """A read-only transaction over one consistent snapshot."""

@@ -672,3 +672,63 @@ def test_pooled_connections_the_server_dropped_are_replaced(postgres_server):
 
     # Assert
     assert (task.name, version.number) == ("cats", 1)
+
+
+def _backends(url: str, application_name: str) -> list[int]:
+    return [
+        row[0]
+        for row in raw_query(
+            url,
+            "SELECT pid FROM pg_stat_activity WHERE application_name = ? AND pid <> pg_backend_pid()",
+            (application_name,),
+        )
+    ]
+
+
+def test_a_connection_killed_server_side_is_not_handed_to_the_next_call(postgres_server):
+    # Prepare: a pool of one connection, named so that the test can find its server process and kill it.
+    url = postgres_server.create_schema() + "&application_name=mist-kill-test"
+    store = open_store(url, max_connections=1)
+    try:
+        store.create_task(make_task())
+        deadline = time.monotonic() + 10
+        while len(backends := _backends(url, "mist-kill-test")) != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the connection open_store tried the server with may still be on its way out
+        [killed] = backends
+        raw_query(url, "SELECT pg_terminate_backend(?)", (killed,))
+        while killed in _backends(url, "mist-kill-test") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        # Execute: the next calls would fail on the dead connection (nothing retries them); they get a new one.
+        version = store.push_version("cats", make_blob(), parent_version=0)
+        task = store.get_task("cats")
+        after = _backends(url, "mist-kill-test")
+    finally:
+        store.close()
+
+    # Assert
+    assert (version.number, task.latest_version) == (1, 1)
+    assert len(after) == 1 and after != [killed]
+
+
+def test_a_call_that_finds_every_connection_busy_is_unavailable_after_the_timeout(store_url):
+    # Prepare: one connection, held by an open transaction.
+    from services.registry.sql import Database
+
+    db = Database(store_url, max_connections=1, busy_timeout_s=0.3, pool_timeout_s=0.3)
+    store = RegistryStore(db)
+    try:
+        with db.read():
+            started = time.monotonic()
+
+            # Execute
+            with pytest.raises(UnavailableError) as caught:
+                store.list_tasks()
+            waited = time.monotonic() - started
+        listed = store.list_tasks()  # the connection is free again
+    finally:
+        store.close()
+
+    # Assert
+    assert "within 0.3 s" in str(caught.value) or "busy for 0.3 s" in str(caught.value)
+    assert 0.25 < waited < 5 and listed.items == []
