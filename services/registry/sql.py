@@ -14,8 +14,9 @@ after 30 minutes; a call waits at most `pool_timeout_s` for one), a plain one fo
 server can drop. Writers are serialised by SQLite's `BEGIN IMMEDIATE` or by the
 PostgreSQL row locks the store takes (`Dialect.for_update`).
 
-Errors: a lost connection, a lock or pool timeout is UnavailableError (clients retry); the transaction was rolled
-back.
+Errors: a lost connection, a lock or pool timeout is UnavailableError (clients retry); a full disk (SQLite's
+SQLITE_FULL, PostgreSQL's SQLSTATE class 53 but too_many_connections) is ResourceExhaustedError, since retrying on
+another replica of the same database cannot help. Either way the transaction was rolled back.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from services.common.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     MistError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 
@@ -46,7 +48,10 @@ _MIGRATION_LOCK_ID = 0x6D697374
 # A pooled PostgreSQL connection is replaced after this long (psycopg_pool adds jitter): server-side memory a long
 # session accumulates is returned, and after a failover or DNS change every connection soon reaches the new server.
 _PG_MAX_LIFETIME_S = 30 * 60.0
+# SQLSTATE 53300: every connection slot is taken, a transient state that waiting (or another replica) can cure.
+_PG_TOO_MANY_CONNECTIONS = "53300"
 _POOL_LOGGER = logging.getLogger("psycopg.pool")
+_SQLITE_FULL = 13  # SQLite's result code for "database or disk is full" (sqlite3.SQLITE_FULL from Python 3.11)
 
 
 @dataclass(frozen=True)
@@ -357,8 +362,21 @@ def _postgres_params(url: str) -> tuple[dict[str, Any], str]:
 
 
 def _database_error(error: Exception) -> MistError:
-    """The domain error of a driver's OperationalError."""
-    return UnavailableError(f"database unavailable: {str(error).strip()[:300]}")
+    """The domain error of a driver's OperationalError: ResourceExhaustedError when the database is full."""
+    detail = str(error).strip()[:300]
+    if isinstance(error, sqlite3.OperationalError) and (
+        getattr(error, "sqlite_errorcode", None) == _SQLITE_FULL or "database or disk is full" in str(error)
+    ):  # sqlite_errorcode is Python 3.11+; SQLite's message for SQLITE_FULL is fixed
+        return ResourceExhaustedError(
+            f"the registry database is full (SQLite: {detail}); nothing was stored: free disk space and retry"
+        )
+    sqlstate = getattr(error, "sqlstate", None) or ""
+    if sqlstate.startswith("53") and sqlstate != _PG_TOO_MANY_CONNECTIONS:
+        return ResourceExhaustedError(
+            f"the registry database is out of resources (PostgreSQL {sqlstate}: {detail}); nothing was stored: "
+            "free disk space or memory on the database server and retry"
+        )
+    return UnavailableError(f"database unavailable: {detail}")
 
 
 class Database:
