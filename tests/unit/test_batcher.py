@@ -42,11 +42,14 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 async def wait_until(predicate: Any, timeout_s: float = 10.0) -> None:
+    """Poll `predicate` on the event loop (other tasks run in between) until it holds; AssertionError after timeout."""
     deadline = time.monotonic() + timeout_s
+    polls = 0
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
+        polls += 1
+        await asyncio.sleep(0 if polls < 10 else 0.005)  # the tasks it waits for are usually one loop turn away
 
 
 def test_concurrent_submitters_are_batched_and_each_gets_its_own_result() -> None:
@@ -146,7 +149,7 @@ def test_queue_over_max_queue_items_is_refused_at_once() -> None:
             running = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
             await wait_until(recorder.started.is_set)
             queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 6)]
-            await asyncio.sleep(0)
+            await wait_until(lambda: batcher.stats.queued == 4)
             started = time.monotonic()
             with pytest.raises(ResourceExhaustedError, match="queue is full"):
                 await batcher.submit(99)
@@ -226,7 +229,7 @@ def test_a_caller_cancelled_before_its_batch_is_dropped_from_it() -> None:
         async with DynamicBatcher(recorder, max_batch_size=4, max_queue_delay_ms=300, max_queue_items=4) as batcher:
             gone = asyncio.ensure_future(batcher.submit(7))
             stays = asyncio.ensure_future(batcher.submit(8))
-            await asyncio.sleep(0.02)
+            await wait_until(lambda: batcher.stats.queued == 2)
             gone.cancel()
             result = await stays
             return result, batcher.stats
@@ -251,7 +254,7 @@ def test_cancelled_callers_free_their_queue_places() -> None:
             running = asyncio.ensure_future(batcher.submit(0))
             await wait_until(recorder.started.is_set)
             queued = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
-            await asyncio.sleep(0)
+            await wait_until(lambda: batcher.stats.queued == 2)
             for task in queued:
                 task.cancel()
             await asyncio.gather(*queued, return_exceptions=True)
@@ -280,7 +283,7 @@ def test_callers_coming_and_going_during_a_long_batch_do_not_grow_the_queue() ->
             longest = 0
             for i in range(200):
                 task = asyncio.ensure_future(batcher.submit(i))
-                await asyncio.sleep(0)
+                await wait_until(lambda: batcher.stats.queued == 1)
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 longest = max(longest, len(batcher._queue))  # internal: the entries still held in memory
@@ -304,7 +307,8 @@ def test_close_with_drain_runs_queued_items_without_waiting_for_the_delay() -> N
     async def scenario() -> tuple[list[int], float]:
         batcher = DynamicBatcher(recorder, max_batch_size=4, max_queue_delay_ms=10_000, max_queue_items=16)
         tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(10)]
-        await asyncio.sleep(0.01)
+        # all 10 submitted: waiting, or taken into the two full batches that run at once
+        await wait_until(lambda: batcher.stats.queued + sum(len(batch) for batch in recorder.batches) == 10)
         started = time.monotonic()
         await batcher.close(drain=True)
         elapsed = time.monotonic() - started
@@ -331,9 +335,9 @@ def test_close_without_drain_fails_queued_items_but_finishes_the_running_batch()
         running = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
         await wait_until(recorder.started.is_set)
         queued = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3)]
-        await asyncio.sleep(0)
+        await wait_until(lambda: batcher.stats.queued == 2)
         closing = asyncio.ensure_future(batcher.close(drain=False))
-        await asyncio.sleep(0.02)
+        await wait_until(lambda: all(task.done() for task in queued))  # failed while the running batch still runs
         recorder.release.set()
         await closing
         return await asyncio.gather(*running, *queued, return_exceptions=True)
