@@ -10,13 +10,13 @@ the ports read from the first log line, which every server makes its "listening 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -57,8 +57,10 @@ class ServiceProcess:
         if not self._first.wait(timeout_s) or not self.lines:
             raise AssertionError(f"{self.module} printed nothing within {timeout_s:g}s (exit {self.proc.poll()})")
         match = _LISTENING.search(self.lines[0])
-        if match is None:
-            time.sleep(0.2)  # let the rest of a start-up error arrive
+        if match is None:  # a start-up error: the server exits; its whole message is in the log once it has
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+            self._reader.join(5)
             raise AssertionError(f"{self.module} did not start (exit {self.proc.poll()}):\n{self.log()[-3000:]}")
         self.port, self.metrics_port = int(match.group(1)), int(match.group(2))
         return self.target, self.metrics_port
