@@ -104,6 +104,14 @@ class Alias:
 
 
 @dataclass(frozen=True)
+class AliasUpdate:
+    """What a set_alias did: the alias as it now stands, and whether it moved (False: it already pointed there)."""
+
+    alias: Alias
+    moved: bool  # True: a move was recorded in the alias history
+
+
+@dataclass(frozen=True)
 class AliasMove:
     """One entry of an alias's history; a rollback is set_alias(..., move.from_version)."""
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
 
 import grpc
 
@@ -38,7 +36,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
 ANONYMOUS = "anonymous"
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 # ---- auth ----------------------------------------------------------------------------------------------
@@ -86,11 +83,6 @@ def require_admin(action: str) -> str:
     if principal.scope != "admin":
         raise PermissionDeniedError(f"only the admin token may {action}")
     return principal.name
-
-
-def _now() -> datetime:
-    # The store stamps moves with whole microseconds of time.time(); this is the same clock and rounding.
-    return _EPOCH + timedelta(microseconds=int(time.time() * 1_000_000))
 
 
 # ---- the servicer --------------------------------------------------------------------------------------
@@ -276,12 +268,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     ) -> registry_pb2.Alias:
         moved_by = authorize(request.task, write=True)
         expected = serde.expected_version(request.has_expected_version, request.expected_version)
-        started = _now()
-        alias = await asyncio.to_thread(
+        update = await asyncio.to_thread(
             self._store.set_alias, request.task, request.name, request.version, expected, moved_by
         )
-        # The store returns the alias untouched (older timestamp) when it already pointed there: no move.
-        if alias.updated_at >= started:
+        alias = update.alias
+        if update.moved:
             self._metrics.alias_moves.inc()
             log.info("task %r: alias %r -> version %d by %r", alias.task, alias.name, alias.version, moved_by)
         return serde.alias_to_proto(alias)

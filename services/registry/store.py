@@ -14,7 +14,7 @@ API (RegistryStore, from open_store):
     read_blob(task, number) -> bytes                                            sha256 re-checked
     list_versions(task, page_size=0, page_token="") -> Page[Version]            newest first
     delete_version(task, number, *, deleted_by="anonymous") -> None            not while aliased
-    set_alias(task, name, version, expected_version=None, moved_by="anonymous") -> Alias
+    set_alias(task, name, version, expected_version=None, moved_by="anonymous") -> AliasUpdate (alias, moved)
     get_alias(task, name) -> Alias;  list_aliases(task) -> list[Alias]
     delete_alias(task, name, expected_version=None, moved_by="anonymous") -> None
     alias_history(task, name=None, limit=100) -> list[AliasMove]             newest first
@@ -55,6 +55,7 @@ from services.registry.records import (
     SCOPES,
     Alias,
     AliasMove,
+    AliasUpdate,
     Page,
     Principal,
     RegistryStats,
@@ -426,8 +427,11 @@ class RegistryStore:
 
     def set_alias(
         self, task: str, name: str, version: int, expected_version: int | None = None, moved_by: str = "anonymous"
-    ) -> Alias:
-        """Points an alias at a live version; with expected_version (0 = must not exist) as compare-and-set."""
+    ) -> AliasUpdate:
+        """Points an alias at a live version; with expected_version (0 = must not exist) as compare-and-set.
+
+        Pointing it where it already points changes nothing and records no move (AliasUpdate.moved False).
+        """
         check_name("task", task)
         check_name("alias", name)
         if name in RESERVED_ALIASES:
@@ -442,7 +446,7 @@ class RegistryStore:
             current = row[0] if row else 0
             self._check_expected(task, name, current, expected_version)
             if current == version:  # already there: no move to record
-                return Alias(task, name, version, _to_datetime(row[1]), row[2])
+                return AliasUpdate(Alias(task, name, version, _to_datetime(row[1]), row[2]), moved=False)
             now_us = self._now_us()
             if row is None:
                 cur.execute(
@@ -455,7 +459,7 @@ class RegistryStore:
                     (version, now_us, moved_by, task, name),
                 )
             self._record_move(cur, task, name, current, version, moved_by, now_us)
-        return Alias(task, name, version, _to_datetime(now_us), moved_by)
+        return AliasUpdate(Alias(task, name, version, _to_datetime(now_us), moved_by), moved=True)
 
     def get_alias(self, task: str, name: str) -> Alias:
         with self._db.read() as cur:

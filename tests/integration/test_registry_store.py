@@ -346,9 +346,11 @@ def test_aliases_move_by_compare_and_set_and_roll_back_from_history(store):
     last_move = store.alias_history("cats", "production")[0]
     rolled_back = store.set_alias("cats", "production", last_move.from_version, expected_version=2, moved_by="carol")
     store.set_alias("cats", "staging", 3)
+    unchanged = store.set_alias("cats", "staging", 3, moved_by="dave")  # already there: no move
 
     # Assert
-    assert (rolled_back.version, rolled_back.updated_by) == (1, "carol")
+    assert (rolled_back.alias.version, rolled_back.alias.updated_by, rolled_back.moved) == (1, "carol", True)
+    assert (unchanged.alias.updated_by, unchanged.moved) == ("anonymous", False)
     assert store.get_version("cats", alias="production").number == 1
     history = store.alias_history("cats", "production")
     assert [(m.from_version, m.to_version, m.moved_by) for m in history] == [
