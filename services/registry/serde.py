@@ -22,11 +22,10 @@ from services.registry.records import Alias, AliasMove, ScopeName, Task, Version
 
 log = logging.getLogger(__name__)
 
-_SCOPE_TO_PROTO: Mapping[str, int] = {
-    "read": registry_pb2.TOKEN_SCOPE_READ,
-    "read_write": registry_pb2.TOKEN_SCOPE_READ_WRITE,
+_SCOPE_FROM_PROTO: Mapping[int, ScopeName] = {
+    registry_pb2.TOKEN_SCOPE_READ: "read",
+    registry_pb2.TOKEN_SCOPE_READ_WRITE: "read_write",
 }
-_SCOPE_FROM_PROTO: Mapping[int, ScopeName] = {value: name for name, value in _SCOPE_TO_PROTO.items()}  # type: ignore[misc]
 
 
 def timestamp_to_proto(moment: datetime | None) -> Timestamp | None:
@@ -172,16 +171,6 @@ def alias_to_proto(alias: Alias) -> registry_pb2.Alias:
     )
 
 
-def alias_from_proto(message: registry_pb2.Alias) -> Alias:
-    return Alias(
-        task=message.task,
-        name=message.name,
-        version=message.version,
-        updated_at=timestamp_from_proto(message.updated_at),
-        updated_by=message.updated_by,
-    )
-
-
 def alias_move_to_proto(move: AliasMove) -> registry_pb2.AliasMove:
     return registry_pb2.AliasMove(
         task=move.task,
@@ -190,17 +179,6 @@ def alias_move_to_proto(move: AliasMove) -> registry_pb2.AliasMove:
         to_version=move.to_version,
         moved_at=timestamp_to_proto(move.moved_at),
         moved_by=move.moved_by,
-    )
-
-
-def alias_move_from_proto(message: registry_pb2.AliasMove) -> AliasMove:
-    return AliasMove(
-        task=message.task,
-        name=message.name,
-        from_version=message.from_version,
-        to_version=message.to_version,
-        moved_at=timestamp_from_proto(message.moved_at),
-        moved_by=message.moved_by,
     )
 
 
@@ -218,7 +196,3 @@ def scope_from_proto(value: int) -> ScopeName:
     if scope is None:
         raise InvalidArgumentError("token scope must be TOKEN_SCOPE_READ or TOKEN_SCOPE_READ_WRITE")
     return scope
-
-
-def scope_to_proto(scope: ScopeName) -> int:
-    return _SCOPE_TO_PROTO[scope]
