@@ -1,34 +1,15 @@
-"""Typed service configuration: one frozen dataclass per service, filled from flags and MIST_* variables.
-
-Precedence is flag > `MIST_<FIELD>` environment variable > default; bad values fail at start, naming both.
-
-API summary (names are stable; services build on them):
-
-    setting(default, help=..., *, choices=None, parser=None, minimum=None, maximum=None, secret=False, metavar=None)
-        -> dataclasses.Field   one config field with its help text and validation rules
-    ConfigBase             mixin: validates every field on construction; override `check()` for cross-field rules
-    DEFAULT_MAX_MESSAGE_BYTES = 16 MiB (why: see its comment); servers and clients share it
-    ServerConfig           frozen dataclass with the fields every gRPC server shares (listen, TLS, auth, limits...)
-    ConfigError            InvalidArgumentError naming the flag and its env var
-    build_parser(cls, *, prog=None, description=None) -> argparse.ArgumentParser
-    parse_config(cls, argv, env, *, allowed_env=()) -> cls          raises ConfigError
-    load_config(cls, argv=None, env=os.environ, *, prog=None, ...)  -> cls; prints one error line, exits 2
-    flag_name(field) / env_name(field) -> "--metrics-listen" / "MIST_METRICS_LISTEN"
-    split_host_port("127.0.0.1:0") -> ("127.0.0.1", 0);  check_host_port, check_optional_host_port, check_existing_file
-    redacted(config) -> dict[str, object]   effective values for logs, secrets masked
-
-Extending (services get flags and env vars for free):
+"""Typed configuration for every mist server and command: frozen dataclasses whose fields are flags and MIST_* variables.
 
     @dataclass(frozen=True, kw_only=True)
     class ExtractorConfig(ServerConfig):
-        backbone: str = setting("vit_base_patch16_224", help="timm model name")   # --backbone / MIST_BACKBONE
-        max_batch_size: int = setting(32, help="images per forward pass", minimum=1)
+        max_batch_size: int = setting(32, help="images per forward pass", minimum=1)   # --max-batch-size
 
-        def check(self) -> None:           # optional cross-field rules
-            super().check()
+    config = load_config(ExtractorConfig)          # flag > MIST_MAX_BATCH_SIZE > default; exit 2 on a bad value
 
-Supported field types: str, int, float, bool (as --flag/--no-flag), Literal[...] of str, tuple[str, ...] and
-tuple[int, ...] (comma-separated). A field without a default is a required flag (kw_only dataclasses allow it).
+Commands with several groups of settings add each class to their parser (`add_arguments`) and build each from the
+parsed flags (`config_from_args`). Field types: str, int, float, bool (--flag / --no-flag), Literal[...] of str,
+tuple[str, ...] / tuple[int, ...] (comma-separated) and `X | None` (None where the default is "decided later").
+Plain dataclass fields (no `setting`) are not flags: code fills them.
 """
 
 from __future__ import annotations
@@ -39,6 +20,7 @@ import difflib
 import math
 import os
 import sys
+import types
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +53,8 @@ class _Setting:
     maximum: float | None
     secret: bool  # never echo the value (help, errors, logs)
     metavar: str | None
+    none_words: tuple[str, ...]  # for `X | None` fields: texts that mean None (lowercase)
+    shown: str | None  # how --help shows the default, when not the value itself
 
 
 def setting(
@@ -83,9 +67,21 @@ def setting(
     maximum: float | None = None,
     secret: bool = False,
     metavar: str | None = None,
+    none_words: Sequence[str] = ("",),
+    shown: str | None = None,
 ) -> Any:
     """A config field: its default, help text and validation rules (checked on flags, env vars and in code)."""
-    meta = _Setting(help, tuple(choices) if choices else None, parser, minimum, maximum, secret, metavar)
+    meta = _Setting(
+        help,
+        tuple(choices) if choices else None,
+        parser,
+        minimum,
+        maximum,
+        secret,
+        metavar,
+        tuple(word.lower() for word in none_words),
+        shown,
+    )
     return dataclasses.field(default=default, metadata={_META_KEY: meta})
 
 
@@ -256,21 +252,29 @@ class ServerConfig(ConfigBase):
 
 
 def _config_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
-    """(field, resolved type) for every init field of a config dataclass."""
+    """(field, resolved type) for every `setting` field of a config dataclass (plain fields are not flags)."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls.__name__} is not a dataclass")
     hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init and _META_KEY in f.metadata]
 
 
 def _meta(field: dataclasses.Field) -> _Setting:
-    meta = field.metadata.get(_META_KEY)
-    if meta is None:
-        raise TypeError(f"config field {field.name!r} must be declared with setting(...)")
-    return meta
+    return field.metadata[_META_KEY]
+
+
+def _optional(kind: Any) -> tuple[Any, bool]:
+    """(X, True) for `X | None`, (kind, False) otherwise."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(kind)) == 2:
+            return args[0], True
+        raise TypeError(f"unsupported union type {kind}; only `X | None` is allowed")
+    return kind, False
 
 
 def _choices(field: dataclasses.Field, kind: Any) -> tuple[str, ...] | None:
+    kind, _ = _optional(kind)
     if typing.get_origin(kind) is Literal:
         return tuple(str(c) for c in typing.get_args(kind))
     return _meta(field).choices
@@ -290,6 +294,8 @@ def _show(field: dataclasses.Field, value: Any) -> str:
     """A value as a user would type it, masked for secrets."""
     if _meta(field).secret and value not in ("", None):
         return "***"
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):
@@ -303,6 +309,9 @@ def _show(field: dataclasses.Field, value: Any) -> str:
 def _check_value(field: dataclasses.Field, kind: Any, value: Any) -> Any:
     """Validate a typed value against its field's rules; returns it (possibly normalised)."""
     meta, name = _meta(field), field.name
+    kind, optional = _optional(kind)
+    if value is None and optional:
+        return None
     choices = _choices(field, kind)
     elem = _element_type(kind)
     if kind is bool:
@@ -346,12 +355,13 @@ def _check_scalar(name: str, meta: _Setting, choices: tuple[str, ...] | None, ki
 
 def _from_text(field: dataclasses.Field, kind: Any, text: str) -> Any:
     """Parse a flag or env var string into the field's type (rules are checked later by _check_value)."""
-    shown = "***" if _meta(field).secret else repr(text)
+    meta = _meta(field)
+    shown = "***" if meta.secret else repr(text)
+    kind, optional = _optional(kind)
+    if optional and text.strip().lower() in meta.none_words:
+        return None
     if kind is bool:
-        low = text.strip().lower()
-        if low not in _TRUE | _FALSE:
-            raise ConfigError(field.name, f"expected true/false (or 1/0, yes/no, on/off), got {shown}")
-        return low in _TRUE
+        return parse_bool(text, field.name, shown)
     elem = _element_type(kind)
     target = elem or kind
     try:
@@ -360,7 +370,17 @@ def _from_text(field: dataclasses.Field, kind: Any, text: str) -> Any:
         return _scalar_from_text(kind, text)
     except ValueError:
         what = "an integer" if target is int else "a number"
-        raise ConfigError(field.name, f"expected {what}{' list' if elem else ''}, got {shown}") from None
+        words = " or ".join(repr(w) for w in meta.none_words if w)
+        expected = f"{words} or {what}" if optional and words else what
+        raise ConfigError(field.name, f"expected {expected}{' list' if elem else ''}, got {shown}") from None
+
+
+def parse_bool(text: str, field: str, shown: str | None = None) -> bool:
+    """true/false, 1/0, yes/no, on/off (any case); anything else is a ConfigError, never silently false."""
+    low = text.strip().lower()
+    if low not in _TRUE | _FALSE:
+        raise ConfigError(field, f"expected true/false (or 1/0, yes/no, on/off), got {shown or repr(text)}")
+    return low in _TRUE
 
 
 def _scalar_from_text(kind: Any, text: str) -> Any:
@@ -374,39 +394,37 @@ def _scalar_from_text(kind: Any, text: str) -> Any:
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-class _ParserError(Exception):
-    """An argparse usage error (unknown flag, missing value), re-raised as InvalidArgumentError."""
+class UsageError(InvalidArgumentError):
+    """A command line argparse refuses (unknown flag, missing value); `prog` names the (sub)command."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage and exiting, so every error gets one line."""
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting, so every error is one line."""
 
     def error(self, message: str) -> typing.NoReturn:
-        raise _ParserError(message)
+        raise UsageError(message, self.prog)
 
 
-def _default_text(field: dataclasses.Field, kind: Any) -> str:
+def _default_text(field: dataclasses.Field) -> str:
     if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
         return "required"
+    if _meta(field).shown is not None:
+        return f"default: {_meta(field).shown}"
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     return f"default: {_show(field, default)}"
 
 
-def build_parser(cls: type, *, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per config field; help names each flag's env var and default."""
-    if description is None and cls.__doc__:
-        description = cls.__doc__.strip().splitlines()[0]
-    parser = _Parser(
-        prog=prog,
-        description=description,
-        allow_abbrev=False,
-        epilog=f"Every flag also reads {ENV_PREFIX}<FLAG> from the environment (the flag wins).",
-    )
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
+    """One flag per `setting` field of `cls`; help names each flag's env var and default. Values stay text."""
     for field, kind in _config_fields(cls):
         meta = _meta(field)
         choices = _choices(field, kind)
-        help_text = f"{meta.help} [env {env_name(field.name)}; {_default_text(field, kind)}]".replace("%", "%%")
-        if kind is bool:
+        help_text = f"{meta.help} [env {env_name(field.name)}; {_default_text(field)}]".replace("%", "%%")
+        if _optional(kind)[0] is bool:
             parser.add_argument(
                 flag_name(field.name),
                 dest=field.name,
@@ -419,11 +437,27 @@ def build_parser(cls: type, *, prog: str | None = None, description: str | None 
         parser.add_argument(
             flag_name(field.name), dest=field.name, default=argparse.SUPPRESS, metavar=metavar, help=help_text
         )
+
+
+def build_parser(cls: type, *, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """A parser with one flag per config field (see add_arguments)."""
+    if description is None and cls.__doc__:
+        description = cls.__doc__.strip().splitlines()[0]
+    parser = ArgumentParser(prog=prog, description=description, allow_abbrev=False, epilog=ENV_EPILOG)
+    add_arguments(parser, cls)
     return parser
 
 
+ENV_EPILOG = f"Every flag also reads {ENV_PREFIX}<FLAG> from the environment (the flag wins)."
+
+
+def env_names(*classes: type) -> frozenset[str]:
+    """The MIST_* variables the settings of `classes` read."""
+    return frozenset(env_name(f.name) for cls in classes for f, _ in _config_fields(cls))
+
+
 def _unknown_env(cls: type, env: Mapping[str, str], allowed_env: Collection[str]) -> None:
-    known = {env_name(f.name) for f, _ in _config_fields(cls)} | set(allowed_env)
+    known = env_names(cls) | set(allowed_env)
     for key in sorted(env):
         if key.startswith(ENV_PREFIX) and key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -431,6 +465,31 @@ def _unknown_env(cls: type, env: Mapping[str, str], allowed_env: Collection[str]
             raise InvalidArgumentError(
                 f"unknown environment variable {key}: no flag {flag_name(key[len(ENV_PREFIX) :].lower())} here{hint}"
             )
+
+
+def config_from_args(cls: type[C], given: Mapping[str, Any], env: Mapping[str, str], **fixed: Any) -> C:
+    """`cls` from parsed flags (`given`: dest -> text or bool), else MIST_* variables, else defaults.
+
+    `fixed` sets fields that are not flags here (or overrides them). Raises ConfigError naming flag and source.
+    """
+    values: dict[str, Any] = {}
+    for field, kind in _config_fields(cls):
+        if field.name in fixed:
+            continue
+        if field.name in given:
+            raw, source = given[field.name], flag_name(field.name)
+        elif env_name(field.name) in env:
+            raw, source = env[env_name(field.name)], env_name(field.name)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(field.name, "required")
+        else:
+            continue
+        try:
+            value = raw if isinstance(raw, bool) else _from_text(field, kind, raw)
+            values[field.name] = _check_value(field, kind, value)
+        except ConfigError as e:
+            raise ConfigError(field.name, f"{e.problem} (from {source})") from None
+    return cls(**values, **fixed)
 
 
 def parse_config(
@@ -445,31 +504,17 @@ def parse_config(
 
     `allowed_env` names MIST_* variables this program reads elsewhere (they are not reported as unknown).
     """
-    parser = build_parser(cls, prog=prog)
-    try:
-        namespace, extra = parser.parse_known_args(list(argv))
-    except _ParserError as e:
-        raise InvalidArgumentError(str(e)) from None
-    if extra:
-        raise InvalidArgumentError(f"unrecognized arguments: {' '.join(extra)}")
+    namespace = parse_args(build_parser(cls, prog=prog), argv)
     _unknown_env(cls, env, allowed_env)
-    given = vars(namespace)
-    values: dict[str, Any] = {}
-    for field, kind in _config_fields(cls):
-        if field.name in given:
-            raw, source = given[field.name], flag_name(field.name)
-        elif env_name(field.name) in env:
-            raw, source = env[env_name(field.name)], env_name(field.name)
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(field.name, "required")
-        else:
-            continue
-        try:
-            value = raw if isinstance(raw, bool) else _from_text(field, kind, raw)
-            values[field.name] = _check_value(field, kind, value)
-        except ConfigError as e:
-            raise ConfigError(field.name, f"{e.problem} (from {source})") from None
-    return cls(**values)
+    return config_from_args(cls, vars(namespace), env)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """parse_args of an ArgumentParser made here: a usage error is a UsageError (one line), never an exit."""
+    namespace, extra = parser.parse_known_args(list(argv))
+    if extra:
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)}", getattr(namespace, "prog", parser.prog))
+    return namespace
 
 
 def load_config(

@@ -1,7 +1,9 @@
-"""Domain errors shared by every service.
+"""Domain errors shared by every service, and the one table of their gRPC status codes (docs/reference/errors.md).
 
-Plain functions raise these; servicers turn them into gRPC status codes in one table
-(`services.common.serving.rpc.STATUS_BY_ERROR`). Core modules never import grpc.
+    raise NotFoundError(f"task {name!r} not found")   # a server answers NOT_FOUND; a client raises it back
+
+Servers map an error to its status through `code` (serving/rpc.py); clients map a status back through
+`error_for_code` (clients/channel.py). Nothing here imports grpc.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ class MistError(Exception):
     """Base class. `code` is the name of the grpc.StatusCode this error maps to."""
 
     code = "INTERNAL"
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:  # a status no subclass names (CANCELLED, UNKNOWN...), as a client received it
+            self.code = code
 
 
 class NotFoundError(MistError):
@@ -77,3 +84,27 @@ class DeadlineExceededError(MistError):
     """A call that waited too long: e.g. an Extract stream on which nothing moved for --stream-idle-timeout-s."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+# The one table: every status code a mist server answers with on purpose, and the error that carries it.
+# A code missing here reaches a client as a plain MistError whose `code` names it.
+ERRORS: tuple[type[MistError], ...] = (
+    NotFoundError,
+    AlreadyExistsError,
+    InvalidArgumentError,
+    FailedPreconditionError,
+    AbortedError,
+    DataLossError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    PermissionDeniedError,
+    UnavailableError,
+    DeadlineExceededError,
+)
+_BY_CODE: dict[str, type[MistError]] = {cls.code: cls for cls in ERRORS}
+
+
+def error_for_code(code: str, message: str) -> MistError:
+    """The domain error of a status code's name ("NOT_FOUND" -> NotFoundError(message))."""
+    cls = _BY_CODE.get(code)
+    return cls(message) if cls is not None else MistError(message, code=code)

@@ -31,6 +31,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from services.common.checks import check_int
 from services.common.errors import InvalidArgumentError, MistError, ResourceExhaustedError, UnavailableError
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,8 @@ class DynamicBatcher(Generic[T, R]):
         executor: Executor | None = None,
         on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> None:
-        _check_positive_int("max_batch_size", max_batch_size)
-        _check_positive_int("max_queue_items", max_queue_items)
+        check_int("max_batch_size", max_batch_size, minimum=1)
+        check_int("max_queue_items", max_queue_items, minimum=1)
         if max_queue_items < max_batch_size:
             raise InvalidArgumentError(
                 f"max_queue_items ({max_queue_items}) must be at least max_batch_size ({max_batch_size}), "
@@ -308,8 +309,3 @@ def _settle(future: asyncio.Future[R], *, result: R | None = None, error: BaseEx
         future.set_exception(error)
     else:
         future.set_result(result)  # type: ignore[arg-type]
-
-
-def _check_positive_int(label: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(f"{label} must be a positive integer; got {value!r}")

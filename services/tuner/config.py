@@ -1,9 +1,9 @@
-"""Where the tuner's dependencies live (Endpoints: the extractor and the registry, with TLS and tokens) and the
-settings of the `mist-tuner` worker (TunerConfig: every flag also a MIST_* variable, as for every server).
+"""Where the tuner's servers are (Endpoints), the connection flags of `mist tune|predict|evaluate` that build it, and
+the settings of the `mist-tuner` worker (TunerConfig).
 
-    mist-tuner --listen 127.0.0.1:50053 --metrics-listen 127.0.0.1:9103 --extractor 127.0.0.1:50051 \\
-        --registry 127.0.0.1:50052 [--registry-token-file PATH] [--max-concurrent-jobs 1] \\
-        [--upstream-tls-ca PATH [--upstream-tls-cert PATH --upstream-tls-key PATH]]
+    endpoints = config_from_args(ConnectionFlags, vars(namespace), os.environ).endpoints()
+    with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
+        ...
 """
 
 from __future__ import annotations
@@ -13,12 +13,16 @@ from pathlib import Path
 
 from services.common.clients.extractor import DEFAULT_MAX_IN_FLIGHT, ExtractorClient
 from services.common.clients.registry import RegistryClient
+from services.common.clients.settings import (
+    DEFAULT_EXTRACTOR,
+    DEFAULT_REGISTRY,
+    DEFAULT_TIMEOUT_S,
+    RegistryFlags,
+    read_token_file,
+)
 from services.common.config import ConfigError, ServerConfig, check_existing_file, check_host_port, setting
 from services.common.errors import InvalidArgumentError
 
-DEFAULT_EXTRACTOR = "127.0.0.1:50051"  # DESIGN.md's command line: mist-extractor --listen 127.0.0.1:50051
-DEFAULT_REGISTRY = "127.0.0.1:50052"  # mist-registry --listen 127.0.0.1:50052
-DEFAULT_TIMEOUT_S = 60.0  # per registry call; a push of ~1 MB weights takes well under a second
 _GiB = 1 << 30
 
 
@@ -62,21 +66,46 @@ class Endpoints:
     def registry_client(self, *, use_cache_dir: bool = True) -> RegistryClient:
         cache = Path(self.cache_dir).expanduser() if self.cache_dir and use_cache_dir else None
         return RegistryClient(
-            self.registry, token=self.registry_token, cache_dir=cache, timeout_s=self.timeout_s, **self._tls()
-        )  # type: ignore[arg-type]
+            self.registry,
+            token=self.registry_token,
+            cache_dir=cache,
+            timeout_s=self.timeout_s,
+            error_prefix="registry: ",  # a tune talks to two servers: say which one refused
+            **self._tls(),  # type: ignore[arg-type]
+        )
 
 
-def read_token_file(path: str, what: str) -> str | None:
-    """The token in `path` (stripped), None for an empty path; a clear error for an unreadable or empty file."""
-    if not path:
-        return None
-    try:
-        token = Path(path).expanduser().read_text(encoding="utf-8").strip()
-    except OSError as error:
-        raise InvalidArgumentError(f"cannot read the {what} token file {path}: {error.strerror or error}") from None
-    if not token:
-        raise InvalidArgumentError(f"the {what} token file {path} is empty")
-    return token
+DEFAULT_CACHE_DIR = "~/.cache/mist/registry"  # pulled weights by sha256, shared by predict and evaluate
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionFlags(RegistryFlags):
+    """How `mist tune|predict|evaluate` reach the extractor and the registry."""
+
+    extractor: str = setting(
+        DEFAULT_EXTRACTOR, help="mist-extractor address", parser=check_host_port, metavar="HOST:PORT"
+    )
+    extractor_token_file: str = setting(
+        "", help="file holding the extractor's bearer token, when it checks tokens", metavar="PATH"
+    )
+    cache_dir: str = setting(
+        DEFAULT_CACHE_DIR, help="local cache of pulled weights (by sha256); '' keeps them in memory", metavar="DIR"
+    )
+    max_in_flight: int = setting(
+        DEFAULT_MAX_IN_FLIGHT, help="images sent to the extractor and not yet answered", minimum=1, metavar="N"
+    )
+
+    def endpoints(self) -> Endpoints:
+        """The servers with tokens read (InvalidArgumentError for an unreadable token file)."""
+        return Endpoints(
+            extractor=self.extractor,
+            registry=self.registry,
+            registry_token=self.registry_token(),
+            extractor_token=read_token_file(self.extractor_token_file, "extractor"),
+            cache_dir=self.cache_dir or None,
+            timeout_s=self.timeout_s,
+            **self.tls_options(),  # type: ignore[arg-type]
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,11 +19,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from services.common.errors import InvalidArgumentError, UnavailableError
+from services.common.errors import UnavailableError
+from services.tuner.options import DemoOptions
 
 if TYPE_CHECKING:  # torch comes with them; the demo imports them when it tunes
     from services.tuner.reports import TransferSummary, TuneResult
@@ -43,22 +43,6 @@ PREDICTED_PER_CLASS = 1  # test images predicted by alias, per class
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 _START_TIMEOUT_S = 120.0  # importing torch + timm on a loaded 2-core machine takes 5-20 s; leave room
 _STOP_GRACE_S = 10.0
-
-
-@dataclass(frozen=True)
-class DemoOptions:
-    """What `mist demo` does."""
-
-    workdir: str = "var/demo"  # dataset, registry database, server logs
-    epochs: int = 30  # final training epochs (the k search runs a fifth of them per candidate)
-    seed: int = 0  # dataset, split and training seed
-    show_worker: bool = True  # also predict through the tuner worker's gRPC Predict
-
-    def __post_init__(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 2:
-            raise InvalidArgumentError(f"epochs must be an integer >= 2, got {self.epochs!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InvalidArgumentError(f"seed must be a non-negative integer, got {self.seed!r}")
 
 
 class ServerProcess:
@@ -182,7 +166,7 @@ def _stop_all(servers: list[ServerProcess]) -> None:
 
 def _run(options: DemoOptions, workdir: Path, started: list[ServerProcess], say: _Say) -> None:
     registry, extractor = _start_servers(workdir, started, say)
-    worker = _start_worker(workdir, extractor, registry, started) if options.show_worker else None
+    worker = _start_worker(workdir, extractor, registry, started) if options.worker else None
     data = _write_dataset(workdir, options.seed, say)
     result = _tune(data, extractor, registry, options, say)
     _predict(data, extractor, registry, worker, workdir, say)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from services.common import errors
-from services.common.clients.extractor import ExtractorClient, ExtractResult, ImageItem
+from services.common.clients.extractor import DEFAULT_MAX_IN_FLIGHT, ExtractorClient, ExtractResult, ImageItem
 from services.common.errors import InvalidArgumentError
 from services.common.pb import feature_pb2
 from services.tuner.data import Dataset
@@ -26,7 +26,7 @@ def extract_features(
     codec: str,
     backbone: feature_pb2.BackboneId | None,
     observer: TuneObserver | None = None,
-    max_in_flight: int = 32,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     attempts: int = 3,
 ) -> tuple[FeatureStore, ExtractionStats]:
     """Every image's features for every k in `ks`, fetched once and kept compressed.

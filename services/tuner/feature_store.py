@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from services.common.checks import check_int
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import feature_pb2
 from services.common.wire.codec import decode_feature
@@ -44,8 +45,7 @@ class FeatureStore:
         `verify`: decode every feature on add, so a corrupt one fails during extraction, where it can be
         fetched again, rather than in the middle of training.
         """
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise InvalidArgumentError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        check_int("num_classes", num_classes, minimum=2)
         bad = [
             label
             for label in labels

@@ -22,7 +22,7 @@ from typing import Literal
 import grpc
 import torch
 
-from services.common.clients.extractor import ExtractorClient, ImageItem
+from services.common.clients.extractor import DEFAULT_MAX_IN_FLIGHT, ExtractorClient, ImageItem
 from services.common.clients.registry import PulledVersion, RegistryClient
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import feature_pb2, registry_pb2
@@ -33,7 +33,7 @@ from services.tuner.edge_network import EdgeNetwork, from_safetensors_bytes
 from services.tuner.evaluation import EvaluationReport, evaluate
 from services.tuner.extraction import extract_features
 from services.tuner.training import predict
-from services.tuner.tune import METADATA_CODEC, METADATA_K, registry_errors
+from services.tuner.tune import METADATA_CODEC, METADATA_K
 
 DEFAULT_TOP_K = 5
 EvaluateSplit = Literal["auto", "all", "train", "val", "test"]
@@ -90,8 +90,7 @@ def load_version(
     registry: RegistryClient, task: str, *, version: int | None = None, alias: str | None = None
 ) -> LoadedVersion:
     """Pull (or take from the cache) a version by number, alias or, with neither, the latest; load it strictly."""
-    with registry_errors():
-        pulled = registry.pull(task, version=version, alias=alias)
+    pulled = registry.pull(task, version=version, alias=alias)
     config = EdgeNetworkConfig.from_proto(pulled.task.edge)
     model, metadata = from_safetensors_bytes(pulled.blob, config)
     return LoadedVersion(task=pulled.task, version=pulled.version, model=model.eval(),
@@ -124,7 +123,7 @@ def predict_images(
     items: Iterable[ImageItem | tuple[str, bytes]],
     *,
     top_k: int = DEFAULT_TOP_K,
-    max_in_flight: int = 32,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
 ) -> Iterator[Prediction]:
     """One Prediction per item, in order; an image the extractor refuses gets an error and the rest go on.
 
@@ -235,7 +234,7 @@ def evaluate_path(
     path: str | Path,
     *,
     split: EvaluateSplit = "auto",
-    max_in_flight: int = 32,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
 ) -> VersionEvaluation:
     """Score the version on a labelled folder or manifest (class folders must be among the task's classes).
 

@@ -17,76 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from services.common.checks import check_int
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.wire.edge_spec import EdgeNetworkConfig
 from services.tuner.edge_network import EdgeNetwork
 from services.tuner.evaluation import collect_predictions
 from services.tuner.feature_store import FeatureStore
+from services.tuner.options import TrainConfig
 
 Phase = Literal["k-search", "final"]
-Keep = Literal["best", "final"]
-# Autograd keeps about a dozen [b, T, D] maps alive per forward/backward of the 4-block network; capping one
-# map at 4 MiB keeps training activations near 60 MB at ViT-B geometry (measured: batch 32 in one chunk needs
-# 235 MB, before allocator fragmentation).
-MICRO_BATCH_MAP_BYTES = 4 << 20
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyperparameters of one training run (validated on construction)."""
-
-    epochs: int = 30  # passes over the train split; the paper runs 100 (VTAB-1k), a third of that suits a device
-    batch_size: int = 32  # the paper's Raspberry Pi run uses 32 (its recipe: 32-64)
-    lr: float = 1e-3  # AdamW peak learning rate, reached after warm-up (the recipe: about 1e-3, per task)
-    weight_decay: float = 1e-4  # AdamW decoupled decay on weight matrices only, not biases or LayerNorm
-    warmup_epochs: int | None = None  # linear warm-up length; None: 10 % of epochs (the paper: 10 of 100)
-    min_lr: float = 0.0  # where the cosine ends at the last step
-    seed: int = 0  # initialisation and batch order: the same seed and inputs give bitwise the same weights
-    label_smoothing: float = 0.0  # cross-entropy label smoothing; the paper uses none
-    grad_clip_norm: float | None = None  # clip the global gradient norm to this; None (the paper) does not clip
-    keep: Keep = "best"  # weights returned: the epoch with the best val accuracy, or the last epoch
-    micro_batch_size: int | None = None  # images per forward/backward; None: see micro_batch_for (memory cap)
-
-    def __post_init__(self) -> None:
-        _check_int("epochs", self.epochs, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("seed", self.seed, 0)
-        if self.warmup_epochs is not None:
-            _check_int("warmup_epochs", self.warmup_epochs, 0)
-            if self.warmup_epochs >= self.epochs:
-                raise InvalidArgumentError(
-                    f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})"
-                )
-        _check_float("lr", self.lr, lower=0.0, strict=True)
-        _check_float("weight_decay", self.weight_decay, lower=0.0)
-        _check_float("min_lr", self.min_lr, lower=0.0)
-        if self.min_lr > self.lr:
-            raise InvalidArgumentError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        _check_float("label_smoothing", self.label_smoothing, lower=0.0, upper=1.0)
-        if self.grad_clip_norm is not None:
-            _check_float("grad_clip_norm", self.grad_clip_norm, lower=0.0, strict=True)
-        if self.micro_batch_size is not None:
-            _check_int("micro_batch_size", self.micro_batch_size, 1)
-        if self.keep not in ("best", "final"):
-            raise InvalidArgumentError(f"keep must be 'best' or 'final', got {self.keep!r}")
-
-    @property
-    def resolved_warmup_epochs(self) -> int:
-        """warmup_epochs, or 10 % of epochs rounded half up when unset (0 for fewer than 5 epochs)."""
-        if self.warmup_epochs is not None:
-            return self.warmup_epochs
-        return min(self.epochs - 1, math.floor(self.epochs * 0.1 + 0.5))
-
-    def micro_batch_for(self, tokens: int, dims: int) -> int:
-        """Images per forward/backward chunk: micro_batch_size, else as many as keep one [b, T, D] float32
-        map within MICRO_BATCH_MAP_BYTES (6 at ViT-B/16 geometry), at most batch_size.
-
-        Gradients accumulate over the chunks of a batch, so the update is the batch's up to float rounding,
-        while activation memory scales with the chunk: that is what keeps a device under 500 MB.
-        """
-        if self.micro_batch_size is not None:
-            return min(self.micro_batch_size, self.batch_size)
-        return max(1, min(self.batch_size, MICRO_BATCH_MAP_BYTES // (4 * tokens * dims)))
 
 
 @dataclass(frozen=True)
@@ -273,7 +212,7 @@ def select_k(
     if not len(val_indices):
         raise InvalidArgumentError("choosing k needs a validation split: give val images or a val_fraction above 0")
     epochs = default_short_epochs(train_config.epochs) if short_epochs is None else short_epochs
-    _check_int("short_epochs", epochs, 1)
+    check_int("short_epochs", epochs, minimum=1)
     missing = store.missing([*train_indices, *val_indices], ks)
     if missing:
         raise FailedPreconditionError(f"{len(missing)} image(s) lack features for some of k = {ks}: extract them first")
@@ -481,17 +420,3 @@ def _checked_inputs(
             f"{len(missing)} image(s) have no k={k} feature (first: {missing[:5]}): extract them first"
         )
     return train_positions, val_positions
-
-
-def _check_int(name: str, value: object, lower: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lower:
-        raise InvalidArgumentError(f"{name} must be an integer >= {lower}, got {value!r}")
-
-
-def _check_float(name: str, value: object, *, lower: float, upper: float | None = None, strict: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (value > lower if strict else value >= lower) and (upper is None or value < upper)  # type: ignore[operator]
-    if not ok:
-        bound = f"{'>' if strict else '>='} {lower}" + (f" and < {upper}" if upper is not None else "")
-        raise InvalidArgumentError(f"{name} must be a finite number {bound}, got {value!r}")

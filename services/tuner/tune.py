@@ -21,7 +21,6 @@ Decisions (README "mist tune"):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -30,25 +29,24 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import grpc
-
 from services.common import errors
-from services.common.clients.extractor import ExtractorClient, rpc_error_to_mist
+from services.common.clients.extractor import ExtractorClient
 from services.common.clients.registry import RegistryClient
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, MistError
 from services.common.pb import extractor_pb2, feature_pb2, registry_pb2
 from services.common.wire.codec import CodecConfig
-from services.common.wire.edge_spec import EdgeNetworkConfig, Pooling, macs_per_image, trainable_parameters
+from services.common.wire.edge_spec import EdgeNetworkConfig, macs_per_image, trainable_parameters
 from services.common.wire.gather_modes import candidate_ks, validate_ks
 from services.tuner.data import Dataset, load_dataset
 from services.tuner.edge_network import EdgeNetwork, to_safetensors_bytes
 from services.tuner.evaluation import EvaluationReport, evaluate
 from services.tuner.extraction import extract_features
 from services.tuner.feature_store import FeatureStore
+from services.tuner.options import DEFAULT_CODEC_NAME, DEFAULT_RANK, TuneOptions
 from services.tuner.reports import (
     AliasMove,
     ExtractionStats,
@@ -57,12 +55,10 @@ from services.tuner.reports import (
     TuneResult,
     transfer_line,
 )
-from services.tuner.training import EpochStats, KSelection, TrainConfig, select_k, train_edge_network
+from services.tuner.training import EpochStats, KSelection, select_k, train_edge_network
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CODEC_NAME = "i8-zstd"  # 4x smaller than float32 at 1/254 of a row's max error (README, codecs)
-DEFAULT_RANK = 16  # the paper's r for D = 768; capped at D for narrow backbones
 METADATA_K, METADATA_CODEC, METADATA_CLASSES = "mist.k", "mist.codec", "mist.class_names"
 METADATA_BACKBONE, METADATA_BACKBONE_FINGERPRINT = "mist.backbone", "mist.backbone_fingerprint"
 ToolKind = Literal["cli", "worker", "library"]
@@ -81,80 +77,7 @@ def tuner_identity(kind: ToolKind = "library") -> str:
     return f"{name}/{package_version()} ({kind}) {platform.node() or 'unknown-host'}"
 
 
-@dataclass(frozen=True)
-class TuneOptions:
-    """One tune: which task, how to fetch features, how to train, what to do with the result."""
-
-    task: str  # registry task name; created on success when it does not exist
-    k: int | None = None  # gather depth; None = auto: the best of N/4, N/2, 3N/4, N on the val split
-    codec: str | None = None  # feature codec name; None = the task's, else i8-zstd
-    epochs: int = 30  # final training epochs; a third of the paper's 100 suits a device and small data
-    batch_size: int = 32  # the paper's Raspberry Pi batch
-    lr: float = 1e-3  # AdamW peak learning rate
-    weight_decay: float = 1e-4  # AdamW decoupled weight decay (matrices only)
-    warmup_epochs: int | None = None  # None: 10 % of epochs
-    seed: int = 0  # initialisation, batch order and the train/val split: same inputs, same weights
-    k_search_epochs: int | None = None  # epochs per candidate k; None: a fifth of epochs, at least 2
-    val_fraction: float = 0.2  # images without a given split that go to val (per class, deterministic)
-    test_fraction: float = 0.0  # ... and to test; 0 keeps every unsplit image for train/val
-    num_blocks: int | None = None  # edge network M; None: the task's, else 4
-    rank: int | None = None  # edge network r; None: the task's, else min(16, D)
-    heads: int | None = None  # attention heads in the rank-r space; None: the task's, else 1
-    pooling: Pooling | None = None  # "cls" or "mean"; None: the task's, else cls (mean without a class token)
-    alias: str | None = None  # move this alias (e.g. "production") to the new version on success
-    description: str = ""  # the task's description when this tune creates it
-    force: bool = False  # push even when the task gained a newer version during this tune
-    max_in_flight: int = 32  # images sent to the extractor and not yet answered
-    extract_attempts: int = 3  # passes over the missing images when the extractor stays unreachable
-    tuner: str = ""  # identity recorded in the lineage; "" = tuner_identity()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.task, str) or not self.task.strip():
-            raise InvalidArgumentError("a task name is required")
-        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
-            raise InvalidArgumentError(f"k must be 'auto' or an integer >= 1, got {self.k!r}")
-        if self.codec is not None:
-            CodecConfig.parse(self.codec)
-        for name in ("max_in_flight", "extract_attempts"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.k_search_epochs is not None and (not isinstance(self.k_search_epochs, int) or self.k_search_epochs < 1):
-            raise InvalidArgumentError(f"k_search_epochs must be an integer >= 1, got {self.k_search_epochs!r}")
-        if self.alias is not None and not self.alias.strip():
-            raise InvalidArgumentError("alias must not be empty")
-        for name in ("val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise InvalidArgumentError(f"{name} must be a number in [0, 1), got {value!r}")
-        if self.val_fraction + self.test_fraction >= 1:
-            raise InvalidArgumentError("val_fraction + test_fraction must leave images to train on")
-        self.train_config()  # validates the training hyperparameters now, before any network traffic
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            warmup_epochs=self.warmup_epochs,
-            seed=self.seed,
-        )
-
-
-# ---------------------------------------------------------------------------------------------- registry errors
-
-
-@contextlib.contextmanager
-def registry_errors(what: str = "registry") -> Iterator[None]:
-    """Turn a refused registry call (grpc.RpcError) into the MistError of its status code, naming the server."""
-    try:
-        yield
-    except grpc.RpcError as error:
-        mapped = rpc_error_to_mist(error)
-        if isinstance(mapped, MistError):
-            raise type(mapped)(f"{what}: {mapped}") from error
-        raise
+# ---------------------------------------------------------------------------------------------- lookups
 
 
 def describe(extractor: ExtractorClient) -> extractor_pb2.BackboneInfo:
@@ -168,8 +91,7 @@ def describe(extractor: ExtractorClient) -> extractor_pb2.BackboneInfo:
 def find_task(registry: RegistryClient, name: str) -> registry_pb2.Task | None:
     """The task, or None when the registry does not know it."""
     try:
-        with registry_errors():
-            return registry.get_task(name)
+        return registry.get_task(name)
     except errors.NotFoundError:
         return None
 
@@ -419,12 +341,10 @@ def _ensure_task(
         description=options.description,
     )  # fmt: skip
     try:
-        with registry_errors():
-            return True, registry.create_task(definition)
+        return True, registry.create_task(definition)
     except errors.AlreadyExistsError:
         # Created by someone else while we trained: fine if it fits; the push then races on the parent.
-        with registry_errors():
-            existing = registry.get_task(options.task)
+        existing = registry.get_task(options.task)
         check_task_fits(existing, info, class_names)
         if EdgeNetworkConfig.from_proto(existing.edge) != edge:
             raise FailedPreconditionError(
@@ -488,22 +408,18 @@ def _push(registry: RegistryClient, task: registry_pb2.Task, draft: _Draft, *, p
         METADATA_BACKBONE: task.backbone.name, METADATA_BACKBONE_FINGERPRINT: task.backbone.weights_fingerprint,
     }  # fmt: skip
     blob = to_safetensors_bytes(draft.trained.model, metadata)
-    with registry_errors():
-        return registry.push(
-            task.name, blob, parent_version=parent, force=draft.options.force, metrics=_metrics(draft),
-            details_json=_details(draft), dataset_fingerprint=draft.dataset.fingerprint(),
-            tuner=draft.options.tuner or tuner_identity(), tags={"k": str(draft.trained.k), "codec": draft.codec},
-        )  # fmt: skip
+    return registry.push(
+        task.name, blob, parent_version=parent, force=draft.options.force, metrics=_metrics(draft),
+        details_json=_details(draft), dataset_fingerprint=draft.dataset.fingerprint(),
+        tuner=draft.options.tuner or tuner_identity(), tags={"k": str(draft.trained.k), "codec": draft.codec},
+    )  # fmt: skip
 
 
 def _move_alias(registry: RegistryClient, task: str, alias: str, version: int) -> AliasMove:
     """Compare-and-set from what the alias points at now, so the move we report is the move that happened."""
-    with registry_errors():
-        try:
-            current = registry.get_alias(task, alias).version
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            current = 0
-        registry.set_alias(task, alias, version, expected_version=current)
+    try:
+        current = registry.get_alias(task, alias).version
+    except errors.NotFoundError:
+        current = 0
+    registry.set_alias(task, alias, version, expected_version=current)
     return AliasMove(alias, current, version)

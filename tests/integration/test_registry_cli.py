@@ -8,7 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -166,10 +166,6 @@ def test_delete_version_refuses_an_aliased_version_and_deletes_another(server, c
             ["export", "cats", "--latest", "-o", "/nonexistent-dir/w.safetensors"],
             "mist registry: error: cannot write /nonexistent-dir/w.safetensors: No such file or directory\n",
         ),
-        (
-            ["tasks", "--token-file", "/nonexistent-token"],
-            "mist registry: error: cannot read the token file /nonexistent-token: No such file or directory\n",
-        ),
     ],
 )
 def test_refusals_print_one_line_with_the_code_and_exit_1(server, capsys, argv, message):
@@ -187,6 +183,49 @@ def test_usage_errors_exit_2_and_an_unreachable_registry_is_unavailable(capsys):
     assert usage == 2 and "one of the arguments --version --alias --latest is required" in usage_err
     assert unreachable == 1 and unreachable_err.startswith("mist registry: error: UNAVAILABLE: ")
     assert unreachable_err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (
+            ["tasks", "--token-file", "/nonexistent-token"],
+            {},
+            "mist registry: error: cannot read the registry token file /nonexistent-token: No such file or directory",
+        ),
+        (["tasks"], {"MIST_TLS": "junk"}, "mist registry: error: --tls (env MIST_TLS): expected true/false"),
+        (["tasks"], {"MIST_TIMEOUT_S": "soon"}, "mist registry: error: --timeout-s (env MIST_TIMEOUT_S): expected a"),
+    ],
+    ids=["unreadable-token-file", "tls-junk", "timeout-junk"],
+)
+def test_bad_settings_are_usage_errors_as_in_every_mist_command(capsys, argv, env, message):
+    # Execute: the same settings layer as `mist tune` (a bad value never silently becomes a default)
+    code = main(argv, env=env)
+    err = capsys.readouterr().err
+
+    # Assert
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1
+
+
+def test_registry_commands_and_tune_share_one_default_per_setting(capsys, monkeypatch):
+    # Prepare: one help line per flag
+    monkeypatch.setenv("COLUMNS", "400")
+    from services.tuner.cli import main as mist_main
+
+    def flag_lines(run: Callable[[], int]) -> dict[str, str]:
+        assert run() == 0
+        lines = capsys.readouterr().out.splitlines()
+        return {line.split()[0].rstrip(","): " ".join(line.split()) for line in lines if line.strip().startswith("--")}
+
+    # Execute
+    registry = flag_lines(lambda: main(["--help"], env={}))
+    tune = flag_lines(lambda: mist_main(["tune", "--help"], env={}))
+
+    # Assert: the settings both commands take are the same settings (help, env variable, default)
+    shared = {"--registry", "--token", "--token-file", "--tls", "--tls-ca", "--client-cert", "--timeout-s", "--json"}
+    assert shared <= registry.keys() & tune.keys()
+    assert {flag: registry[flag] for flag in shared} == {flag: tune[flag] for flag in shared}
+    assert "[env MIST_TIMEOUT_S; default: 60.0]" in registry["--timeout-s"]
 
 
 def test_environment_variables_configure_and_flags_win(server, capsys):

@@ -88,8 +88,10 @@ def code_of(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Code:
         result = call(*args, **kwargs)
         if isinstance(result, Iterator):
             list(result)
-    except grpc.RpcError as error:
+    except grpc.RpcError as error:  # a raw stub
         return error.code()
+    except MistError as error:  # RegistryClient raises the domain error of the status
+        return Code[error.code]
     return Code.OK
 
 
@@ -108,7 +110,9 @@ def refusal(call: Callable[[], Any]) -> tuple[Code | None, str]:
         call()
     except grpc.RpcError as error:
         return error.code(), error.details()
-    except MistError as error:
+    except MistError as error:  # RegistryClient: the server's status as a domain error (cause: the RpcError)
+        if isinstance(error.__cause__, grpc.RpcError):
+            return Code[error.code], str(error)
         return None, str(error)
     return Code.OK, ""
 
@@ -691,7 +695,7 @@ def test_sigkill_during_pushes_loses_no_acknowledged_version(tmp_path):
                     seed += 1
                     try:
                         version = c.push("cats", blob, parent_version=0, force=True)
-                    except grpc.RpcError:
+                    except MistError:
                         return  # the server died under this push: not acknowledged
                     acked[version.number] = hashlib.sha256(blob).hexdigest()
 

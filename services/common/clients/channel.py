@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
-from services.common.errors import InvalidArgumentError
+from services.common.errors import InvalidArgumentError, MistError, error_for_code
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,26 @@ RETRIED_METHODS: tuple[tuple[str, str], ...] = (
     ("mist.v1.Registry", "AliasHistory"),
     ("mist.v1.Tuner", "Predict"),
 )
+
+
+def domain_error(error: grpc.RpcError, prefix: str = "") -> MistError:
+    """The domain error a refused call stands for (NOT_FOUND -> NotFoundError...), with the server's message
+    after `prefix` (e.g. "registry: " where a line must say which server refused)."""
+    code = error.code() if callable(getattr(error, "code", None)) else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    details = error.details() if callable(getattr(error, "details", None)) else None
+    mapped = error_for_code(name, prefix + (details or name))
+    mapped.__cause__ = error
+    return mapped
+
+
+@contextlib.contextmanager
+def domain_errors(prefix: str = "") -> Iterator[None]:
+    """Raise a refused call's domain error instead of grpc.RpcError: every mist client speaks errors.py's table."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        raise domain_error(error, prefix) from error
 
 
 def service_config_json(retried: Sequence[tuple[str, str]] = RETRIED_METHODS) -> str:

@@ -13,7 +13,7 @@ Resuming: results arrive in order, so the images without a result are always the
 fails with UNAVAILABLE (a draining replica, a restart, a dropped link) or DEADLINE_EXCEEDED (the server ended a stream
 left idle past its --stream-idle-timeout-s) the client waits for the channel, opens a new stream and re-sends exactly
 those, then carries on with the rest: each image gets exactly one result. Other errors are
-raised as the matching MistError (InvalidArgumentError for INVALID_ARGUMENT, ...), with the gRPC error as the cause.
+raised as the domain error of their status (errors.py: InvalidArgumentError for INVALID_ARGUMENT, ...).
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from typing import NamedTuple
 
 import grpc
 
-from services.common import errors
-from services.common.clients.channel import create_channel
+from services.common.clients.channel import create_channel, domain_error
 from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
-from services.common.errors import InvalidArgumentError, MistError
+from services.common.errors import DataLossError, InvalidArgumentError, UnavailableError
 from services.common.pb import extractor_pb2, extractor_pb2_grpc, feature_pb2
 from services.common.wire.codec import CodecConfig
 from services.common.wire.gather_modes import GatherModeName, check_mode, mode_to_proto
@@ -42,23 +41,6 @@ _FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.2, 5.0
 # nothing moved for its --stream-idle-timeout-s (say `items` produced nothing for a while); no deadline is ever set on
 # Extract here, so it cannot mean anything else.
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-# Status codes -> domain errors, from each error's own `code` (errors.py keeps the one list).
-_ERROR_BY_CODE: dict[grpc.StatusCode, type[MistError]] = {
-    getattr(grpc.StatusCode, cls.code): cls
-    for cls in (
-        errors.NotFoundError,
-        errors.AlreadyExistsError,
-        errors.InvalidArgumentError,
-        errors.FailedPreconditionError,
-        errors.AbortedError,
-        errors.DataLossError,
-        errors.ResourceExhaustedError,
-        errors.UnauthenticatedError,
-        errors.PermissionDeniedError,
-        errors.UnavailableError,
-        errors.DeadlineExceededError,
-    )
-}
 
 
 class ImageItem(NamedTuple):
@@ -80,17 +62,6 @@ class ExtractResult:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-def rpc_error_to_mist(error: grpc.RpcError) -> Exception:
-    """The MistError a status code stands for (the gRPC error stays its cause); other codes: the error itself."""
-    code = error.code() if hasattr(error, "code") else None
-    cls = _ERROR_BY_CODE.get(code)
-    if cls is None:
-        return error
-    mapped = cls(error.details() or code.name)
-    mapped.__cause__ = error
-    return mapped
 
 
 class _Outbox:
@@ -200,7 +171,7 @@ class ExtractorClient:
         try:
             return self._stub.Describe(extractor_pb2.DescribeRequest(), timeout=timeout_s)
         except grpc.RpcError as error:
-            raise rpc_error_to_mist(error) from None
+            raise domain_error(error) from None
 
     def extract(
         self,
@@ -240,7 +211,7 @@ class ExtractorClient:
                 return
             except grpc.RpcError as error:
                 if error.code() not in _RESUMABLE or failures >= self._max_resumes:
-                    raise rpc_error_to_mist(error) from None
+                    raise domain_error(error) from None
                 failures += 1
             finally:
                 outbox.close()
@@ -254,16 +225,14 @@ class ExtractorClient:
             stream.refill(outbox)
             if not stream.unanswered:
                 for extra in call:  # the server ends the stream after our half-close; anything more is a bug
-                    raise errors.DataLossError(f"the extractor sent a result ({extra.item_id!r}) for no request")
+                    raise DataLossError(f"the extractor sent a result ({extra.item_id!r}) for no request")
                 return
             response = next(call, None)
             if response is None:
-                raise errors.DataLossError(
-                    f"the extractor ended the stream with {len(stream.unanswered)} images unanswered"
-                )
+                raise DataLossError(f"the extractor ended the stream with {len(stream.unanswered)} images unanswered")
             expected = stream.unanswered[0]
             if response.item_id != expected.item_id:
-                raise errors.DataLossError(
+                raise DataLossError(
                     f"the extractor answered {response.item_id!r} where {expected.item_id!r} was next: out of order"
                 )
             stream.unanswered.popleft()
@@ -279,6 +248,6 @@ class ExtractorClient:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=self._resume_timeout_s)
         except grpc.FutureTimeoutError:
-            raise errors.UnavailableError(
+            raise UnavailableError(
                 f"the extractor at {self.target} did not come back within {self._resume_timeout_s:g}s"
             ) from None

@@ -9,8 +9,8 @@ Imports only grpc, the generated messages and the standard library: no torch, nu
         registry.set_alias("cats", "production", version.number, expected_version=3)
         registry.rollback_alias("cats", "production")
 
-Errors: a refused call raises grpc.RpcError with the server's status code (`e.code()`, DESIGN.md's table);
-checks made here raise the matching MistError (a pulled blob whose sha256 differs: DataLossError).
+Errors: a refused call raises the domain error of its status code (errors.py: NotFoundError for NOT_FOUND, ...),
+as do the checks made here (a pulled blob whose sha256 differs: DataLossError).
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import grpc
-
-from services.common.clients.channel import create_channel
+from services.common.clients.channel import create_channel, domain_errors
 from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.errors import DataLossError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.pb import registry_pb2, registry_pb2_grpc
@@ -175,6 +173,7 @@ class RegistryClient:
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
         timeout_s: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        error_prefix: str = "",
     ) -> None:
         if not 1 <= chunk_size_bytes <= max_message_bytes - 1024:
             raise InvalidArgumentError(
@@ -195,6 +194,7 @@ class RegistryClient:
         self._cache = BlobCache(cache_dir, max_cached_blobs)
         self._chunk_size = chunk_size_bytes
         self._timeout_s = timeout_s
+        self._error_prefix = error_prefix  # before the server's message in raised errors, e.g. "registry: "
 
     @property
     def _stub(self) -> registry_pb2_grpc.RegistryStub:
@@ -218,20 +218,23 @@ class RegistryClient:
 
     def create_task(self, task: registry_pb2.Task, *, exist_ok: bool = False) -> registry_pb2.Task:
         """Creates a task (admin token when auth is on); exist_ok accepts an identical existing one."""
-        return self._stub.CreateTask(
-            registry_pb2.CreateTaskRequest(task=task, exist_ok=exist_ok), timeout=self._timeout_s
-        )
+        with domain_errors(self._error_prefix):
+            return self._stub.CreateTask(
+                registry_pb2.CreateTaskRequest(task=task, exist_ok=exist_ok), timeout=self._timeout_s
+            )
 
     def get_task(self, name: str) -> registry_pb2.Task:
-        return self._stub.GetTask(registry_pb2.GetTaskRequest(name=name), timeout=self._timeout_s)
+        with domain_errors(self._error_prefix):
+            return self._stub.GetTask(registry_pb2.GetTaskRequest(name=name), timeout=self._timeout_s)
 
     def list_tasks(self, *, page_size: int = 0) -> Iterator[registry_pb2.Task]:
         """Every task by name, fetched a page at a time as the iterator is consumed."""
         token = ""
         while True:
-            page = self._stub.ListTasks(
-                registry_pb2.ListTasksRequest(page_size=page_size, page_token=token), timeout=self._timeout_s
-            )
+            with domain_errors(self._error_prefix):
+                page = self._stub.ListTasks(
+                    registry_pb2.ListTasksRequest(page_size=page_size, page_token=token), timeout=self._timeout_s
+                )
             yield from page.tasks
             token = page.next_page_token
             if not token:
@@ -277,7 +280,8 @@ class RegistryClient:
             for start in range(0, len(data), self._chunk_size):
                 yield registry_pb2.PushVersionRequest(chunk=data[start : start + self._chunk_size])
 
-        version = self._stub.PushVersion(messages(), timeout=self._timeout_s)
+        with domain_errors(self._error_prefix):
+            version = self._stub.PushVersion(messages(), timeout=self._timeout_s)
         # The pusher holds these bytes already: pulling them back later costs only a header.
         self._cache.put(sha256, data)
         self._cache.remember(f"{task}#{version.number}", sha256)
@@ -299,7 +303,8 @@ class RegistryClient:
         request = registry_pb2.PullVersionRequest(
             task=task, ref=ref, have_sha256=have if cached else "", chunk_size=self._chunk_size
         )
-        header, blob = self._receive(self._stub.PullVersion(request, timeout=self._timeout_s))
+        with domain_errors(self._error_prefix):
+            header, blob = self._receive(self._stub.PullVersion(request, timeout=self._timeout_s))
         sha256 = header.version.sha256
         if header.not_modified:
             if cached is None or sha256 != have:
@@ -347,16 +352,18 @@ class RegistryClient:
     def get_version(self, task: str, *, version: int | None = None, alias: str | None = None) -> registry_pb2.Version:
         """A version's metadata (no blob) by number, by alias or (neither) the latest."""
         ref, _ = _version_ref(version, alias)
-        return self._stub.GetVersion(registry_pb2.GetVersionRequest(task=task, ref=ref), timeout=self._timeout_s)
+        with domain_errors(self._error_prefix):
+            return self._stub.GetVersion(registry_pb2.GetVersionRequest(task=task, ref=ref), timeout=self._timeout_s)
 
     def list_versions(self, task: str, *, page_size: int = 0) -> Iterator[registry_pb2.Version]:
         """Live versions, newest first, fetched a page at a time as the iterator is consumed."""
         token = ""
         while True:
-            page = self._stub.ListVersions(
-                registry_pb2.ListVersionsRequest(task=task, page_size=page_size, page_token=token),
-                timeout=self._timeout_s,
-            )
+            with domain_errors(self._error_prefix):
+                page = self._stub.ListVersions(
+                    registry_pb2.ListVersionsRequest(task=task, page_size=page_size, page_token=token),
+                    timeout=self._timeout_s,
+                )
             yield from page.versions
             token = page.next_page_token
             if not token:
@@ -364,7 +371,10 @@ class RegistryClient:
 
     def delete_version(self, task: str, number: int) -> None:
         """Deletes a version (refused with FAILED_PRECONDITION while an alias points at it)."""
-        self._stub.DeleteVersion(registry_pb2.DeleteVersionRequest(task=task, number=number), timeout=self._timeout_s)
+        with domain_errors(self._error_prefix):
+            self._stub.DeleteVersion(
+                registry_pb2.DeleteVersionRequest(task=task, number=number), timeout=self._timeout_s
+            )
 
     # ---- aliases
 
@@ -380,10 +390,12 @@ class RegistryClient:
             has_expected_version=expected_version is not None,
             expected_version=expected_version or 0,
         )
-        return self._stub.SetAlias(request, timeout=self._timeout_s)
+        with domain_errors(self._error_prefix):
+            return self._stub.SetAlias(request, timeout=self._timeout_s)
 
     def get_alias(self, task: str, name: str) -> registry_pb2.Alias:
-        return self._stub.GetAlias(registry_pb2.GetAliasRequest(task=task, name=name), timeout=self._timeout_s)
+        with domain_errors(self._error_prefix):
+            return self._stub.GetAlias(registry_pb2.GetAliasRequest(task=task, name=name), timeout=self._timeout_s)
 
     def delete_alias(self, task: str, name: str, *, expected_version: int | None = None) -> None:
         request = registry_pb2.DeleteAliasRequest(
@@ -392,16 +404,19 @@ class RegistryClient:
             has_expected_version=expected_version is not None,
             expected_version=expected_version or 0,
         )
-        self._stub.DeleteAlias(request, timeout=self._timeout_s)
+        with domain_errors(self._error_prefix):
+            self._stub.DeleteAlias(request, timeout=self._timeout_s)
 
     def list_aliases(self, task: str) -> list[registry_pb2.Alias]:
-        response = self._stub.ListAliases(registry_pb2.ListAliasesRequest(task=task), timeout=self._timeout_s)
+        with domain_errors(self._error_prefix):
+            response = self._stub.ListAliases(registry_pb2.ListAliasesRequest(task=task), timeout=self._timeout_s)
         return list(response.aliases)
 
     def alias_history(self, task: str, name: str | None = None, *, limit: int = 0) -> list[registry_pb2.AliasMove]:
         """Moves of one alias (or every alias of the task), newest first; limit 0 = the server's 100."""
         request = registry_pb2.AliasHistoryRequest(task=task, name=name or "", limit=limit)
-        return list(self._stub.AliasHistory(request, timeout=self._timeout_s).moves)
+        with domain_errors(self._error_prefix):
+            return list(self._stub.AliasHistory(request, timeout=self._timeout_s).moves)
 
     def rollback_alias(self, task: str, name: str) -> registry_pb2.Alias:
         """Moves an alias back to where it pointed before its last move (a deleted alias is restored).
@@ -427,13 +442,9 @@ class RegistryClient:
         if scope not in _SCOPES:
             raise InvalidArgumentError(f"scope must be one of {sorted(_SCOPES)}, got {scope!r}")
         request = registry_pb2.CreateTokenRequest(name=name, task=task, scope=_SCOPES[scope])
-        return self._stub.CreateToken(request, timeout=self._timeout_s).token
+        with domain_errors(self._error_prefix):
+            return self._stub.CreateToken(request, timeout=self._timeout_s).token
 
     def revoke_token(self, name: str) -> None:
-        self._stub.RevokeToken(registry_pb2.RevokeTokenRequest(name=name), timeout=self._timeout_s)
-
-
-def status_name(error: grpc.RpcError) -> str:
-    """ "NOT_FOUND" for a refused call (the status code's name), "UNKNOWN" when it has none."""
-    code = error.code() if hasattr(error, "code") else None
-    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+        with domain_errors(self._error_prefix):
+            self._stub.RevokeToken(registry_pb2.RevokeTokenRequest(name=name), timeout=self._timeout_s)

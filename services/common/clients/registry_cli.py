@@ -1,18 +1,10 @@
 """`mist registry ...`: the registry for people (tables) and scripts (`--json`), over RegistryClient.
 
-    mist registry tasks                                      mist registry task cats
-    mist registry versions cats                              mist registry aliases cats
-    mist registry history cats production                    mist registry delete-version cats 3
-    mist registry promote cats 7 --alias production [--expect 5]
-    mist registry rollback cats --alias production
+    mist registry versions cats                      mist registry promote cats 7 --alias production
     mist registry export cats --alias production -o cats.safetensors
-    mist registry create-token --task cats --scope read device-group-7
 
-Every subcommand takes the connection flags, each with a MIST_* variable (the flag wins): --registry
-(MIST_REGISTRY), --token (MIST_TOKEN) or --token-file (MIST_TOKEN_FILE), --tls (MIST_TLS), --tls-ca
-(MIST_TLS_CA), --client-cert / --client-key (MIST_CLIENT_CERT / MIST_CLIENT_KEY), --server-name
-(MIST_SERVER_NAME), --timeout-s (MIST_TIMEOUT_S). A refused call prints one line
-`mist registry: error: CODE: message` and exits 1; usage errors exit 2.
+The connection flags are RegistryFlags (clients/settings.py), shared with `mist tune`. Exit codes: 0 done,
+1 refused (one line `mist registry: error: CODE: message`), 2 usage. Reference: docs/reference/cli.md.
 """
 
 from __future__ import annotations
@@ -28,20 +20,19 @@ from datetime import timezone
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common.clients.registry import RegistryClient, status_name
-from services.common.errors import MistError
+from services.common.clients.registry import RegistryClient
+from services.common.clients.settings import JsonOutput, RegistryFlags
+from services.common.config import ENV_EPILOG, ArgumentParser, add_arguments, config_from_args, parse_args
+from services.common.errors import InvalidArgumentError, MistError, NotFoundError
 from services.common.pb import registry_pb2
 from services.common.wire.gather_modes import mode_from_proto
 
 PROG = "mist registry"
-DEFAULT_REGISTRY = "127.0.0.1:50052"
 # Shown in `versions` when present, in this order; other metrics stay in --json and `task` details.
 KEY_METRICS = ("val_accuracy", "test_accuracy", "loss")
 SHA_PREFIX_CHARS = 12
-_TRUE = {"1", "true", "yes", "on"}
 
 
 class CliError(Exception):
@@ -236,9 +227,7 @@ def cmd_promote(client: RegistryClient, args: argparse.Namespace) -> Output:
         # Compare-and-set on what we just read, so the "from" printed below is the truth.
         try:
             expected = client.get_alias(args.task, args.alias).version
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise
+        except NotFoundError:
             expected = 0
     alias = client.set_alias(args.task, args.alias, args.version, expected_version=expected)
     data = {**alias_dict(alias), "from_version": expected}
@@ -308,51 +297,31 @@ def cmd_revoke_token(client: RegistryClient, args: argparse.Namespace) -> Output
 
 # ---- parsing -------------------------------------------------------------------------------------------
 
-# flag -> (env var, default); resolved after parsing so a flag may come before or after the subcommand.
-_CONNECTION: dict[str, tuple[str, Any]] = {
-    "registry": ("MIST_REGISTRY", DEFAULT_REGISTRY), "token": ("MIST_TOKEN", None),
-    "token_file": ("MIST_TOKEN_FILE", None), "tls": ("MIST_TLS", False), "tls_ca": ("MIST_TLS_CA", None),
-    "client_cert": ("MIST_CLIENT_CERT", None), "client_key": ("MIST_CLIENT_KEY", None),
-    "server_name": ("MIST_SERVER_NAME", None), "timeout_s": ("MIST_TIMEOUT_S", 30.0), "json": (None, False),
-}  # fmt: skip
-
-
-def _connection_flags() -> argparse.ArgumentParser:
-    flags = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    group = flags.add_argument_group("connection (each flag also reads the MIST_* variable named)")
-    group.add_argument("--registry", metavar="HOST:PORT", help=f"registry address [MIST_REGISTRY; {DEFAULT_REGISTRY}]")
-    group.add_argument("--token", help="bearer token [MIST_TOKEN]; prefer --token-file: flags show in `ps`")
-    group.add_argument("--token-file", metavar="PATH", help="file holding the bearer token [MIST_TOKEN_FILE]")
-    group.add_argument("--tls", action="store_true", help="TLS with the system's CAs [MIST_TLS]")
-    group.add_argument(
-        "--tls-ca", metavar="PATH", help="PEM CA bundle that signed the server (implies TLS) [MIST_TLS_CA]"
-    )
-    group.add_argument("--client-cert", metavar="PATH", help="PEM client certificate for mutual TLS [MIST_CLIENT_CERT]")
-    group.add_argument("--client-key", metavar="PATH", help="PEM key of --client-cert [MIST_CLIENT_KEY]")
-    group.add_argument(
-        "--server-name",
-        metavar="NAME",
-        help="name on the server certificate when it differs from HOST [MIST_SERVER_NAME]",
-    )
-    group.add_argument("--timeout-s", type=float, metavar="SECONDS", help="deadline of each call [MIST_TIMEOUT_S; 30]")
-    group.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
-    return flags
-
 
 Command = Callable[[RegistryClient, argparse.Namespace], Output]
 
 
+def _settings_flags() -> argparse.ArgumentParser:
+    """The connection and output settings, accepted before or after the subcommand."""
+    flags = ArgumentParser(add_help=False, allow_abbrev=False)
+    add_arguments(flags.add_argument_group("connection"), RegistryFlags)
+    add_arguments(flags.add_argument_group("output"), JsonOutput)
+    return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
-    flags = _connection_flags()
-    parser = argparse.ArgumentParser(
+    flags = _settings_flags()
+    parser = ArgumentParser(
         prog=PROG,
         parents=[flags],
+        allow_abbrev=False,
+        epilog=ENV_EPILOG,
         description="Inspect and operate the weights registry: tasks, versions with metrics, aliases, exports, tokens.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser)
 
     def add(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[flags], help=help_text, description=help_text)
+        sub = commands.add_parser(name, parents=[flags], help=help_text, description=help_text, epilog=ENV_EPILOG)
         sub.set_defaults(fn=fn)
         return sub
 
@@ -397,67 +366,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace, env: Mapping[str, str]) -> None:
-    """Fills each connection setting from its flag, else its MIST_* variable, else its default."""
-    for name, (variable, default) in _CONNECTION.items():
-        if hasattr(args, name):
-            continue
-        raw = env.get(variable) if variable else None
-        if raw is None:
-            value = default
-        elif name == "tls":
-            value = raw.strip().lower() in _TRUE
-        elif name == "timeout_s":
-            try:
-                value = float(raw)
-            except ValueError:
-                raise CliError(f"{variable} must be a number of seconds, got {raw!r}") from None
-        else:
-            value = raw
-        setattr(args, name, value)
-
-
-def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file and not args.token:
-        try:
-            return Path(args.token_file).read_text(encoding="utf-8").strip()
-        except OSError as error:
-            raise CliError(f"cannot read the token file {args.token_file}: {error.strerror}") from None
-    return args.token
-
-
-def _client(args: argparse.Namespace) -> RegistryClient:
-    return RegistryClient(
-        args.registry,
-        token=_token(args),
-        tls=args.tls,
-        tls_ca=args.tls_ca,
-        client_cert=args.client_cert,
-        client_key=args.client_key,
-        server_name=args.server_name,
-        timeout_s=args.timeout_s,
-    )
-
-
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 1) -> int:
     print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the server said
-    return 1
+    return code
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Runs one `mist registry` command; returns the exit code (0 ok, 1 refused or failed, 2 usage)."""
+    env = os.environ if env is None else env
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # --help (0) or a usage error (2): argparse already printed
+        args = parse_args(build_parser(), sys.argv[1:] if argv is None else argv)
+        args.json = config_from_args(JsonOutput, vars(args), env).json
+        client = config_from_args(RegistryFlags, vars(args), env).registry_client()
+    except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
+    except InvalidArgumentError as error:  # a bad flag, value, variable or token file
+        return _fail(f"{error} (see {PROG} --help)", code=2)
     try:
-        _resolve(args, os.environ if env is None else env)
-        with _client(args) as client:
+        with client:
             output = args.fn(client, args)
-    except grpc.RpcError as error:
-        details = error.details() if hasattr(error, "details") else str(error)
-        return _fail(f"{status_name(error)}: {details}")
-    except MistError as error:  # refused by a check the client makes (a pulled blob's sha256, rollback)
+    except MistError as error:  # refused by the registry, or by a check the client makes (a pulled blob's sha256)
         return _fail(f"{error.code}: {error}")
     except CliError as error:
         return _fail(str(error))

@@ -1,14 +1,8 @@
-"""What runs around every gRPC call of a mist server: the one error -> status table, the error mapping of servicer
-methods, and wrapping a method handler (auth and metrics interceptors use it).
+"""What runs around every gRPC call of a mist server: domain errors turned into status codes, and wrapping a
+method handler (the auth and metrics interceptors use it).
 
-    STATUS_BY_ERROR: Mapping[type[MistError], grpc.StatusCode]     the one error -> status table (DESIGN.md)
-    status_for(error) -> grpc.StatusCode                             walks the error's MRO through the table
-    @handles_errors        on async servicer methods / async generators (all four call shapes): MistError ->
-                           abort(mapped code, its message); anything else -> INTERNAL "internal error (incident
-                           <id>)", traceback logged with the same id, no exception text sent to the client
-    clip_details(message) -> str                  a status message that fits in HTTP/2 trailers
-    wrap_handler(handler, around) -> handler      the same call shape, its behaviour run inside around(context)
-    refusing_handler(like, code, message)         a handler of the same call shape that only aborts
+    @handles_errors
+    async def GetTask(self, request, context): ...   # NotFoundError -> NOT_FOUND; a bug -> INTERNAL with an incident id
 """
 
 from __future__ import annotations
@@ -18,46 +12,26 @@ import functools
 import inspect
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping
-from types import MappingProxyType
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from services.common import errors
 from services.common.errors import MistError
 
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------- errors
 
-# The one table from DESIGN.md ("Errors"). Subclasses a service defines map through their base class.
-STATUS_BY_ERROR: Mapping[type[MistError], grpc.StatusCode] = MappingProxyType(
-    {
-        errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
-        errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
-        errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
-        errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
-        errors.AbortedError: grpc.StatusCode.ABORTED,
-        errors.DataLossError: grpc.StatusCode.DATA_LOSS,
-        errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-        errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
-        errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
-        errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
-        errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
-        MistError: grpc.StatusCode.INTERNAL,
-    }
-)
 _MAX_DETAILS_CHARS = 1024  # status details travel in HTTP/2 trailers; keep them well under header limits
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def status_for(error: BaseException) -> grpc.StatusCode:
-    """The status code of a domain error (INTERNAL for anything not in STATUS_BY_ERROR)."""
-    for cls in type(error).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
+    """The status code of a domain error (its `code`, from the table in errors.py); INTERNAL for anything else."""
+    if isinstance(error, MistError):
+        return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
     return grpc.StatusCode.INTERNAL
 
 
