@@ -14,7 +14,6 @@ packages torch uses). A missing tool fails its check and says how to install it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -191,24 +190,10 @@ def service_config(container: str) -> type | None:
 
         return RegistryConfig
     if container == "tuner":
-        try:
-            from services.tuner.config import TunerConfig  # type: ignore[import-not-found]
-        except ImportError:
-            return _tuner_contract()
+        from services.tuner.config import TunerConfig
+
         return TunerConfig
     return None
-
-
-def _tuner_contract() -> type:
-    """Until services/tuner/config.py exists: the shared server settings plus the flags DESIGN.md fixes."""
-    from services.common.config import ServerConfig, check_host_port, setting
-
-    @dataclasses.dataclass(frozen=True, kw_only=True)
-    class TunerContract(ServerConfig):
-        extractor: str = setting(help="extractor HOST:PORT", parser=check_host_port)
-        registry: str = setting(help="registry HOST:PORT", parser=check_host_port)
-
-    return TunerContract
 
 
 def config_problems(docs: Sequence[Doc], config_for: Callable[[str], type | None] = service_config) -> list[str]:
