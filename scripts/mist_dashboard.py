@@ -330,7 +330,7 @@ def extractor_row() -> list[Panel]:
         graph(
             "Failed calls by code",
             "Extractor gRPC calls that ended with a status other than OK, by method "
-            "and status code (DESIGN.md's table says what each code means).",
+            "and status code (docs/reference/errors.md says what each code means).",
             CALLS_PER_S,
             query(
                 sum_rate("mist_extractor_grpc_requests_total", 'code!="OK"', by=("method", "code")),

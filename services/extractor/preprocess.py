@@ -78,7 +78,7 @@ class ImageDecodeError(InvalidArgumentError):
 
     def to_item_error(self) -> feature_pb2.ItemError:
         """The proto a servicer puts in ExtractResponse.error: RESOURCE_EXHAUSTED for an image over a size limit
-        (DESIGN.md's table: the same bytes could pass on a server with higher limits), INVALID_ARGUMENT otherwise."""
+        (docs/reference/errors.md: the same bytes could pass on a server with higher limits), INVALID_ARGUMENT otherwise."""
         code = _GRPC_RESOURCE_EXHAUSTED if self.reason == "image_too_large" else _GRPC_INVALID_ARGUMENT
         return feature_pb2.ItemError(code=code, reason=self.reason, message=self.message)
 

@@ -140,7 +140,7 @@ def from_safetensors_bytes(
     """Rebuilds the network from a blob's metadata and loads its weights strictly; never unpickles.
 
     Not safetensors, no config, NaN/Inf -> InvalidArgumentError; a config other than `expected`, missing,
-    extra or mis-shaped tensors, non-float32 dtypes -> FailedPreconditionError (DESIGN.md's error table).
+    extra or mis-shaped tensors, non-float32 dtypes -> FailedPreconditionError (docs/reference/errors.md).
     """
     config, metadata = check_edge_weights(blob, expected)  # header, config and shapes checked before any allocation
     try:
