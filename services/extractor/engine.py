@@ -2,7 +2,7 @@
 gather -> encode, and stream results back in request order with a bounded window of images per stream.
 
 API
-    ExtractionEngine(backbone: LoadedBackbone, config: ExtractorConfig, metrics: ExtractorMetrics | None = None)
+    ExtractionEngine(backbone: LoadedBackbone, config: ExtractorConfig, metrics: ExtractorMetrics)
         await engine.start() / await engine.close(drain=True)     the batcher and the worker threads
         engine.backbone_id -> feature_pb2.BackboneId;  engine.describe() -> extractor_pb2.BackboneInfo
         engine.validate(request, index) -> WorkItem   InvalidArgumentError (mode, k, codec) or
@@ -97,9 +97,7 @@ class _Prepared:
 class ExtractionEngine:
     """One loaded backbone serving any number of streams through one dynamic batcher and one feature cache."""
 
-    def __init__(
-        self, backbone: LoadedBackbone, config: ExtractorConfig, metrics: ExtractorMetrics | None = None
-    ) -> None:
+    def __init__(self, backbone: LoadedBackbone, config: ExtractorConfig, metrics: ExtractorMetrics) -> None:
         self._backbone = backbone
         self._config = config
         self._metrics = metrics
@@ -129,13 +127,12 @@ class ExtractionEngine:
             max_queue_delay_ms=config.max_queue_delay_ms,
             max_queue_items=config.queue_items,
             executor=self._forward_thread,
-            on_batch=metrics.observe_batch if metrics else None,
+            on_batch=metrics.observe_batch,
         )
         self._info = self._backbone_info()
         self._streams = 0
-        if metrics is not None:
-            metrics.watch_cache(self.cache)
-            metrics.set_baselines(baseline_bytes_per_image(backbone.geometry))
+        metrics.watch_cache(self.cache)
+        metrics.set_baselines(baseline_bytes_per_image(backbone.geometry))
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -223,10 +220,10 @@ class ExtractionEngine:
         try:
             prepared = await loop.run_in_executor(self._workers, self._prepare, item)
             if prepared.cached is not None:
-                self._count("cache_hits")
+                self._metrics.cache_hits.inc()
                 return self._answer(item, prepared.cached, cache_hit=True)
             if self.cache.enabled:
-                self._count("cache_misses")
+                self._metrics.cache_misses.inc()
             assert prepared.image is not None
             arrays = await self._batcher.submit(BatchItem(prepared.image, item.mode, item.unique_ks))
             features = await loop.run_in_executor(self._workers, self._encode, item, prepared.digest, arrays)
@@ -272,18 +269,12 @@ class ExtractionEngine:
     def _answer(
         self, item: WorkItem, features: list[feature_pb2.FeatureTensor], cache_hit: bool
     ) -> extractor_pb2.ExtractResponse:
-        if self._metrics is not None:
-            self._metrics.served(item.mode, item.codec.name, "ok", features)
+        self._metrics.served(item.mode, item.codec.name, "ok", features)
         return extractor_pb2.ExtractResponse(item_id=item.item_id, features=features, cache_hit=cache_hit)
 
     def _failed(self, item: WorkItem, error: feature_pb2.ItemError) -> extractor_pb2.ExtractResponse:
-        if self._metrics is not None:
-            self._metrics.served(item.mode, item.codec.name, error.reason)
+        self._metrics.served(item.mode, item.codec.name, error.reason)
         return extractor_pb2.ExtractResponse(item_id=item.item_id, error=error)
-
-    def _count(self, counter: str) -> None:
-        if self._metrics is not None:
-            getattr(self._metrics, counter).inc()
 
     # ---- one batch (the forward thread) ------------------------------------------------------------------------
 
@@ -302,8 +293,7 @@ class ExtractionEngine:
             on_host = {k: tensor.cpu().numpy() for k, tensor in gathered.items()}  # one copy per k, not per image
             for row, p in enumerate(positions):
                 results[p] = {k: on_host[k][row] for k in batch[p].ks}
-            if self._metrics is not None:
-                self._metrics.forward_passes.labels(mode).inc()
+            self._metrics.forward_passes.labels(mode).inc()
         return results
 
     # ---- a whole stream ----------------------------------------------------------------------------------------
@@ -316,16 +306,12 @@ class ExtractionEngine:
                 f"retry later or on another replica"
             )
         self._streams += 1
-        self._gauge("streams_in_flight", +1)
+        self._metrics.streams_in_flight.inc()
         try:
             yield
         finally:
             self._streams -= 1
-            self._gauge("streams_in_flight", -1)
-
-    def _gauge(self, gauge: str, delta: int) -> None:
-        if self._metrics is not None and delta:
-            getattr(self._metrics, gauge).inc(delta)
+            self._metrics.streams_in_flight.dec()
 
     async def run_stream(
         self, requests: AsyncIterable[extractor_pb2.ExtractRequest]
@@ -367,7 +353,7 @@ class ExtractionEngine:
                         except MistError as error:
                             reading, failure = False, error
                     while pending and pending[0].done():
-                        self._gauge("items_in_flight", -1)
+                        self._metrics.items_in_flight.dec()
                         yield pending.popleft().result()  # an exception (batcher closed, a bug) ends the stream
                 if failure is not None:
                     raise failure
@@ -376,7 +362,7 @@ class ExtractionEngine:
                     read.cancel()
                 for task in pending:
                     task.cancel()
-                self._gauge("items_in_flight", -len(pending))
+                self._metrics.items_in_flight.dec(len(pending))
 
     @property
     def idle_timeout_s(self) -> float | None:
@@ -385,8 +371,7 @@ class ExtractionEngine:
 
     def idle_error(self, waiting_for: str) -> DeadlineExceededError:
         """The error that ends a stream idle for too long, counted: waiting_for is 'request' or 'response'."""
-        if self._metrics is not None:
-            self._metrics.streams_ended_idle.labels(waiting_for).inc()
+        self._metrics.streams_ended_idle.labels(waiting_for).inc()
         what = (
             "no request arrived while nothing was in progress"
             if waiting_for == "request"
@@ -399,10 +384,9 @@ class ExtractionEngine:
 
     def _admit(self, request: extractor_pb2.ExtractRequest, index: int) -> asyncio.Task[extractor_pb2.ExtractResponse]:
         """Count, validate and start one request; raises the validation error."""
-        if self._metrics is not None:
-            self._metrics.image_bytes_received.inc(len(request.image))
+        self._metrics.image_bytes_received.inc(len(request.image))
         task = asyncio.ensure_future(self._timed(self.extract(self.validate(request, index))))
-        self._gauge("items_in_flight", +1)
+        self._metrics.items_in_flight.inc()
         return task
 
     async def _timed(self, answer: Awaitable[extractor_pb2.ExtractResponse]) -> extractor_pb2.ExtractResponse:
@@ -410,8 +394,7 @@ class ExtractionEngine:
         was already sent and counted)."""
         started = time.perf_counter()
         response = await answer
-        if self._metrics is not None:
-            self._metrics.image_latency.observe(time.perf_counter() - started)
+        self._metrics.image_latency.observe(time.perf_counter() - started)
         return response
 
 

@@ -73,7 +73,7 @@ def sample(registry, name: str, **labels: str) -> float:
 )
 def test_invalid_requests_raise_invalid_argument_naming_the_item(backbone, fields: dict, expected: str) -> None:
     # Prepare
-    engine = ExtractionEngine(backbone, tiny_config())
+    engine = ExtractionEngine(backbone, tiny_config(), ExtractorMetrics(new_metrics_registry()))
     request = extractor_pb2.ExtractRequest(item_id="cat-7", image=b"x", mode=1, ks=[2])
     for name, value in fields.items():
         if name == "codec":
@@ -94,7 +94,7 @@ def test_invalid_requests_raise_invalid_argument_naming_the_item(backbone, field
 
 
 def test_a_valid_request_keeps_repeated_ks_and_defaults_unset_fields(backbone) -> None:
-    engine = ExtractionEngine(backbone, tiny_config())
+    engine = ExtractionEngine(backbone, tiny_config(), ExtractorMetrics(new_metrics_registry()))
     request = extractor_pb2.ExtractRequest(item_id="a", image=b"img", ks=[3, 1, 3])  # mode and codec unset
 
     item = engine.validate(request, 0)
@@ -106,7 +106,7 @@ def test_a_valid_request_keeps_repeated_ks_and_defaults_unset_fields(backbone) -
 
 def test_expect_backbone_must_match_the_loaded_weights(backbone) -> None:
     # Prepare
-    engine = ExtractionEngine(backbone, tiny_config())
+    engine = ExtractionEngine(backbone, tiny_config(), ExtractorMetrics(new_metrics_registry()))
     ours = engine.backbone_id
     other_weights = feature_pb2.BackboneId(name=ours.name, weights_fingerprint="0" * 64)
 
@@ -123,7 +123,7 @@ def test_expect_backbone_must_match_the_loaded_weights(backbone) -> None:
 
 
 def test_describe_reports_geometry_and_baseline_costs(backbone) -> None:
-    info = ExtractionEngine(backbone, tiny_config()).describe()
+    info = ExtractionEngine(backbone, tiny_config(), ExtractorMetrics(new_metrics_registry())).describe()
 
     assert (info.num_blocks, info.tokens, info.dims, info.num_prefix_tokens) == (4, 17, 32, 1)
     assert {b.method: b.bytes_per_image for b in info.baselines} == baseline_bytes_per_image(backbone.geometry)
