@@ -228,3 +228,74 @@ def test_predict_of_an_unknown_task_is_not_found(stack):
 
     # Assert
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-task" in refused.value.details()
+
+
+def served_by_extractor(port: int) -> float:
+    """Images the extractor answered so far, every mode, codec and status."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("mist_extractor_images_served_total{")
+    )
+
+
+def test_tune_calls_over_max_tune_images_or_bytes_are_refused_before_any_work(stack, data):
+    # Prepare: a worker taking at most 24 images and 1 MiB of image bytes per Tune call (both flags' own minimums
+    # are 2 images and 1 MiB); 24 small training images of two classes, and two junk images of 600 KiB each
+    limit_images, limit_bytes = 24, 1 << 20
+    task = "worker-limits"
+    images = [
+        image
+        for image in labelled_images(data)
+        if image.split == tuner_pb2.SPLIT_TRAIN and image.label in ("red_cross", "blue_cross")
+    ][:limit_images]
+    spare = next(i for i in labelled_images(data) if i.split == tuner_pb2.SPLIT_TEST and i.label == "red_cross")
+    heavy = [
+        tuner_pb2.LabelledImage(item_id=f"heavy{i}", image=bytes(600 << 10), label=label)
+        for i, label in enumerate(("red_cross", "blue_cross"))
+    ]
+    spec = tuner_pb2.TuneSpec(task=task, k=2, epochs=2)
+    worker = TunerProcess(
+        stack.extractor_target,
+        stack.registry.target,
+        "--max-tune-images", str(limit_images), "--max-tune-bytes", str(limit_bytes),
+    )  # fmt: skip
+    try:
+        worker.wait_listening()
+        served_before = served_by_extractor(stack.extractor.metrics_port)
+        refused: dict[str, tuple[grpc.StatusCode, str, list[str]]] = {}
+        channel, stub = tuner_stub(worker.target)
+        with channel:
+            # Execute: one image over the count, then two images over the bytes, then exactly the count
+            for name, call_images in (("images", [*images, spare]), ("bytes", heavy)):
+                seen: list[str] = []
+                with pytest.raises(grpc.RpcError) as caught:
+                    for event in stub.Tune(tune_requests(spec, call_images), timeout=60):
+                        seen.append(event.WhichOneof("event"))
+                refused[name] = (caught.value.code(), caught.value.details(), seen)
+            served_after_refusals = served_by_extractor(stack.extractor.metrics_port)
+            with stack.endpoints(cache_dir=None).registry_client() as registry:
+                task_after_refusals = find_task(registry, task)
+            accepted = list(stub.Tune(tune_requests(spec, images), timeout=120))
+        port = worker.metrics_port
+        outcomes = {
+            outcome: metric(port, "mist_tuner_jobs_total", kind="tune", outcome=outcome)
+            for outcome in ("RESOURCE_EXHAUSTED", "OK")
+        }
+        received = metric(port, "mist_tuner_feature_images_received_total", kind="tune")
+    finally:
+        worker.kill()
+
+    # Assert: both over-limit calls RESOURCE_EXHAUSTED, naming the flags, before a single event, feature or push
+    for name in ("images", "bytes"):
+        code, details, seen = refused[name]
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (name, details)
+        assert f"at most {limit_images} images and {limit_bytes} bytes" in details and "--max-tune-images" in details
+        assert seen == [], name
+    assert served_after_refusals == served_before  # the extractor saw none of their images
+    assert task_after_refusals is None
+    # ... while a call of exactly 24 images is within the limit: it extracts, trains and pushes version 1
+    assert accepted[-1].WhichOneof("event") == "result" and accepted[-1].result.number == 1
+    assert served_by_extractor(stack.extractor.metrics_port) - served_after_refusals == limit_images
+    assert outcomes == {"RESOURCE_EXHAUSTED": 2, "OK": 1} and received == limit_images
