@@ -23,7 +23,6 @@ AVX512-BF16/AMX), "fp16" needs CUDA. Parameters stay float32; only the compute i
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
 import hashlib
@@ -31,7 +30,7 @@ import logging
 import os
 import pickle
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +40,7 @@ import safetensors.torch
 import timm
 import torch
 from timm.data import resolve_model_data_config
-from timm.models import get_model_input_config, get_pretrained_cfg
+from timm.models import clean_state_dict, get_model_input_config, get_pretrained_cfg, load_state_dict
 from timm.models.vision_transformer import VisionTransformer
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, MistError, NotFoundError
@@ -60,10 +59,6 @@ RANDOM_INIT_WARNING = (
 )
 
 _AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# timm's own preference when a checkpoint wraps several state dicts (timm.models.load_state_dict, use_ema=True).
-_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-# Left by DistributedDataParallel and torch.compile around the real parameter names.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # The files timm reads from a Hugging Face repo, in its order (safetensors first).
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HASH_CHUNK_BYTES = 1 << 20
@@ -278,58 +273,76 @@ def _find_in_hf_cache(hub_id: str, filename: str | None) -> Path | None:
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file or a PyTorch/timm checkpoint, on CPU, with wrapper prefixes removed.
 
-    The format is read from the file's first bytes, not its suffix. Checkpoints go through
-    torch.load(weights_only=True): only tensors and plain containers (plus argparse.Namespace, which timm's
-    training script stores as `args`) are accepted, so a pickle that would construct other objects is refused
-    before anything runs. Wrapped checkpoints are unwrapped the way timm does (state_dict_ema, model_ema,
-    state_dict, model, in that order).
+    The format is read from the file's first bytes, not its suffix. Checkpoints are read by timm's own
+    load_state_dict: torch.load(weights_only=True), so only tensors and plain containers (plus argparse.Namespace,
+    which timm's training script stores as `args`) are accepted and a pickle that would construct other objects is
+    refused before anything runs; a wrapped checkpoint is unwrapped the way timm does (state_dict_ema, model_ema,
+    state_dict, model). Both formats lose DDP and torch.compile prefixes through timm's clean_state_dict.
     """
     path = Path(path)
     with open(path, "rb") as handle:
         head = handle.read(9)
     if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
         try:
-            raw: object = safetensors.torch.load_file(str(path), device="cpu")
+            raw: object = clean_state_dict(safetensors.torch.load_file(str(path), device="cpu"))
         except Exception as error:  # SafetensorError is not exported under a stable name
             raise InvalidArgumentError(
                 f"{path} looks like safetensors but cannot be read: {_first_line(error)}"
             ) from error
     elif head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip archive, or its legacy raw pickle
-        raw = _torch_load_weights_only(path)
+        raw = _read_checkpoint(path)
     else:
         raise InvalidArgumentError(f"{path} is neither a safetensors file nor a PyTorch checkpoint")
-    return _unwrap_state_dict(raw, path)
+    return _checked_tensors(raw, path)
 
 
-def _torch_load_weights_only(path: Path) -> object:
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+def _read_checkpoint(path: Path) -> object:
+    if path.name.endswith(".safetensors"):  # timm would pick its loader by this suffix
         raise InvalidArgumentError(
-            f"{path} holds objects other than tensors and plain containers, and loading it would run their code; "
-            f"refused ({_first_line(error)}). Save just the state_dict (or convert it to .safetensors) and retry"
-        ) from error
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
+            f"{path} is named .safetensors but holds a PyTorch checkpoint: rename it (e.g. to .pth) and retry"
+        )
+    try:
+        with _log_without_host_path(path):
+            return load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
+    except RuntimeError as error:
+        if isinstance(error.__cause__, pickle.UnpicklingError):  # timm's wrapping of weights_only's refusal
+            raise InvalidArgumentError(
+                f"{path} holds objects other than tensors and plain containers, and loading it would run their "
+                f"code; refused ({_first_line(error.__cause__)}). Save just the state_dict (or convert it to "
+                f".safetensors) and retry"
+            ) from error
         raise InvalidArgumentError(f"{path} is not a readable PyTorch checkpoint: {_first_line(error)}") from error
+    except (EOFError, ValueError, OSError) as error:
+        raise InvalidArgumentError(f"{path} is not a readable PyTorch checkpoint: {_first_line(error)}") from error
+    except (AttributeError, TypeError) as error:  # clean_state_dict met something other than a str-keyed mapping
+        raise InvalidArgumentError(
+            f"{path} does not contain a state dict (a mapping of parameter names to tensors)"
+        ) from error
 
 
-def _unwrap_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(raw, Mapping):
-        for key in _CHECKPOINT_KEYS:
-            if isinstance(raw.get(key), Mapping):
-                raw = raw[key]
-                break
+@contextlib.contextmanager
+def _log_without_host_path(path: Path) -> Iterator[None]:
+    """timm logs the checkpoint's full path; logs name files, never the host's directory layout."""
+
+    def shorten(record: logging.LogRecord) -> bool:
+        record.msg = str(record.msg).replace(str(path), loggable_path(path))
+        return True
+
+    timm_logger = logging.getLogger(load_state_dict.__module__)
+    timm_logger.addFilter(shorten)
+    try:
+        yield
+    finally:
+        timm_logger.removeFilter(shorten)
+
+
+def _checked_tensors(raw: object, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(raw, Mapping) or not raw:
         raise InvalidArgumentError(f"{path} does not contain a state dict (a mapping of parameter names to tensors)")
-    state: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise InvalidArgumentError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.removeprefix(prefix)
-        state[key] = value
-    return state
+    return dict(raw)
 
 
 def _load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

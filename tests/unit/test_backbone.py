@@ -223,6 +223,35 @@ def test_non_tensor_entries_are_refused(tmp_path) -> None:
         load_backbone(NAME, weights=path, model_kwargs=TINY_VIT)
 
 
+def test_a_checkpoint_that_is_not_a_state_dict_is_refused(tmp_path) -> None:
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(InvalidArgumentError, match="does not contain a state dict"):
+        load_backbone(NAME, weights=path, model_kwargs=TINY_VIT)
+
+
+def test_a_checkpoint_named_safetensors_is_refused_with_a_hint(tmp_path) -> None:
+    # timm picks its loader by the suffix; the content says PyTorch, so the user is told to rename the file.
+    path = tmp_path / "tiny.safetensors"
+    torch.save(reference_model(seed=0).state_dict(), path)
+    with pytest.raises(InvalidArgumentError, match=r"named \.safetensors but holds a PyTorch checkpoint: rename it"):
+        load_backbone(NAME, weights=path, model_kwargs=TINY_VIT)
+
+
+def test_loading_a_checkpoint_logs_no_host_path(tmp_path, caplog) -> None:
+    # Prepare
+    path = tmp_path / "tiny.pth"
+    torch.save({"state_dict": reference_model(seed=0).state_dict()}, path)
+
+    # Execute
+    with caplog.at_level("DEBUG"):
+        load_backbone(NAME, weights=path, model_kwargs=TINY_VIT)
+
+    # Assert: timm names the file it read; the log shows its name only
+    assert "tiny.pth" in caplog.text
+    assert str(tmp_path) not in caplog.text
+
+
 def test_nan_weights_are_refused(tmp_path) -> None:
     # Prepare
     state = reference_model(seed=0).state_dict()
