@@ -217,10 +217,12 @@ def test_sigterm_under_load_drains_one_replica_and_clients_finish_on_the_other(
 # ---------------------------------------------------------------------------------------------- link drop
 
 # Runs in the client namespace: streams the PNGs of a directory through ExtractorClient, prints "answered N" per
-# result, writes each ExtractResponse length-prefixed to OUT, then the server's /metrics text to OUT.metrics.
+# result, writes each ExtractResponse length-prefixed to OUT, then the server's /metrics text to OUT.metrics once
+# the server has finished and counted every Extract call (none in flight; each one ended is in the request count).
 _LINK_CLIENT = """
 import struct, sys, time, urllib.request
 from pathlib import Path
+from prometheus_client.parser import text_string_to_metric_families
 from services.common.clients.extractor import ExtractorClient
 from services.common.pb import extractor_pb2
 target, image_dir, out, metrics_url, pace_s, window, k = sys.argv[1:]
@@ -238,8 +240,24 @@ with ExtractorClient(target, resume_timeout_s=60, max_resumes=10) as client, ope
         data = response.SerializeToString()
         sink.write(struct.pack("<I", len(data)) + data)
         print("answered", n, flush=True)
-time.sleep(0.5)  # the server counts a finished stream just after its last answer
-Path(out + ".metrics").write_text(urllib.request.urlopen(metrics_url, timeout=30).read().decode())
+EXTRACT = "/mist.v1.Extractor/Extract"
+def extract_calls(text):
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("method") == EXTRACT:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+deadline = time.monotonic() + 30
+while True:  # the server ends a stream just after its last answer: wait for that, not for a fixed time
+    text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
+    calls = extract_calls(text)
+    ended = calls.get("mist_extractor_grpc_requests_total", 0.0)
+    if (calls.get("mist_extractor_grpc_requests_in_flight", 0.0) == 0 and ended >= 1
+            and ended == calls.get("mist_extractor_grpc_request_duration_seconds_count")) or time.monotonic() > deadline:
+        break
+    time.sleep(0.05)
+Path(out + ".metrics").write_text(text)
 """
 
 
