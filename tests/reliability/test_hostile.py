@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -34,6 +35,7 @@ from services.common import errors
 from services.common.clients.channel import create_aio_channel, create_channel
 from services.common.clients.extractor import ExtractorClient, ImageItem
 from services.common.clients.registry import RegistryClient
+from services.common.errors import MistError
 from services.common.pb import (
     extractor_pb2,
     extractor_pb2_grpc,
@@ -223,7 +225,13 @@ def test_idle_streams_from_one_connection_cannot_lock_other_clients_out(tiny_bac
             async with create_aio_channel(server.target, retried_methods=NO_RETRY) as channel:
                 idle = [extractor_pb2_grpc.ExtractorStub(channel).Extract() for _ in range(8)]
                 try:
-                    await asyncio.sleep(0.3)
+                    await asyncio.to_thread(  # the server holds all 8 slots (it ends them 1 s after they opened)
+                        wait_for,
+                        lambda: server.metric("mist_extractor_streams_in_flight") == 8,
+                        timeout_s=10,
+                        interval_s=0.005,
+                        what="8 idle streams open on the server",
+                    )
                     # Execute: another device asks for one image while the slots are held, and after they are freed
                     while_held = await asyncio.to_thread(probe, server.target)
                     started = time.monotonic()
@@ -333,36 +341,48 @@ def tiny_dataset(count: int = 6) -> Dataset:
 def test_zstd_bombs_from_the_extractor_are_refused_by_the_tuner_as_data_loss_in_bounded_memory(
     bombing_extractor: str, figures
 ) -> None:
+    """Documented: each bomb refused as DATA_LOSS, nothing kept, memory grows < 1 MiB. Two measurements of that MiB:
+    tracemalloc's peak of Python allocations over the whole path (receive and refuse; deterministic, measured 0.33
+    MiB on a first run, 0.11 after), and the process's VmHWM over each refusal, which also sees zstd's own C
+    allocations (measured <= 0.25 MiB). A bomb allocated even once would be 1 GiB."""
     # Prepare: the tuner's own path: ExtractorClient -> FeatureStore.add (which decodes to verify)
     dataset = tiny_dataset()
     store = FeatureStore.for_dataset(dataset)
     refused: list[tuple[str, str]] = []
-    reset_peak_rss()
-    rss_start = rss_bytes()
+    refusal_growth: list[int] = []  # VmHWM - VmRSS around each FeatureStore.add
 
     # Execute
+    tracemalloc.start()
     started = time.perf_counter()
-    with ExtractorClient(bombing_extractor) as client:
-        items = [ImageItem(item.name, item.read_bytes()) for item in dataset.items]
-        for index, result in enumerate(client.extract(items, ks=(2,), codec="f32-zstd")):
-            try:
-                store.add(index, 2, result.features[0])
-            except FeatureDecodeError as error:
-                refused.append((error.code, error.field))
-    elapsed_s = time.perf_counter() - started
-    peak = peak_rss_bytes()
+    try:
+        with ExtractorClient(bombing_extractor) as client:
+            items = [ImageItem(item.name, item.read_bytes()) for item in dataset.items]
+            for index, result in enumerate(client.extract(items, ks=(2,), codec="f32-zstd")):
+                assert reset_peak_rss(), "cannot reset this process's VmHWM (Linux >= 4.0 needed)"
+                rss_before = rss_bytes()
+                try:
+                    store.add(index, 2, result.features[0])
+                except FeatureDecodeError as error:
+                    refused.append((error.code, error.field))
+                refusal_growth.append(peak_rss_bytes() - rss_before)
+        elapsed_s = time.perf_counter() - started
+        _, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
 
-    # Assert: each bomb refused as DATA_LOSS on its payload; nothing kept; no GiB ever allocated
+    # Assert: each bomb refused as DATA_LOSS on its payload; nothing kept; the documented 1 MiB held both ways
     figures.add(
         bombs=len(refused),
         wire_bytes_each=len(zstd_bomb(False)),
         expands_to_bytes=_GiB,
         seconds=round(elapsed_s, 3),
-        peak_rss_growth_mib=(peak - rss_start) / MiB,
+        traced_peak_mib=traced_peak / MiB,
+        refusal_peak_rss_growth_mib=max(refusal_growth) / MiB,
     )
     assert refused == [("DATA_LOSS", "payload")] * len(dataset)
     assert store.ks == [] and store.compressed_bytes() == 0
-    assert peak - rss_start < 64 * MiB and elapsed_s < 10
+    assert traced_peak < MiB and max(refusal_growth) < MiB, (traced_peak, refusal_growth)
+    assert elapsed_s < 10  # measured 7 ms: a generous ceiling, not a latency claim
 
 
 def test_a_tune_fed_only_corrupt_features_fails_with_data_loss(bombing_extractor: str) -> None:
@@ -392,6 +412,8 @@ def code_of(call: Callable[..., Any], *args: Any, **kwargs: Any) -> grpc.StatusC
             list(result)
     except grpc.RpcError as error:
         return error.code()
+    except MistError as error:  # the clients raise the domain error of the status
+        return grpc.StatusCode[error.code]
     return grpc.StatusCode.OK
 
 
@@ -608,7 +630,7 @@ def seed_corpus(target: str, directory: Path) -> None:
 @pytest.mark.stress
 @pytest.mark.parametrize("target", ["decoder", "safetensors"])
 def test_atheris_finds_no_crash_in_the_decoder_or_the_safetensors_parser(target: str, tmp_path: Path, figures) -> None:
-    pytest.importorskip("atheris", reason="atheris is not installed (pip install atheris; see README.md)")
+    pytest.importorskip("atheris", reason="atheris is not installed (`make stress` installs the stress extra)")
     corpus = tmp_path / "corpus"
     seed_corpus(target, corpus)
     runs, seconds = round(200_000 * stress_factor()), round(120 * stress_factor())
@@ -638,3 +660,5 @@ def test_atheris_finds_no_crash_in_the_decoder_or_the_safetensors_parser(target:
         corpus=int(done[-1][3]) if done else 0,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # libFuzzer's DONE line: the fuzzer really ran (a harness that never started would pass the exit code alone)
+    assert done and int(done[-1][0]) >= min(runs, 1000), result.stderr[-3000:]
