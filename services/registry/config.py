@@ -1,13 +1,13 @@
-"""Configuration of the registry server (`mist-registry`): the shared server settings plus the database, auth
-and blob limits, each a flag with a MIST_* environment variable (see services/common/config.py).
+"""Settings of the registry server (`mist-registry`): the shared server flags plus database, auth and blob limits.
 
     mist-registry --listen 127.0.0.1:50052 --metrics-listen 127.0.0.1:9102 --db sqlite:///var/registry.db
     mist-registry ... --db postgresql://mist@db:5432/mist --auth on --admin-token-file /run/secrets/admin
 
-Auth is off by default (a laptop, a test): every caller may do everything and lineage says "anonymous".
-`--auth on` needs `--admin-token-file`: the admin token creates tasks and per-task tokens; every other
-caller needs a per-task token (`mist registry create-token`). The registry keeps its tokens in its
-database, so the shared `--auth-tokens-file` is refused here.
+Each setting is a flag with a MIST_* environment variable (services/common/config.py). Auth is off by default (a
+laptop, a test): every caller may do everything and lineage says "anonymous". `--auth on` needs
+`--admin-token-file`: the admin token creates tasks and per-task tokens; every other caller needs a per-task token
+(`mist registry create-token`). The registry keeps its tokens in its database, so the shared `--auth-tokens-file`
+is refused here.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """The registry's domain records (frozen dataclasses), the checks on what users may put in them, page tokens.
 
-The store returns these; the servicer converts them to and from protobuf. Nothing here touches a database.
+    task = normalize_task(Task(name="cats", ...))   # every user-set field checked, edge defaults filled in
+    check_name("alias", "production")               # InvalidArgumentError unless [a-z0-9][a-z0-9._-]{0,62}
 
-API:
-    Task, Version, Alias, AliasMove, Principal, Page, RegistryStats      records
-    check_name(kind, value) -> str                 task, alias and token names: [a-z0-9][a-z0-9._-]{0,62}
-    normalize_task(task) -> Task                   validated, edge config with defaults filled in
-    check_push_fields(metrics, details_json, tags, dataset_fingerprint, tuner, pushed_by) -> None
-    check_count(label, value, *, minimum=1) -> int;  page_size_or_default(page_size) -> int
-    encode_page_token(kind, scope, after) -> str;  decode_page_token(token, kind, scope, after_type) -> Any
-    ScopeName = Literal["admin", "read", "read_write"]
+The store returns these records and the servicer converts them with serde; nothing here touches a database.
 """
 
 from __future__ import annotations

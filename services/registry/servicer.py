@@ -1,5 +1,7 @@
-"""The Registry gRPC servicer: each RPC checks the caller's scope, calls the store in a worker thread and
-converts with serde; @handles_errors maps the store's domain errors to status codes (DESIGN.md's table).
+"""The Registry gRPC servicer: thin handlers that check the caller's scope, call the store and convert with serde.
+
+Each handler runs the store in a worker thread; @handles_errors maps the store's domain errors to status codes (the
+table in services/common/errors.py).
 
 Auth (when the server runs with --auth on): StoreTokenValidator resolves every bearer token against the
 store before a handler runs (unknown or missing: UNAUTHENTICATED, the same message whatever the call

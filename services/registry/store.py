@@ -1,30 +1,15 @@
 """The registry's storage: tasks, immutable numbered weight versions, aliases with compare-and-set, tokens.
 
-One code path over SQLite (embedded default) and PostgreSQL (several replicas); every method is a plain
-function that raises the domain errors of services/common/errors.py, for the gRPC servicer to map.
+    with open_store("sqlite:///var/registry.db") as store:          # or postgresql://USER@HOST:PORT/DB
+        store.create_task(task)                                      # a records.Task
+        version = store.push_version("cats", blob, parent_version=0)
+        store.set_alias("cats", "production", version.number, expected_version=0)
+        weights = store.read_blob("cats", store.get_version("cats", alias="production").number)
 
-API (RegistryStore, from open_store):
-    open_store(url, *, admin_token_sha256=None, max_connections=8) -> RegistryStore
-    create_task(task, exist_ok=False) -> Task;  get_task(name) -> Task
-    list_tasks(page_size=0, page_token="") -> Page[Task]                        by name
-    push_version(task, blob, *, parent_version, force=False, declared_sha256=None, declared_size=None,
-                 metrics=None, details_json="", dataset_fingerprint="", tuner="", tags=None,
-                 pushed_by="anonymous") -> Version
-    get_version(task, number=None, alias=None) -> Version                       neither: latest
-    read_blob(task, number) -> bytes                                            sha256 re-checked
-    list_versions(task, page_size=0, page_token="") -> Page[Version]            newest first
-    delete_version(task, number, *, deleted_by="anonymous") -> None            not while aliased
-    set_alias(task, name, version, expected_version=None, moved_by="anonymous") -> AliasUpdate (alias, moved)
-    get_alias(task, name) -> Alias;  list_aliases(task) -> list[Alias]
-    delete_alias(task, name, expected_version=None, moved_by="anonymous") -> None
-    alias_history(task, name=None, limit=100) -> list[AliasMove]             newest first
-    create_token(name, task, scope) -> str;  resolve_token(token) -> Principal | None;  revoke_token(name)
-    integrity_check() -> list[str];  stats() -> RegistryStats;  close()  (also a context manager)
-    hash_token(token) -> str;  max_blob_bytes(task) -> int                       module functions
-
-Thread safety: every method may be called from any thread; each call borrows one pooled connection for one
-transaction (see sql.py). A push validates its blob before taking the write lock, then writes the version
-row and the blob in one transaction, so a crash leaves all or nothing.
+One code path over SQLite (embedded default) and PostgreSQL (several replicas). Methods raise the domain errors of
+services/common/errors.py, which the servicer maps to status codes, and may be called from any thread: each call is
+one transaction on one pooled connection (sql.py). A push validates its blob before taking the write lock, then
+writes the version row and the blob in one transaction, so a crash leaves all or nothing.
 """
 
 from __future__ import annotations
