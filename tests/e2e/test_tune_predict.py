@@ -10,7 +10,10 @@ import contextlib
 import io
 import json
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from services.tuner.data import load_dataset
 from services.tuner.edge_network import from_safetensors_bytes
 from services.tuner.reports import TuneObserver
 from services.tuner.tune import TuneOptions, find_task, tune_path
+from tests.helpers.process import ROOT, LineWatcher, child_environment
 from tests.helpers.stack import E2E_CLASSES, running_stack, write_e2e_dataset
 
 pytestmark = pytest.mark.timeout(300)
@@ -379,3 +383,104 @@ def test_bad_data_gets_one_clear_line_and_pushes_nothing(tuned, stack, data, tmp
         assert after is None  # no task was created
     else:
         assert after.latest_version == before.latest_version
+
+
+# ---------------------------------------------------------------------------------------------- `mist tune` as a process
+
+
+class MistProcess:
+    """`python -m services.tuner.cli ARGS` as a child process (the entry point a shell runs), its stderr watched line
+    by line so a test can act at a given point of the run (signal it, stop it)."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.tuner.cli", *args],
+            cwd=ROOT, env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.stdout = LineWatcher(self.proc.stdout, "mist-stdout")
+        self.stderr = LineWatcher(self.proc.stderr, "mist-stderr")
+
+    def finish(self, timeout_s: float = 120.0) -> tuple[int, str, list[str]]:
+        """(exit code, stdout, stderr lines) once it exits; SIGKILL and AssertionError after `timeout_s`."""
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError("mist did not exit:\n" + self.stderr.text()) from None
+        return self.proc.returncode, "\n".join(self.stdout.join()), self.stderr.join()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def error_lines(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("mist tune: error:")]
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["without-force", "with-force"])
+def test_a_version_pushed_during_a_tune_aborts_it_unless_forced(stack, data, force):
+    # Prepare: version 1 of the task, aliased production; a second tune is based on it
+    task = f"e2e-race-{'forced' if force else 'plain'}"
+    code, _, err = run_cli(
+        "tune", "--task", task, "--data", str(data), "--k", "2", "--epochs", "2", "--alias", "production",
+        *stack.cli_flags(),
+    )  # fmt: skip
+    assert code == 0, err
+    tune = MistProcess(
+        "tune", "--task", task, "--data", str(data), "--k", "2", "--epochs", "2", "--alias", "production", "--json",
+        *(["--force"] if force else []), *stack.cli_flags(),
+    )  # fmt: skip
+    try:
+        # Execute: once it has read the task (it prints the plan before fetching features), hold it while another
+        # device pushes version 2, then let it finish
+        tune.stderr.wait_for(f"{task}: 140 images")
+        tune.proc.send_signal(signal.SIGSTOP)
+        try:
+            with registry_client(stack) as registry:
+                meanwhile = registry.push(task, registry.pull(task, version=1, use_cache=False).blob, parent_version=1)
+        finally:
+            tune.proc.send_signal(signal.SIGCONT)
+        code, out, lines = tune.finish()
+    finally:
+        tune.kill()
+    with registry_client(stack) as registry:
+        versions = {v.number: v.lineage.parent_version for v in registry.list_versions(task)}
+        production = registry.get_alias(task, "production").version
+
+    # Assert
+    assert meanwhile.number == 2
+    if not force:  # refused: one line naming both versions, nothing pushed, the alias where it was
+        assert code == 1 and out == ""
+        [error] = error_lines(lines)
+        assert error.startswith("mist tune: error: ABORTED: ") and lines[-1] == error
+        assert f"task '{task}' is at version 2 but the push is based on 1" in error
+        assert versions == {1: 0, 2: 1} and production == 1
+    else:  # pushed as version 3, still naming version 1 (what it was tuned from) as its parent; the alias moved
+        assert code == 0 and error_lines(lines) == []
+        result = json.loads(out)
+        assert (result["version"], result["parent_version"]) == (3, 1)
+        assert result["alias"] == {"name": "production", "from_version": 1, "to_version": 3}
+        assert versions == {1: 0, 2: 1, 3: 1} and production == 3
+
+
+def test_ctrl_c_during_a_tune_exits_130_with_one_line_and_pushes_nothing(stack, data):
+    # Prepare: a long tune of a new task
+    task = "e2e-interrupted"
+    tune = MistProcess("tune", "--task", task, "--data", str(data), "--k", "2", "--epochs", "500", *stack.cli_flags())
+    try:
+        # Execute: Ctrl-C (SIGINT) once training is under way
+        tune.stderr.wait_for("epoch 1/500")
+        tune.proc.send_signal(signal.SIGINT)
+        code, out, lines = tune.finish(timeout_s=60)
+    finally:
+        tune.kill()
+    with registry_client(stack) as registry:
+        left = find_task(registry, task)
+
+    # Assert: exit 130, one error line and it is the last; no task was created, so no version either
+    assert code == 130 and out == ""
+    assert error_lines(lines) == ["mist tune: error: interrupted"] and lines[-1] == "mist tune: error: interrupted"
+    assert not any("pushed version" in line for line in lines)
+    assert left is None

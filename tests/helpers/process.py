@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0  # torch + grpc imports on a loaded 2-core machine
@@ -96,3 +97,48 @@ class ServiceProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.kill()
+
+
+class LineWatcher:
+    """The lines of a child's text stream (stdout or stderr), read on a thread as they come, so a test can wait for
+    one and act at that point of the run; without a reader an undrained pipe would block the child once full."""
+
+    def __init__(self, stream: IO[str], name: str = "lines") -> None:
+        self.lines: list[str] = []
+        self.ended = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, args=(stream,), name=name, daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout_s: float = 120.0) -> str:
+        """The first line containing `text`; AssertionError with every line so far if the stream ends without one
+        or `timeout_s` passes."""
+
+        def first() -> str | None:
+            return next((line for line in self.lines if text in line), None)
+
+        with self._changed:
+            self._changed.wait_for(lambda: first() is not None or self.ended, timeout_s)
+            found = first()
+        if found is None:
+            raise AssertionError(
+                f"no line with {text!r} ({'stream ended' if self.ended else 'timed out'}):\n" + self.text()
+            )
+        return found
+
+    def join(self, timeout_s: float = 10.0) -> list[str]:
+        """Every line, once the stream has ended (the child closed it or exited)."""
+        self._reader.join(timeout_s)
+        return list(self.lines)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
