@@ -15,6 +15,7 @@ from services.common.checks import check_int
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import feature_pb2
 from services.common.wire.codec import decode_feature
+from services.common.wire.gather_modes import BackboneId
 from services.tuner.data import SPLITS, Dataset, Split
 
 # Message modes that carry a MIST gathered feature; servers treat UNSPECIFIED as MIST (feature.proto).
@@ -38,7 +39,7 @@ class FeatureStore:
         *,
         num_classes: int,
         splits: Sequence[Split] | None = None,
-        backbone: feature_pb2.BackboneId | None = None,
+        backbone: BackboneId | feature_pb2.BackboneId | None = None,
         verify: bool = True,
     ) -> None:
         """`backbone`: the one the task was trained on (None: the first feature added fixes it).
@@ -61,14 +62,14 @@ class FeatureStore:
         self._splits: tuple[Split, ...] = tuple(splits) if splits is not None else ("train",) * len(labels)
         self.num_classes = num_classes
         self._verify = verify
-        self._backbone = _copy(backbone)
+        self._backbone = None if backbone is None else BackboneId.from_proto(backbone)
         self._shape: tuple[int, int] | None = None
         self._features: dict[tuple[int, int], feature_pb2.FeatureTensor] = {}
         self._sizes: dict[tuple[int, int], int] = {}
 
     @classmethod
     def for_dataset(
-        cls, dataset: Dataset, *, backbone: feature_pb2.BackboneId | None = None, verify: bool = True
+        cls, dataset: Dataset, *, backbone: BackboneId | feature_pb2.BackboneId | None = None, verify: bool = True
     ) -> FeatureStore:
         """An empty store whose index i is dataset.items[i]."""
         return cls(
@@ -94,8 +95,8 @@ class FeatureStore:
         return self._shape
 
     @property
-    def backbone(self) -> feature_pb2.BackboneId | None:
-        return _copy(self._backbone)
+    def backbone(self) -> BackboneId | None:
+        return self._backbone
 
     @property
     def ks(self) -> list[int]:
@@ -156,7 +157,7 @@ class FeatureStore:
         if self._verify:
             decode_feature(msg)
         if self._backbone is None:
-            self._backbone = _copy(msg.backbone)
+            self._backbone = BackboneId.from_proto(msg.backbone)
         if self._shape is None:
             self._shape = (int(msg.shape[0]), int(msg.shape[1]))
         self._features[(index, k)] = msg
@@ -174,8 +175,8 @@ class FeatureStore:
         ):
             return
         raise FailedPreconditionError(
-            f"image {index}: feature from backbone {_describe(backbone)}, but this store holds features of "
-            f"{_describe(expected)}: features of different weights must never be mixed"
+            f"image {index}: feature from backbone {BackboneId.from_proto(backbone)}, but this store holds features of "
+            f"{expected}: features of different weights must never be mixed"
         )
 
     def _check_shape(self, index: int, shape: tuple[int, ...]) -> None:
@@ -206,15 +207,3 @@ class FeatureStore:
             features[row] = torch.from_numpy(decode_feature(self._features[(index, k)]))
         labels = torch.tensor([self._labels[index] for index in positions], dtype=torch.int64)
         return features, labels
-
-
-def _copy(backbone: feature_pb2.BackboneId | None) -> feature_pb2.BackboneId | None:
-    if backbone is None:
-        return None
-    copied = feature_pb2.BackboneId()
-    copied.CopyFrom(backbone)
-    return copied
-
-
-def _describe(backbone: feature_pb2.BackboneId) -> str:
-    return f"{backbone.name or '<unnamed>'} (weights {backbone.weights_fingerprint[:16] or '<none>'})"

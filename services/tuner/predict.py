@@ -28,6 +28,7 @@ from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import feature_pb2, registry_pb2
 from services.common.wire.codec import CodecConfig, decode_feature
 from services.common.wire.edge_spec import EdgeNetworkConfig
+from services.common.wire.gather_modes import BackboneId
 from services.tuner.data import IMAGE_EXTENSIONS, SPLITS, Dataset, load_dataset
 from services.tuner.edge_network import EdgeNetwork, from_safetensors_bytes
 from services.tuner.evaluation import EvaluationReport, evaluate
@@ -137,7 +138,7 @@ def predict_images(
         mode="mist",
         ks=(loaded.k,),
         codec=loaded.codec,
-        expect_backbone=loaded.task.backbone,
+        expect_backbone=BackboneId.from_proto(loaded.task.backbone),
         max_in_flight=max_in_flight,
     )
     for result in results:
@@ -253,7 +254,7 @@ def evaluate_path(
         extractor,
         ks=(loaded.k,),
         codec=loaded.codec,
-        backbone=loaded.task.backbone,
+        backbone=BackboneId.from_proto(loaded.task.backbone),
         max_in_flight=max_in_flight,
     )
     report = evaluate(loaded.model, store, loaded.k, list(range(len(subset))), loaded.class_names)

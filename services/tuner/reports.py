@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from services.common.pb import extractor_pb2, registry_pb2
+from services.common.clients.extractor import BackboneInfo
+from services.common.pb import registry_pb2
 from services.tuner.evaluation import EvaluationReport
 from services.tuner.progress import ProgressReporter
 from services.tuner.training import EpochStats, KSelection, StepProgress
@@ -18,7 +19,7 @@ class TuneObserver:
     """What the pipeline reports as it goes; every hook is a no-op here. An exception raised by a hook aborts
     the tune before anything is pushed (the worker cancels jobs this way)."""
 
-    def on_backbone(self, info: extractor_pb2.BackboneInfo) -> None:
+    def on_backbone(self, info: BackboneInfo) -> None:
         """The extractor's Describe answer, before any image is sent."""
 
     def on_extraction(self, done: int, total: int, feature_bytes: int) -> None:

@@ -19,9 +19,9 @@ from typing import Any
 
 import grpc
 
-from services.common.clients.extractor import ImageItem
+from services.common.clients.extractor import BackboneInfo, ImageItem
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError
-from services.common.pb import extractor_pb2, registry_pb2, tuner_pb2, tuner_pb2_grpc
+from services.common.pb import registry_pb2, tuner_pb2, tuner_pb2_grpc
 from services.common.serving.rpc import handles_errors, status_for
 from services.common.wire.codec import CodecConfig
 from services.common.wire.edge_spec import POOLINGS
@@ -117,8 +117,8 @@ class _TuneObserver(TuneObserver):
         self._channel.check()
         self._channel.put("event", tuner_pb2.TuneEvent(**fields))
 
-    def on_backbone(self, info: extractor_pb2.BackboneInfo) -> None:
-        self._baselines = {b.method: b.bytes_per_image for b in info.baselines}
+    def on_backbone(self, info: BackboneInfo) -> None:
+        self._baselines = dict(info.baselines)
         for method, size in self._baselines.items():
             self._metrics.baseline_bytes_per_image.labels(method).set(size)
 

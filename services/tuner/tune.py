@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from services.common import errors
-from services.common.clients.extractor import ExtractorClient
+from services.common.clients.extractor import BackboneInfo, ExtractorClient
 from services.common.clients.registry import RegistryClient
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, MistError
-from services.common.pb import extractor_pb2, feature_pb2, registry_pb2
+from services.common.pb import feature_pb2, registry_pb2
 from services.common.wire.codec import CodecConfig
 from services.common.wire.edge_spec import EdgeNetworkConfig, macs_per_image, trainable_parameters
-from services.common.wire.gather_modes import candidate_ks, validate_ks
+from services.common.wire.gather_modes import BackboneId, candidate_ks, validate_ks
 from services.tuner.data import Dataset, load_dataset
 from services.tuner.edge_network import EdgeNetwork, to_safetensors_bytes
 from services.tuner.evaluation import EvaluationReport, evaluate
@@ -80,7 +80,7 @@ def tuner_identity(kind: ToolKind = "library") -> str:
 # ---------------------------------------------------------------------------------------------- lookups
 
 
-def describe(extractor: ExtractorClient) -> extractor_pb2.BackboneInfo:
+def describe(extractor: ExtractorClient) -> BackboneInfo:
     """The extractor's Describe, with its address in any error (the first call a tune makes to it)."""
     try:
         return extractor.describe()
@@ -147,7 +147,7 @@ def tune_dataset(
         f"{options.task}: {len(dataset)} images ({_split_counts(dataset)}), {len(dataset.class_names)} "
         f"classes; fetching k={', '.join(map(str, ks))} as {codec} from {extractor.target}"
     )
-    backbone = task.backbone if task else info.backbone
+    backbone = BackboneId.from_proto(task.backbone) if task else info.backbone
     store, extraction = extract_features(
         dataset,
         extractor,
@@ -165,7 +165,7 @@ def tune_dataset(
         codec,
         extraction.bytes_per_image_by_k[trained.k],
         store.bytes_per_image(),
-        {b.method: b.bytes_per_image for b in info.baselines},
+        dict(info.baselines),
     )
     observer.message(transfer_line(transfer))
     observer.before_push()
@@ -183,7 +183,7 @@ def tune_dataset(
 
 
 def resolve_edge_config(
-    task: registry_pb2.Task | None, info: extractor_pb2.BackboneInfo, class_names: Sequence[str], options: TuneOptions
+    task: registry_pb2.Task | None, info: BackboneInfo, class_names: Sequence[str], options: TuneOptions
 ) -> EdgeNetworkConfig:
     """The edge network to train: the task's (checked against this tune), or a new one from options."""
     given = {name: getattr(options, name) for name in ("num_blocks", "rank", "heads", "pooling")}
@@ -207,7 +207,7 @@ def resolve_edge_config(
     return config
 
 
-def check_task_fits(task: registry_pb2.Task, info: extractor_pb2.BackboneInfo, class_names: Sequence[str]) -> None:
+def check_task_fits(task: registry_pb2.Task, info: BackboneInfo, class_names: Sequence[str]) -> None:
     """FailedPreconditionError unless the task was made for this backbone, these classes and the MIST gather."""
     theirs, ours = task.backbone, info.backbone
     if (theirs.name, theirs.weights_fingerprint) != (ours.name, ours.weights_fingerprint):
@@ -313,7 +313,7 @@ class _Draft:
 
     dataset: Dataset
     options: TuneOptions
-    info: extractor_pb2.BackboneInfo
+    info: BackboneInfo
     edge: EdgeNetworkConfig
     codec: str
     trained: _Trained
@@ -326,7 +326,7 @@ def _ensure_task(
     registry: RegistryClient,
     task: registry_pb2.Task | None,
     options: TuneOptions,
-    info: extractor_pb2.BackboneInfo,
+    info: BackboneInfo,
     class_names: Sequence[str],
     edge: EdgeNetworkConfig,
     k: int,
@@ -336,7 +336,7 @@ def _ensure_task(
     if task is not None:
         return False, task
     definition = registry_pb2.Task(
-        name=options.task, backbone=info.backbone, mode=feature_pb2.GATHER_MODE_MIST, k=k,
+        name=options.task, backbone=info.backbone.to_proto(), mode=feature_pb2.GATHER_MODE_MIST, k=k,
         codec=CodecConfig.parse(codec).to_proto(), class_names=list(class_names), edge=edge.to_proto(),
         description=options.description,
     )  # fmt: skip

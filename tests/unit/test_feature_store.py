@@ -9,6 +9,7 @@ import torch
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import feature_pb2
 from services.common.wire.codec import CodecConfig, FeatureCodec, FeatureDecodeError, decode_feature
+from services.common.wire.gather_modes import BackboneId
 from services.tuner.data import dataset_from_memory
 from services.tuner.feature_store import FeatureStore
 
@@ -39,7 +40,7 @@ def test_batch_round_trips_the_decoded_features_with_labels():
     for row, index in enumerate([4, 1, 2]):
         assert np.array_equal(features[row].numpy(), decode_feature(messages[index]))
     assert store.feature_shape == (TOKENS, DIMS)
-    assert store.backbone == BACKBONE
+    assert store.backbone == BackboneId.from_proto(BACKBONE)
 
 
 def test_lossless_codec_batch_equals_the_original_floats():

@@ -33,7 +33,7 @@ from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.errors import DataLossError, InvalidArgumentError, UnavailableError
 from services.common.pb import extractor_pb2, extractor_pb2_grpc, feature_pb2
 from services.common.wire.codec import CodecConfig
-from services.common.wire.gather_modes import GatherModeName, check_mode, mode_to_proto
+from services.common.wire.gather_modes import BackboneId, GatherModeName, check_mode, mode_to_proto
 
 DEFAULT_MAX_IN_FLIGHT = 32  # the server's default window: enough to fill its batches from one stream
 _FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.2, 5.0
@@ -41,6 +41,59 @@ _FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.2, 5.0
 # nothing moved for its --stream-idle-timeout-s (say `items` produced nothing for a while); no deadline is ever set on
 # Extract here, so it cannot mean anything else.
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The backbone's own preprocessing (timm's data config): what the extractor does to each image."""
+
+    input_size: tuple[int, ...]  # (C, H, W)
+    interpolation: str  # e.g. "bicubic"
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    crop_mode: str
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What an extractor serves (its Describe answer), as plain values."""
+
+    backbone: BackboneId  # name and weights fingerprint: features of other weights are refused
+    num_blocks: int  # N: k ranges over 1..N
+    tokens: int  # T, prefix (class / register) tokens included
+    dims: int  # D
+    num_prefix_tokens: int
+    pretrained: bool  # False: a random init, whose features carry little meaning
+    warning: str  # set loudly when pretrained is False
+    data_config: DataConfig
+    baselines: dict[str, int]  # method ("lst", "last", "partial", "cls", "mist_f32") -> float32 bytes per image
+    max_image_bytes: int  # larger images get a per-item RESOURCE_EXHAUSTED
+    max_image_pixels: int
+
+    @classmethod
+    def from_proto(cls, message: extractor_pb2.BackboneInfo) -> BackboneInfo:
+        data = message.data_config
+        return cls(
+            backbone=BackboneId.from_proto(message.backbone),
+            num_blocks=message.num_blocks,
+            tokens=message.tokens,
+            dims=message.dims,
+            num_prefix_tokens=message.num_prefix_tokens,
+            pretrained=message.pretrained,
+            warning=message.warning,
+            data_config=DataConfig(
+                tuple(data.input_size),
+                data.interpolation,
+                tuple(data.mean),
+                tuple(data.std),
+                data.crop_pct,
+                data.crop_mode,
+            ),  # fmt: skip
+            baselines={b.method: b.bytes_per_image for b in message.baselines},
+            max_image_bytes=message.max_image_bytes,
+            max_image_pixels=message.max_image_pixels,
+        )
 
 
 class ImageItem(NamedTuple):
@@ -166,10 +219,10 @@ class ExtractorClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def describe(self, timeout_s: float = 10.0) -> extractor_pb2.BackboneInfo:
+    def describe(self, timeout_s: float = 10.0) -> BackboneInfo:
         """The server's backbone (name, fingerprint, N, T, D, data config, pretrained?) and baseline costs."""
         try:
-            return self._stub.Describe(extractor_pb2.DescribeRequest(), timeout=timeout_s)
+            return BackboneInfo.from_proto(self._stub.Describe(extractor_pb2.DescribeRequest(), timeout=timeout_s))
         except grpc.RpcError as error:
             raise domain_error(error) from None
 
@@ -180,7 +233,7 @@ class ExtractorClient:
         mode: GatherModeName = "mist",
         ks: Sequence[int] = (),
         codec: str | CodecConfig = "i8-zstd",
-        expect_backbone: feature_pb2.BackboneId | None = None,
+        expect_backbone: BackboneId | feature_pb2.BackboneId | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> Iterator[ExtractResult]:
         """One result per item, in order, with at most `max_in_flight` images sent and not yet answered.
@@ -195,7 +248,7 @@ class ExtractorClient:
             mode=mode_to_proto(check_mode(mode)), ks=list(ks), codec=codec_config.to_proto()
         )
         if expect_backbone is not None:
-            template.expect_backbone.CopyFrom(expect_backbone)
+            template.expect_backbone.CopyFrom(BackboneId.from_proto(expect_backbone).to_proto())
         return self._results(_Stream(items, template, max_in_flight))
 
     def _results(self, stream: _Stream) -> Iterator[ExtractResult]:

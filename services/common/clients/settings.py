@@ -15,7 +15,7 @@ from services.common.clients.registry import RegistryClient
 from services.common.config import ConfigBase, ConfigError, check_host_port, setting
 from services.common.errors import InvalidArgumentError
 
-DEFAULT_EXTRACTOR = "127.0.0.1:50051"  # mist-extractor --listen 127.0.0.1:50051 (docs/reference/command-line.md)
+DEFAULT_EXTRACTOR = "127.0.0.1:50051"  # mist-extractor --listen 127.0.0.1:50051 (docs/reference/configuration.md)
 DEFAULT_REGISTRY = "127.0.0.1:50052"  # mist-registry --listen 127.0.0.1:50052
 # Per registry call: a push of a ~1 MB edge network takes about a second on a 10 Mbit/s device link; a minute
 # leaves room for slow links and a registry under load without hanging a script forever.

@@ -32,6 +32,24 @@ _MODE_BY_PROTO[feature_pb2.GATHER_MODE_UNSPECIFIED] = "mist"
 
 
 @dataclass(frozen=True)
+class BackboneId:
+    """Which backbone and weights features come from: features of different weights must never be mixed."""
+
+    name: str  # timm model name, e.g. "vit_base_patch16_224"
+    weights_fingerprint: str  # sha256 hex of the weights, or "random-<seed>-<16 hex>" for a random init
+
+    @classmethod
+    def from_proto(cls, message: feature_pb2.BackboneId | BackboneId) -> BackboneId:
+        return cls(message.name, message.weights_fingerprint)
+
+    def to_proto(self) -> feature_pb2.BackboneId:
+        return feature_pb2.BackboneId(name=self.name, weights_fingerprint=self.weights_fingerprint)
+
+    def __str__(self) -> str:
+        return f"{self.name or '<unnamed>'} (weights {self.weights_fingerprint[:16] or '<none>'})"
+
+
+@dataclass(frozen=True)
 class BackboneGeometry:
     """The shape of a ViT backbone as far as gathering is concerned."""
 
