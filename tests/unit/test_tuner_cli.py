@@ -11,9 +11,9 @@ import socket
 
 import pytest
 
+from services.common.config import env_name, flag_name
 from services.common.errors import InvalidArgumentError
 from services.tuner import cli
-from services.common.config import env_name, flag_name
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
