@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from services.common.checks import check_int
 from services.common.errors import InvalidArgumentError
 
 
@@ -66,8 +67,7 @@ def cache_key(backbone_id: str, image_digest: str, mode: str, k: int, codec: str
     ):
         if not isinstance(value, str) or not value:
             raise InvalidArgumentError(f"cache key part {label} must be a non-empty string; got {value!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise InvalidArgumentError(f"cache key part k must be an integer >= 0; got {k!r}")
+    check_int("cache key part k", k, minimum=0)
     return CacheKey(backbone_id, image_digest, mode, k, codec)
 
 
@@ -75,8 +75,7 @@ class FeatureCache:
     """Thread-safe LRU of bytes values bounded by the total value size."""
 
     def __init__(self, max_bytes: int) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise InvalidArgumentError(f"max_bytes must be an integer >= 0 (0 disables the cache); got {max_bytes!r}")
+        check_int("max_bytes", max_bytes, minimum=0)  # 0 disables the cache
         self.max_bytes = max_bytes
         self._entries: OrderedDict[CacheKey, bytes] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.checks import check_int
 from services.common.errors import InvalidArgumentError
 from services.tuner.feature_store import FeatureStore
 
@@ -69,8 +70,7 @@ def collect_predictions(
     model: nn.Module, store: FeatureStore, k: int, indices: Sequence[int], *, batch_size: int = DEFAULT_BATCH_SIZE
 ) -> Predictions:
     """Run `model` over the stored k features of `indices`, decoding one batch at a time."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, minimum=1)
     positions = list(indices)
     labels, predicted = [], []
     loss_sum = 0.0

@@ -490,7 +490,7 @@ def test_evaluate_bad_arguments():
         evaluate(_FirstTokenLogits(), store, 1, val, ["a", "b"])
     with pytest.raises(InvalidArgumentError, match="at least one image"):
         evaluate(_FirstTokenLogits(), store, 1, [], ["a", "b", "c"])
-    with pytest.raises(InvalidArgumentError, match="batch_size must be a positive integer"):
+    with pytest.raises(InvalidArgumentError, match="batch_size must be an integer >= 1"):
         evaluate(_FirstTokenLogits(), store, 1, val, ["a", "b", "c"], batch_size=0)
 
 
