@@ -64,6 +64,8 @@ bench-quick: setup system-deps
 
 lint: setup tools proto-check
 	$(PY) -m ruff check services tests scripts bench
+	$(PY) -m ruff format --check services tests scripts bench
+	$(PY) scripts/gen_cli_docs.py --check
 	$(PY) scripts/check_manifests.py
 	$(PY) scripts/build_monitoring.py --check
 
