@@ -37,7 +37,7 @@ from services.common.config import ConfigError, ServerConfig
 from services.common.logging_setup import TextFormatter, redact
 from services.common.serving.auth import Principal
 from services.common.serving.metrics import BindError, GrpcMetrics, new_metrics_registry, start_metrics_server
-from services.common.serving.rpc import STATUS_BY_ERROR, handles_errors
+from services.common.serving.rpc import handles_errors, status_for
 from services.common.serving.server import ServiceSetup, create_server, serve
 from tests.helpers.certs import CertPaths, make_certs
 from tests.helpers.plumbing_server import FAKE_SECRET, SERVICE, Plumbing, add_plumbing
@@ -124,11 +124,14 @@ def test_set_serving_flips_one_service() -> None:
 def test_table_agrees_with_error_classes() -> None:
     domain = {cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.MistError)}
 
-    assert set(STATUS_BY_ERROR) == domain
-    assert {cls: code.name for cls, code in STATUS_BY_ERROR.items()} == {cls: cls.code for cls in domain}
+    assert set(errors.ERRORS) == domain - {errors.MistError}
+    assert {cls: status_for(cls("x")).name for cls in errors.ERRORS} == {cls: cls.code for cls in errors.ERRORS}
+    assert {cls: errors.error_for_code(cls.code, "x").__class__ for cls in errors.ERRORS} == {
+        c: c for c in errors.ERRORS
+    }
 
 
-@pytest.mark.parametrize("error", sorted(STATUS_BY_ERROR, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("error", sorted(errors.ERRORS, key=lambda c: c.__name__), ids=lambda c: c.__name__)
 def test_mist_error_maps_to_its_code(error: type[errors.MistError]) -> None:
     async def scenario() -> grpc.aio.AioRpcError:
         async with running() as (port, _), create_aio_channel(f"127.0.0.1:{port}", retried_methods=NO_RETRY) as ch:
@@ -138,7 +141,7 @@ def test_mist_error_maps_to_its_code(error: type[errors.MistError]) -> None:
 
     rpc_error = run(scenario())
 
-    assert rpc_error.code() == STATUS_BY_ERROR[error]
+    assert rpc_error.code() == grpc.StatusCode[error.code]
     assert rpc_error.details() == f"{error.__name__} raised on purpose"
 
 
