@@ -24,7 +24,7 @@ import safetensors.torch
 from bench.common import child_env  # no MIST_* variables: a server refuses unknown ones (MIST_STRESS_SCALE...)
 from services.common.clients.extractor import ExtractorClient
 from services.common.clients.registry import RegistryClient
-from services.common.errors import UnavailableError
+from services.common.errors import MistError
 from services.common.pb import extractor_pb2, extractor_pb2_grpc, feature_pb2, tuner_pb2, tuner_pb2_grpc
 from services.common.wire.edge_spec import EdgeNetworkConfig
 from services.extractor.backbone import LoadedBackbone, weights_fingerprint
@@ -59,7 +59,7 @@ def refused(call: Callable[[], object]) -> str:
         call()
     except grpc.RpcError as error:
         return error.code().name
-    except UnavailableError as error:
+    except MistError as error:  # the clients raise the domain error of the status
         return error.code
     return "OK"
 
@@ -203,6 +203,8 @@ def status(call: Callable[[], object]) -> tuple[str, str]:
             list(result)
     except grpc.RpcError as error:
         return error.code().name, error.details()
+    except MistError as error:  # the clients raise the domain error of the status
+        return error.code, str(error)
     return "OK", ""
 
 
