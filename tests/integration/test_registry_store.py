@@ -37,6 +37,7 @@ from services.common.errors import (
 from services.common.wire.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig, state_shapes, trainable_parameters
 from services.registry.records import Principal, Task
 from services.registry.store import RegistryStore, hash_token, max_blob_bytes, open_store
+from tests.helpers.postgres import PostgresServer
 from tests.helpers.registry import all_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -676,15 +677,11 @@ def test_pooled_connections_the_server_dropped_are_replaced(postgres_server):
     assert (task.name, version.number) == ("cats", 1)
 
 
-def _backends(url: str, application_name: str) -> list[int]:
-    return [
-        row[0]
-        for row in raw_query(
-            url,
-            "SELECT pid FROM pg_stat_activity WHERE application_name = ? AND pid <> pg_backend_pid()",
-            (application_name,),
-        )
-    ]
+def _backends(server: PostgresServer, application_name: str) -> list[int]:
+    """The server processes serving connections named `application_name`, asked over a connection named otherwise
+    (a connection of that name that was just closed may still be listed while its process exits)."""
+    sql = "SELECT pid FROM pg_stat_activity WHERE application_name = ?"
+    return [row[0] for row in raw_query(server.url(), sql, (application_name,))]
 
 
 def test_a_connection_killed_server_side_is_not_handed_to_the_next_call(postgres_server):
@@ -694,17 +691,17 @@ def test_a_connection_killed_server_side_is_not_handed_to_the_next_call(postgres
     try:
         store.create_task(make_task())
         deadline = time.monotonic() + 10
-        while len(backends := _backends(url, "mist-kill-test")) != 1 and time.monotonic() < deadline:
+        while len(backends := _backends(postgres_server, "mist-kill-test")) != 1 and time.monotonic() < deadline:
             time.sleep(0.05)  # the connection open_store tried the server with may still be on its way out
         [killed] = backends
-        raw_query(url, "SELECT pg_terminate_backend(?)", (killed,))
-        while killed in _backends(url, "mist-kill-test") and time.monotonic() < deadline:
+        raw_query(postgres_server.url(), "SELECT pg_terminate_backend(?)", (killed,))
+        while killed in _backends(postgres_server, "mist-kill-test") and time.monotonic() < deadline:
             time.sleep(0.05)
 
         # Execute: the next calls would fail on the dead connection (nothing retries them); they get a new one.
         version = store.push_version("cats", make_blob(), parent_version=0)
         task = store.get_task("cats")
-        after = _backends(url, "mist-kill-test")
+        after = _backends(postgres_server, "mist-kill-test")
     finally:
         store.close()
 
@@ -734,3 +731,24 @@ def test_a_call_that_finds_every_connection_busy_is_unavailable_after_the_timeou
     # Assert
     assert "within 0.3 s" in str(caught.value) or "busy for 0.3 s" in str(caught.value)
     assert 0.25 < waited < 5 and listed.items == []
+
+
+def test_closing_the_store_closes_its_postgresql_connections(postgres_server):
+    # Prepare: a store that has opened several connections.
+    url = postgres_server.create_schema() + "&application_name=mist-close-test"
+    store = open_store(url)
+    store.create_task(make_task())
+    _race(store, 4, lambda i: store.get_task("cats").latest_version)
+    opened = len(_backends(postgres_server, "mist-close-test"))
+
+    # Execute
+    store.close()
+    deadline = time.monotonic() + 10
+    while _backends(postgres_server, "mist-close-test") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    # Assert
+    assert opened >= 1
+    assert _backends(postgres_server, "mist-close-test") == []
+    with pytest.raises(UnavailableError, match="closed"):
+        store.get_task("cats")
