@@ -13,6 +13,8 @@ TOOLS_VENV ?= .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.mist-installed
 CHECKOV_VERSION ?= 3.3.30
 PYTEST_ARGS ?=
+# e.g. make demo DEMO_ARGS='--epochs 5 --workdir /tmp/demo' (flags of `mist demo --help`)
+DEMO_ARGS ?=
 
 .PHONY: setup tools system-deps proto proto-check test stress demo bench bench-quick lint clean
 
@@ -54,7 +56,7 @@ stress: setup system-deps $(STRESS_STAMP)
 	$(PY) -m pytest -q -s -m stress $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m services.tuner.cli demo
+	$(PY) -m services.tuner.cli demo $(DEMO_ARGS)
 
 bench: setup system-deps
 	$(PY) -m bench.run
