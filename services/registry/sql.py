@@ -26,6 +26,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +49,11 @@ _MIGRATION_LOCK_ID = 0x6D697374
 # A pooled PostgreSQL connection is replaced after this long (psycopg_pool adds jitter): server-side memory a long
 # session accumulates is returned, and after a failover or DNS change every connection soon reaches the new server.
 _PG_MAX_LIFETIME_S = 30 * 60.0
+# A connection slot whose reconnection keeps failing is given up after this long, and reopened at the next call's
+# request: psycopg_pool's back-off (1, 2, 4... s) would otherwise keep the registry down for long after an outage.
+_PG_RECONNECT_S = 5.0
+# How long a call waits for a pooled connection before it checks that PostgreSQL can be reached at all.
+_PG_FIRST_WAIT_S = 1.0
 # SQLSTATE 53300: every connection slot is taken, a transient state that waiting (or another replica) can cure.
 _PG_TOO_MANY_CONNECTIONS = "53300"
 _POOL_LOGGER = logging.getLogger("psycopg.pool")
@@ -278,6 +284,7 @@ class _PostgresPool:
             check=self._check,
             timeout=wait_s,
             max_lifetime=_PG_MAX_LIFETIME_S,
+            reconnect_timeout=_PG_RECONNECT_S,
             name="registry-db",
         )
         self.connect_once()  # a clear error now, rather than a pool that keeps retrying in the background
@@ -307,19 +314,30 @@ class _PostgresPool:
             raise
 
     def acquire(self) -> Any:
-        from psycopg_pool import PoolClosed, PoolTimeout
+        from psycopg_pool import PoolTimeout
+
+        deadline = time.monotonic() + self._wait_s
+        try:
+            return self._getconn(min(self._wait_s, _PG_FIRST_WAIT_S))
+        except PoolTimeout:
+            # Unreachable PostgreSQL is the usual reason to wait: say so now, not after the whole wait (a metrics
+            # scrape reads the store too, and must report it down before the scrape itself times out).
+            self.connect_once()
+        try:
+            return self._getconn(deadline - time.monotonic())
+        except PoolTimeout:
+            raise UnavailableError(
+                f"no connection to PostgreSQL at {self._where} became free within {self._wait_s:g} s "
+                f"(all {self._max_size} busy or being replaced); retry"
+            ) from None
+
+    def _getconn(self, timeout_s: float) -> Any:
+        from psycopg_pool import PoolClosed
 
         try:
-            return self._pool.getconn()
+            return self._pool.getconn(timeout=max(timeout_s, 0.001))
         except PoolClosed:
             raise UnavailableError("the registry store is closed") from None
-        except PoolTimeout:
-            pass
-        self.connect_once()  # raises when PostgreSQL cannot be reached, the usual reason for the wait
-        raise UnavailableError(
-            f"no connection to PostgreSQL at {self._where} became free within {self._wait_s:g} s "
-            f"(all {self._max_size} busy or being replaced); retry"
-        )
 
     def release(self, conn: Any, broken: bool) -> None:
         if broken:

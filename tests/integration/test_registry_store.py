@@ -752,3 +752,33 @@ def test_closing_the_store_closes_its_postgresql_connections(postgres_server):
     assert _backends(postgres_server, "mist-close-test") == []
     with pytest.raises(UnavailableError, match="closed"):
         store.get_task("cats")
+
+
+def test_a_database_that_refuses_connections_is_unavailable_at_once_and_recovers(postgres_server):
+    # Prepare: a store on its own database, then that database refuses connections and loses the ones it had.
+    url = postgres_server.create_database()
+    name = url.rsplit("/", 1)[1]
+    store = open_store(url)
+    try:
+        store.create_task(make_task())
+        raw_query(postgres_server.url(), f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
+        raw_query(
+            postgres_server.url(), "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ?", (name,)
+        )
+
+        # Execute
+        started = time.monotonic()
+        with pytest.raises(UnavailableError) as caught:
+            store.get_task("cats")
+        waited = time.monotonic() - started
+        raw_query(postgres_server.url(), f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
+        task = store.get_task("cats")
+    finally:
+        store.close()
+
+    # Assert: told why within about a second (not after the 10 s pool timeout), and served again once it can be.
+    assert "cannot connect to PostgreSQL" in str(caught.value) and "not currently accepting connections" in str(
+        caught.value
+    )
+    assert waited < 5
+    assert task.name == "cats"
