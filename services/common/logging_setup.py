@@ -1,15 +1,13 @@
-"""Logging for every mist process: text or JSON lines on stderr, bearer tokens redacted from every line.
+"""Logging for every mist process: text or JSON lines on stderr, bearer tokens redacted from every line, and startup
+lines held back so that the "listening on" line always comes first.
 
-Startup log lines can be held back so that the "listening on" line is always the first one printed.
+    configure_logging("info", "json")                          # root logger; a second call replaces the handler
+    held = hold_logs()                                         # records wait in a buffer...
+    held.release("mist-registry listening on 0.0.0.0:50052")   # ...and follow this line, in order
+    log.info("tokens from %s", loggable_path(path))            # "/srv/secrets/tokens.txt" -> ".../tokens.txt"
 
-API summary:
-
-    configure_logging(level="info", fmt="text", *, stream=None) -> logging.Handler   (idempotent; root logger)
-    hold_logs() -> HeldLogs      buffer every record until HeldLogs.release(first_message) prints
-                                 first_message, then the held records, then resumes normal logging
-    redact(text) -> str          "Bearer abc" -> "Bearer ***" (also applied to every formatted line)
-    loggable_path(path) -> str   "/srv/secrets/tokens.txt" -> ".../tokens.txt": logs name files, never the
-                                 host's directory layout (relative paths and "" stay as they are)
+Every formatted line goes through `redact` ("Bearer abc" -> "Bearer ***"), whoever built the message, and logs
+name files, never the host's directory layout (relative paths stay as they are).
 """
 
 from __future__ import annotations

@@ -1,23 +1,17 @@
 """Dynamic batching across every open stream: items from all callers are grouped up to a maximum batch size or a
 maximum queue delay, run through one blocking function in a worker thread, and each caller gets its own result.
 
-API
-    DynamicBatcher(run_batch, *, max_batch_size, max_queue_delay_ms, max_queue_items, executor=None, on_batch=None)
-        run_batch(items: list[T]) -> list[R]   blocking, one result per item in order; an Exception instance in a
-                                               slot is raised to that item's caller only
-        await batcher.submit(item) -> R        queue one item and wait for its result
-        batcher.start() / await batcher.close(drain=True)   or `async with batcher:`
-        batcher.stats -> BatcherStats          cumulative counters and the current queue length
-        on_batch(BatchRecord)                  called on the event loop after every batch (size, waits, run time)
+    def forward(items: list[torch.Tensor]) -> list[np.ndarray]: ...   # blocking; one result per item, in order
 
-Semantics: one batch runs at a time (the accelerator is the bottleneck) while the next one fills. A batch starts
-when it is full or when its oldest item has waited `max_queue_delay_ms`; after a batch, items that already
-waited that long go at once. More than `max_queue_items` waiting items -> ResourceExhaustedError at submit
-(back-pressure instead of unbounded memory; items of the running batch do not count). A caller cancelled before
-its batch starts is dropped from it; one cancelled later just never reads its result. An exception from
-run_batch fails that batch's callers only. After close(), submit -> UnavailableError; close(drain=True) runs
-what is queued without waiting for the delay, close(drain=False) fails it with UnavailableError.
-One batcher belongs to the event loop it was started on.
+    async with DynamicBatcher(forward, max_batch_size=32, max_queue_delay_ms=5.0, max_queue_items=256) as batcher:
+        features = await batcher.submit(tensor)   # this item's result, or its exception
+
+Scheduling: one batch runs at a time while the next one fills; it starts when full or when its oldest item has
+waited max_queue_delay_ms. Past max_queue_items waiting items, submit raises ResourceExhaustedError (the running
+batch does not count). A caller cancelled before its batch starts is dropped from it. An exception from run_batch
+fails that batch's callers only; an Exception in a result slot, that item's caller only. After close(), submit
+raises UnavailableError; close(drain=True) runs what is queued without waiting for the delay, drain=False fails
+it. A batcher belongs to the event loop it started on.
 """
 
 from __future__ import annotations

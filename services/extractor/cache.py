@@ -1,20 +1,14 @@
 """An LRU cache of encoded extractor results, bounded in bytes: a hit skips decoding and the forward pass entirely.
 
-Keys name everything that determines the bytes (backbone and weights, image content, gather mode, k, codec), so a
-hit can never return features of other weights or another encoding.
+    cache = FeatureCache(max_bytes=256 << 20)   # 0 disables it: every get misses, put stores nothing
+    key = cache_key(backbone_id, image_sha256(image_bytes), "mist", 4, "f16-zstd")   # backbone_id: "name@fingerprint"
+    data = cache.get(key)                        # bytes or None; a hit becomes the most recently used entry
+    if data is None:
+        cache.put(key, tensor.SerializeToString())   # False when the value alone exceeds max_bytes
 
-API
-    image_sha256(image_bytes) -> str                               hex digest, the image part of a key
-    cache_key(backbone_id, image_digest, mode, k, codec) -> CacheKey   validated, hashable (a NamedTuple)
-    FeatureCache(max_bytes)                                          0 disables it (every get misses, put stores nothing)
-        .get(key) -> bytes | None       a hit also marks the entry most recently used
-        .put(key, value: bytes) -> bool False when the value alone is larger than max_bytes (not stored)
-        .stats() -> CacheStats          hits, misses, evictions, skipped_oversize, entries, bytes, max_bytes
-        .clear(), len(cache), key in cache (neither touches recency nor counters)
-
-Sizes count the value bytes only (a serialized FeatureTensor is kilobytes to megabytes; the key and bookkeeping
-add a few hundred bytes per entry, not counted). Every operation is O(1) under one lock, so the cache can be
-shared by the event loop and decode/encode worker threads.
+Keys name everything that determines the bytes (backbone and weights, image content, gather mode, k, codec), so
+a hit can never return features of other weights or another encoding; cache_key refuses empty parts. Sizes count
+the value bytes only. Every operation is O(1) under one lock: the event loop and worker threads share one cache.
 """
 
 from __future__ import annotations

@@ -1,25 +1,16 @@
 """Decode untrusted JPEG / PNG / WebP bytes safely and preprocess them with timm's own eval transform for the
 backbone (resize, centre crop, normalise), so the extractor sees exactly what timm's evaluation would.
 
-API
-    ImagePreprocessor(data_config, *, max_image_bytes=20 MiB, max_image_pixels=40_000_000)
-        data_config: timm's resolved data config (LoadedBackbone.data_config); the transform is
-        timm.data.create_transform(**data_config, is_training=False).
-        .decode(image_bytes) -> torch.Tensor [3, H, W] float32 at data_config["input_size"]
-        .load_image(image_bytes) -> PIL.Image.Image   the size-checked RGB image, before the transform
-        .decode_many(images) -> list[Tensor | ImageDecodeError]   one result per input, errors in place
-    ImageDecodeError(InvalidArgumentError)   .reason (DecodeFailure) + .to_item_error() -> feature_pb2.ItemError
-                                             (code RESOURCE_EXHAUSTED for image_too_large, else INVALID_ARGUMENT)
-    DecodeFailure = Literal["empty_image", "undecodable_image", "image_too_large", "unsupported_format"]
+    preprocessor = ImagePreprocessor(backbone.data_config, max_image_bytes=20 << 20, max_image_pixels=40_000_000)
+    try:
+        tensor = preprocessor.decode(image_bytes)   # [3, H, W] float32 at data_config["input_size"]
+    except ImageDecodeError as error:               # .reason: "image_too_large", "undecodable_image", ...
+        item_error = error.to_item_error()          # RESOURCE_EXHAUSTED for image_too_large, else INVALID_ARGUMENT
 
-Safety: the byte limit is checked before parsing, the pixel limit from the header before any pixel is decoded
-(and Pillow's DecompressionBombError is caught too), so a 10000x10000 PNG of a few KB costs microseconds, not
-300 MB. Truncated files fail instead of being padded (Pillow's LOAD_TRUNCATED_IMAGES is left off).
-
-Colour: every mode becomes RGB the way timm's datasets do (`convert("RGB")`: alpha is dropped, palette and CMYK
-are converted), except 16-bit grayscale, which is scaled to 8 bits (value / 257) instead of saturating at 255.
-An EXIF orientation tag is applied (`ImageOps.exif_transpose`), so a phone photo is seen the way it is shown.
-Animated WebP / APNG: the first frame.
+Safety: the byte limit is checked before parsing and the pixel limit from the header before any pixel is decoded
+(Pillow's DecompressionBombError is caught too); truncated files fail instead of being padded. Colour: every mode
+becomes RGB as in timm's datasets (`convert("RGB")`), except 16-bit grayscale, scaled to 8 bits (value / 257)
+instead of saturating; the EXIF orientation is applied; animated WebP / APNG give their first frame.
 """
 
 from __future__ import annotations

@@ -1,21 +1,17 @@
-"""gRPC client plumbing: channels to mist servers with TLS / mutual TLS, bearer tokens, size limits,
-keepalive and automatic retries of idempotent calls on UNAVAILABLE (a draining or restarting replica).
+"""gRPC channels from every mist client to mist servers: TLS / mutual TLS, bearer tokens, size limits, keepalive and
+automatic retries of idempotent calls on UNAVAILABLE (a draining or restarting replica).
 
-API summary (names are stable):
+    channel = create_channel("registry:50052", tls_ca="ca.pem", token=token)   # create_aio_channel: same arguments
+    wait_for_ready(channel, timeout_s=10)                                       # TimeoutError if not connected
+    stub = registry_pb2_grpc.RegistryStub(channel)
+    with domain_errors("registry: "):                                           # NOT_FOUND -> NotFoundError, ...
+        task = stub.GetTask(registry_pb2.GetTaskRequest(name="cats"))
+    health_check("127.0.0.1:50051", timeout_s=2)   # "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN"
 
-    create_channel(target, *, tls=False, tls_ca=None, client_cert=None, client_key=None, token=None,
-                   server_name=None, max_message_bytes=16 MiB, keepalive_time_s=30, keepalive_timeout_s=10,
-                   retried_methods=RETRIED_METHODS) -> grpc.Channel
-    create_aio_channel(same arguments) -> grpc.aio.Channel
-        TLS is on when tls=True or any of tls_ca / client_cert is given (tls_ca None: system roots).
-        The token goes as `authorization: Bearer <token>`: call credentials over TLS, an interceptor in
-        plaintext (gRPC refuses call credentials on insecure channels); plaintext beyond loopback warns.
-    RETRIED_METHODS       the idempotent (service, method) pairs retried on UNAVAILABLE (others never are);
-                          pass retried_methods=() to turn retries off
-    service_config_json(retried=RETRIED_METHODS) -> str
-    wait_for_ready(channel, timeout_s) / await wait_for_ready_async(channel, timeout_s)   TimeoutError if not
-    health_check(target, service="", *, timeout_s=5.0, **channel_kwargs) -> "SERVING" | "NOT_SERVING" |
-        "SERVICE_UNKNOWN" | "UNKNOWN";  await health_check_async(...) the same; other RPC errors propagate
+TLS is on when tls=True or tls_ca / client_cert is given (tls_ca None: the system roots). The token goes as
+`authorization: Bearer <token>`: call credentials over TLS, an interceptor in plaintext (gRPC refuses call
+credentials there), with a warning beyond loopback. Only RETRIED_METHODS are retried, streams only until their
+first response, so nothing is applied twice; retried_methods=() turns retries off.
 """
 
 from __future__ import annotations

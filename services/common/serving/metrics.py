@@ -1,12 +1,13 @@
 """Prometheus metrics every mist server exports: per-method gRPC calls, latency and calls in flight, on a registry
 of the server's own (process, platform and GC metrics included), served over HTTP on its own port.
 
-    GrpcMetrics(registry, prefix)          <prefix>_grpc_requests_total{method,code},
-                           <prefix>_grpc_request_duration_seconds{method}, <prefix>_grpc_requests_in_flight{method}
-    metric_prefix(service_name) -> str      'mist-registry' -> 'mist_registry'
-    new_metrics_registry() -> CollectorRegistry   own registry per server + process/platform/gc collectors
-    start_metrics_server(listen, registry) -> (stop_fn, port | None)   "" / "off" -> (no-op, None)
-    BindError              an address that cannot be bound (names the flag)
+    registry = new_metrics_registry()
+    metrics = GrpcMetrics(registry, metric_prefix("mist-registry"))   # mist_registry_grpc_requests_total{method,code}
+    server, port, health = await create_server(config, add_services, metrics=metrics)
+    stop, metrics_port = start_metrics_server("0.0.0.0:9102", registry)   # "" or "off": serves nothing, port None
+
+A registry per server lets several servers share one process (tests do). An address that cannot be bound raises
+BindError, which names the flag.
 """
 
 from __future__ import annotations

@@ -1,20 +1,22 @@
 """The gRPC server every mist service runs: one factory (TLS, auth, metrics, health, reflection, limits), graceful
-drain on SIGTERM, and the main() body of each server. What runs around each call lives in rpc.py (error table,
-@handles_errors), auth.py (bearer tokens) and server_metrics.py (Prometheus).
+drain on SIGTERM, and the body of each server's main().
 
-API summary (names are stable; the extractor, registry and tuner build on them):
+    async def build(config: TunerConfig, registry: CollectorRegistry) -> ServiceSetup:
+        servicer = TunerServicer(config, TunerMetrics(registry))
 
-    server_options(config) -> list[(name, value)]  every grpc channel arg of a server, each commented
-    await create_server(config, add_services, *, token_validator=None, extra_interceptors=(), metrics=None)
-        -> (grpc.aio.Server, bound port, HealthHandle)     started; add_services(server) returns service names
-    HealthHandle           .set_serving(service, serving), .begin_drain(), .wait_idle(timeout_s), .in_flight
-    await shutdown(server, health, grace_s)   NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight finish
-    ServiceSetup(add_services, token_validator=None, extra_interceptors=(), on_shutdown=None)
-    await serve(config, build, *, service_name, stop_event=None) -> exit code
-        build(config, registry) -> Awaitable[ServiceSetup]; logs "<service_name> listening on HOST:PORT
-        (metrics on HOST:PORT)" as the first line; SIGTERM/SIGINT drain within config.grace_s, then run
-        on_shutdown (after the gRPC server stopped), exit 0; a second signal cancels in-flight calls at once
-    run_service(config_cls, build, *, service_name, argv=None, allowed_env=()) -> int   the body of a main()
+        def add_services(server: grpc.aio.Server) -> list[str]:
+            tuner_pb2_grpc.add_TunerServicer_to_server(servicer, server)
+            return [SERVICE_NAME]  # marked SERVING in grpc.health.v1
+
+        return ServiceSetup(add_services=add_services)
+
+    def main(argv=None) -> int:
+        return run_service(TunerConfig, build, service_name="mist-tuner", argv=argv)  # flags/env, serve, exit code
+
+The "<service> listening on HOST:PORT" line is always the first one logged. On SIGTERM/SIGINT every service turns
+NOT_SERVING, new calls get UNAVAILABLE and those in flight get config.grace_s; then on_shutdown runs (after the
+gRPC server stopped) and the exit code is 0. A second signal cancels in-flight calls at once. What runs around each
+call lives in rpc.py (errors.py's domain errors -> status codes), auth.py (bearer tokens) and metrics.py.
 """
 
 from __future__ import annotations

@@ -1,19 +1,13 @@
 """Safetensors parsing and validation of pushed edge-network weights, without torch and never pickle.
 
-The registry checks every blob before storing it: checksum and size, a strict parse that survives hostile
-headers with bounded memory, float dtypes only, names and shapes exactly as the task's edge network, and
-finite values (bf16 included, by bit pattern).
+    summary = validate_weights(blob, state_shapes(config), declared_sha256=sha256, declared_size=size)  # the registry
+    summary.sha256, summary.parameter_count, summary.metadata
+    config, metadata = check_edge_weights(blob, expected=task_config)   # the tuner, before loading anything
+    info = parse_safetensors(blob).tensors[name]                        # .dtype, .shape, .start, .end
 
-API:
-    parse_safetensors(blob, *, max_header_bytes=MAX_HEADER_BYTES) -> ParsedSafetensors
-    inspect_safetensors(blob, *, max_header_bytes=MAX_HEADER_BYTES) -> dict[str, TensorInfo]
-    validate_weights(blob, expected_shapes, *, declared_sha256=None, declared_size=None) -> WeightsSummary
-    check_edge_weights(blob, expected=None) -> (EdgeNetworkConfig, metadata)   the tuner's check before loading
-    sha256_hex(blob) -> str
-
-Errors: InvalidArgumentError ("not a valid safetensors file: ...", non-float dtype, NaN/Inf, malformed
-declared sha256), DataLossError (sha256 or size differs from the declared one), FailedPreconditionError
-(tensor names or shapes differ from the expected ones).
+Checks run cheapest to blame first: checksum and size (DataLossError); a strict parse that survives hostile headers
+with bounded memory, and float dtypes only (InvalidArgumentError); names and shapes exactly as the task's edge
+network (FailedPreconditionError); finite values, bf16 included, by bit pattern (InvalidArgumentError).
 """
 
 from __future__ import annotations
