@@ -57,7 +57,8 @@ class DataLossError(MistError):
 
 
 class ResourceExhaustedError(MistError):
-    """Too many streams or items in flight, a message or image over its size limit."""
+    """Too many streams or items in flight, a message or image over its size limit, a registry whose database or
+    disk is full (retrying elsewhere does not help a shared database: the operator must make room)."""
 
     code = "RESOURCE_EXHAUSTED"
 

@@ -20,7 +20,7 @@ from typing import Any, Generic, Literal, TypeVar, get_args
 
 from services.common.errors import InvalidArgumentError
 from services.common.wire.edge_spec import EdgeNetworkConfig
-from services.common.wire.gather_modes import GatherModeName, check_mode
+from services.common.wire.gather_modes import BackboneId, GatherModeName, check_mode
 
 ScopeName = Literal["admin", "read", "read_write"]
 SCOPES: tuple[ScopeName, ...] = get_args(ScopeName)
@@ -60,6 +60,10 @@ class Task:
 
     def edge_config(self) -> EdgeNetworkConfig:
         return EdgeNetworkConfig.from_dict(self.edge)
+
+    @property
+    def backbone(self) -> BackboneId:
+        return BackboneId(self.backbone_name, self.backbone_fingerprint)
 
     def same_definition(self, other: Task) -> bool:
         """Equal in everything a user chose (not in created_at and latest_version, which the store sets)."""

@@ -1,7 +1,7 @@
 """Every conversion between the registry's records (services/registry/records.py) and its protobuf messages.
 
-The servicer calls these and nothing else touches both worlds; `*_from_proto` only reshapes, the store
-validates (so a bad field is INVALID_ARGUMENT with the store's message, whichever way it arrived).
+The servicer and RegistryClient call these, and nothing else touches both worlds; `*_from_proto` only reshapes,
+the store validates (so a bad field is INVALID_ARGUMENT with the store's message, whichever way it arrived).
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def task_to_proto(task: Task) -> registry_pb2.Task:
 
 
 def task_from_proto(message: registry_pb2.Task) -> Task:
-    """A task definition from a CreateTask request; created_at and latest_version are the store's to set.
-
-    Zero edge-network hyperparameters take their defaults, and a zero num_classes is the class count.
+    """The record of a Task message: a CreateTask definition (the store sets created_at and latest_version) or a
+    server's answer (the client keeps them). Zero edge-network settings take their defaults, a zero num_classes
+    is the class count.
     """
     classes = tuple(message.class_names)
     edge = EdgeNetworkConfig.from_proto(message.edge, num_classes=len(classes) or None)
@@ -85,6 +85,8 @@ def task_from_proto(message: registry_pb2.Task) -> Task:
         class_names=classes,
         edge=edge.to_dict(),
         description=message.description,
+        created_at=timestamp_from_proto(message.created_at) if message.HasField("created_at") else None,
+        latest_version=message.latest_version,
     )
 
 
@@ -171,6 +173,16 @@ def alias_to_proto(alias: Alias) -> registry_pb2.Alias:
     )
 
 
+def alias_from_proto(message: registry_pb2.Alias) -> Alias:
+    return Alias(
+        task=message.task,
+        name=message.name,
+        version=message.version,
+        updated_at=timestamp_from_proto(message.updated_at),
+        updated_by=message.updated_by,
+    )
+
+
 def alias_move_to_proto(move: AliasMove) -> registry_pb2.AliasMove:
     return registry_pb2.AliasMove(
         task=move.task,
@@ -179,6 +191,17 @@ def alias_move_to_proto(move: AliasMove) -> registry_pb2.AliasMove:
         to_version=move.to_version,
         moved_at=timestamp_to_proto(move.moved_at),
         moved_by=move.moved_by,
+    )
+
+
+def alias_move_from_proto(message: registry_pb2.AliasMove) -> AliasMove:
+    return AliasMove(
+        task=message.task,
+        name=message.name,
+        from_version=message.from_version,
+        to_version=message.to_version,
+        moved_at=timestamp_from_proto(message.moved_at),
+        moved_by=message.moved_by,
     )
 
 

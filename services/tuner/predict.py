@@ -25,10 +25,9 @@ import torch
 from services.common.clients.extractor import DEFAULT_MAX_IN_FLIGHT, ExtractorClient, ImageItem
 from services.common.clients.registry import PulledVersion, RegistryClient
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
-from services.common.pb import feature_pb2, registry_pb2
+from services.common.pb import feature_pb2
 from services.common.wire.codec import CodecConfig, decode_feature
-from services.common.wire.edge_spec import EdgeNetworkConfig
-from services.common.wire.gather_modes import BackboneId
+from services.registry.records import Task, Version
 from services.tuner.data import IMAGE_EXTENSIONS, SPLITS, Dataset, load_dataset
 from services.tuner.edge_network import EdgeNetwork, from_safetensors_bytes
 from services.tuner.evaluation import EvaluationReport, evaluate
@@ -45,8 +44,8 @@ _STATUS_NAMES = {status.value[0]: status.name for status in grpc.StatusCode}  # 
 class LoadedVersion:
     """A version's network, ready to classify, and what its features must look like."""
 
-    task: registry_pb2.Task  # class names, backbone, edge network
-    version: registry_pb2.Version  # number, sha256, metrics, lineage
+    task: Task  # class names, backbone, edge network
+    version: Version  # number, sha256, metrics, lineage
     model: EdgeNetwork  # in eval mode
     k: int  # the gather depth the weights were trained on
     codec: str  # canonical codec name the features were trained with
@@ -54,7 +53,7 @@ class LoadedVersion:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return tuple(self.task.class_names)
+        return self.task.class_names
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ def load_version(
 ) -> LoadedVersion:
     """Pull (or take from the cache) a version by number, alias or, with neither, the latest; load it strictly."""
     pulled = registry.pull(task, version=version, alias=alias)
-    config = EdgeNetworkConfig.from_proto(pulled.task.edge)
+    config = pulled.task.edge_config()
     model, metadata = from_safetensors_bytes(pulled.blob, config)
     return LoadedVersion(task=pulled.task, version=pulled.version, model=model.eval(),
                          k=_version_k(pulled, metadata), codec=_version_codec(pulled, metadata),
@@ -115,7 +114,7 @@ def _version_k(pulled: PulledVersion, metadata: dict[str, str]) -> int:
 
 def _version_codec(pulled: PulledVersion, metadata: dict[str, str]) -> str:
     text = metadata.get(METADATA_CODEC) or pulled.version.tags.get("codec")
-    return CodecConfig.parse(text).name if text else CodecConfig.from_proto(pulled.task.codec).name
+    return CodecConfig.parse(text).name if text else CodecConfig.parse(pulled.task.codec).name
 
 
 def predict_images(
@@ -138,7 +137,7 @@ def predict_images(
         mode="mist",
         ks=(loaded.k,),
         codec=loaded.codec,
-        expect_backbone=BackboneId.from_proto(loaded.task.backbone),
+        expect_backbone=loaded.task.backbone,
         max_in_flight=max_in_flight,
     )
     for result in results:
@@ -254,7 +253,7 @@ def evaluate_path(
         extractor,
         ks=(loaded.k,),
         codec=loaded.codec,
-        backbone=BackboneId.from_proto(loaded.task.backbone),
+        backbone=loaded.task.backbone,
         max_in_flight=max_in_flight,
     )
     report = evaluate(loaded.model, store, loaded.k, list(range(len(subset))), loaded.class_names)

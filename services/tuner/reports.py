@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from services.common.clients.extractor import BackboneInfo
-from services.common.pb import registry_pb2
+from services.registry.records import Version
 from services.tuner.evaluation import EvaluationReport
 from services.tuner.progress import ProgressReporter
 from services.tuner.training import EpochStats, KSelection, StepProgress
@@ -114,7 +114,7 @@ class AliasMove:
 class TuneResult:
     """What a tune produced; `version` is what the registry stored."""
 
-    version: registry_pb2.Version  # number, sha256, metrics, lineage
+    version: Version  # number, sha256, metrics, lineage
     task_created: bool  # this tune created the task
     k: int  # the k the weights were trained on
     k_selection: KSelection | None  # the candidates' scores with --k auto
@@ -130,11 +130,11 @@ class TuneResult:
     seconds: float  # wall time of the whole tune
 
     def to_dict(self) -> dict[str, object]:
-        lineage = self.version.lineage
+        version = self.version
         return {
-            "task": self.version.task, "version": self.version.number, "sha256": self.version.sha256,
-            "parent_version": lineage.parent_version, "dataset_fingerprint": lineage.dataset_fingerprint,
-            "tuner": lineage.tuner, "task_created": self.task_created, "k": self.k,
+            "task": version.task, "version": version.number, "sha256": version.sha256,
+            "parent_version": version.parent_version, "dataset_fingerprint": version.dataset_fingerprint,
+            "tuner": version.tuner, "task_created": self.task_created, "k": self.k,
             "k_selection": self.k_selection.to_dict() if self.k_selection else None, "kept_epoch": self.kept_epoch,
             "val": self.val.to_dict() if self.val else None, "test": self.test.to_dict() if self.test else None,
             "chance_accuracy": 1 / self.num_classes, "transfer": self.transfer.to_dict(),
@@ -145,10 +145,9 @@ class TuneResult:
 
     def summary(self) -> str:
         """The lines `mist tune` prints on stdout."""
-        lineage = self.version.lineage
         how = "chosen on validation" if self.k_selection else "as asked"
         lines = [
-            f"task {self.version.task}: version {self.version.number} (parent {lineage.parent_version or '-'}"
+            f"task {self.version.task}: version {self.version.number} (parent {self.version.parent_version or '-'}"
             f"{', task created' if self.task_created else ''}), k={self.k} {how}"
         ]
         scores = [

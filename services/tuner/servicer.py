@@ -25,6 +25,7 @@ from services.common.pb import registry_pb2, tuner_pb2, tuner_pb2_grpc
 from services.common.serving.rpc import handles_errors, status_for
 from services.common.wire.codec import CodecConfig
 from services.common.wire.edge_spec import POOLINGS
+from services.registry.serde import version_to_proto
 from services.tuner.config import Endpoints, TunerConfig
 from services.tuner.data import Split, dataset_from_memory
 from services.tuner.metrics import JobKind, TunerMetrics
@@ -427,5 +428,5 @@ async def _events(channel: _Channel, kind: str = "event") -> AsyncIterator[Any]:
             raise value
         elif got == "done":
             if isinstance(value, TuneResult):
-                yield tuner_pb2.TuneEvent(result=value.version)
+                yield tuner_pb2.TuneEvent(result=version_to_proto(value.version))
             return

@@ -37,10 +37,10 @@ from services.common import errors
 from services.common.clients.extractor import BackboneInfo, ExtractorClient
 from services.common.clients.registry import RegistryClient
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, MistError
-from services.common.pb import feature_pb2, registry_pb2
 from services.common.wire.codec import CodecConfig
 from services.common.wire.edge_spec import EdgeNetworkConfig, macs_per_image, trainable_parameters
-from services.common.wire.gather_modes import BackboneId, candidate_ks, validate_ks
+from services.common.wire.gather_modes import candidate_ks, validate_ks
+from services.registry.records import Task, Version
 from services.tuner.data import Dataset, load_dataset
 from services.tuner.edge_network import EdgeNetwork, to_safetensors_bytes
 from services.tuner.evaluation import EvaluationReport, evaluate
@@ -88,7 +88,7 @@ def describe(extractor: ExtractorClient) -> BackboneInfo:
         raise type(error)(f"extractor {extractor.target}: {error}") from error
 
 
-def find_task(registry: RegistryClient, name: str) -> registry_pb2.Task | None:
+def find_task(registry: RegistryClient, name: str) -> Task | None:
     """The task, or None when the registry does not know it."""
     try:
         return registry.get_task(name)
@@ -116,7 +116,7 @@ def tune_path(
         val_fraction=options.val_fraction,
         test_fraction=options.test_fraction,
         seed=options.seed,
-        class_names=tuple(task.class_names) if task else None,
+        class_names=task.class_names if task else None,
     )
     return tune_dataset(dataset, options, extractor, registry, observer, task=task)
 
@@ -128,7 +128,7 @@ def tune_dataset(
     registry: RegistryClient,
     observer: TuneObserver | None = None,
     *,
-    task: registry_pb2.Task | None = None,
+    task: Task | None = None,
 ) -> TuneResult:
     """The whole pipeline on a loaded dataset. `task`: the registry's task as read before the dataset was loaded
     (its latest version is the parent of the push); None = not found (created on success)."""
@@ -141,13 +141,13 @@ def tune_dataset(
     for warning in dataset.warnings:
         observer.message(f"warning: {warning}")
     edge = resolve_edge_config(task, info, dataset.class_names, options)
-    codec = CodecConfig.parse(options.codec or (_task_codec(task) if task else DEFAULT_CODEC_NAME)).name
+    codec = CodecConfig.parse(options.codec or (task.codec if task else DEFAULT_CODEC_NAME)).name
     ks = _ks_to_fetch(options.k, info.num_blocks)
     observer.message(
         f"{options.task}: {len(dataset)} images ({_split_counts(dataset)}), {len(dataset.class_names)} "
         f"classes; fetching k={', '.join(map(str, ks))} as {codec} from {extractor.target}"
     )
-    backbone = BackboneId.from_proto(task.backbone) if task else info.backbone
+    backbone = task.backbone if task else info.backbone
     store, extraction = extract_features(
         dataset,
         extractor,
@@ -183,7 +183,7 @@ def tune_dataset(
 
 
 def resolve_edge_config(
-    task: registry_pb2.Task | None, info: BackboneInfo, class_names: Sequence[str], options: TuneOptions
+    task: Task | None, info: BackboneInfo, class_names: Sequence[str], options: TuneOptions
 ) -> EdgeNetworkConfig:
     """The edge network to train: the task's (checked against this tune), or a new one from options."""
     given = {name: getattr(options, name) for name in ("num_blocks", "rank", "heads", "pooling")}
@@ -193,7 +193,7 @@ def resolve_edge_config(
         values = {name: defaults[name] if value is None else value for name, value in given.items()}
         return EdgeNetworkConfig(dims=info.dims, tokens=info.tokens, num_classes=len(class_names), **values)
     check_task_fits(task, info, class_names)
-    config = EdgeNetworkConfig.from_proto(task.edge)
+    config = task.edge_config()
     differing = [
         f"{name} {value!r} (the task has {getattr(config, name)!r})"
         for name, value in given.items()
@@ -207,7 +207,7 @@ def resolve_edge_config(
     return config
 
 
-def check_task_fits(task: registry_pb2.Task, info: BackboneInfo, class_names: Sequence[str]) -> None:
+def check_task_fits(task: Task, info: BackboneInfo, class_names: Sequence[str]) -> None:
     """FailedPreconditionError unless the task was made for this backbone, these classes and the MIST gather."""
     theirs, ours = task.backbone, info.backbone
     if (theirs.name, theirs.weights_fingerprint) != (ours.name, ours.weights_fingerprint):
@@ -216,22 +216,19 @@ def check_task_fits(task: registry_pb2.Task, info: BackboneInfo, class_names: Se
             f"extractor serves {ours.name} (weights {ours.weights_fingerprint}): use an extractor with the task's "
             "backbone, or tune a new task"
         )
-    if task.mode not in (feature_pb2.GATHER_MODE_MIST, feature_pb2.GATHER_MODE_UNSPECIFIED):
-        raise FailedPreconditionError(f"task {task.name!r} is not a MIST task (gather mode {task.mode})")
-    if tuple(task.class_names) != tuple(class_names):
+    if task.gather_mode != "mist":
+        raise FailedPreconditionError(f"task {task.name!r} is not a MIST task (gather mode {task.gather_mode})")
+    if task.class_names != tuple(class_names):
         raise FailedPreconditionError(
             f"task {task.name!r} has classes {list(task.class_names)}, this data has "
             f"{list(class_names)}: the class names and their order must match"
         )
-    if (task.edge.tokens, task.edge.dims) != (info.tokens, info.dims):
+    edge = task.edge_config()
+    if (edge.tokens, edge.dims) != (info.tokens, info.dims):
         raise FailedPreconditionError(
-            f"task {task.name!r} expects [{task.edge.tokens}, {task.edge.dims}] features but the extractor "
+            f"task {task.name!r} expects [{edge.tokens}, {edge.dims}] features but the extractor "
             f"sends [{info.tokens}, {info.dims}]"
         )
-
-
-def _task_codec(task: registry_pb2.Task) -> str:
-    return CodecConfig.from_proto(task.codec).name
 
 
 def _ks_to_fetch(k: int | None, num_blocks: int) -> tuple[int, ...]:
@@ -324,20 +321,20 @@ class _Draft:
 
 def _ensure_task(
     registry: RegistryClient,
-    task: registry_pb2.Task | None,
+    task: Task | None,
     options: TuneOptions,
     info: BackboneInfo,
     class_names: Sequence[str],
     edge: EdgeNetworkConfig,
     k: int,
     codec: str,
-) -> tuple[bool, registry_pb2.Task]:
+) -> tuple[bool, Task]:
     """(created, task): the task read at the start, or a new one with this tune's settings."""
     if task is not None:
         return False, task
-    definition = registry_pb2.Task(
-        name=options.task, backbone=info.backbone.to_proto(), mode=feature_pb2.GATHER_MODE_MIST, k=k,
-        codec=CodecConfig.parse(codec).to_proto(), class_names=list(class_names), edge=edge.to_proto(),
+    definition = Task(
+        name=options.task, backbone_name=info.backbone.name, backbone_fingerprint=info.backbone.weights_fingerprint,
+        gather_mode="mist", k=k, codec=codec, class_names=tuple(class_names), edge=edge.to_dict(),
         description=options.description,
     )  # fmt: skip
     try:
@@ -346,10 +343,10 @@ def _ensure_task(
         # Created by someone else while we trained: fine if it fits; the push then races on the parent.
         existing = registry.get_task(options.task)
         check_task_fits(existing, info, class_names)
-        if EdgeNetworkConfig.from_proto(existing.edge) != edge:
+        if existing.edge_config() != edge:
             raise FailedPreconditionError(
                 f"task {options.task!r} was created meanwhile with another edge network "
-                f"({EdgeNetworkConfig.from_proto(existing.edge).to_json()})"
+                f"({existing.edge_config().to_json()})"
             ) from None
         return False, existing
 
@@ -401,7 +398,7 @@ def _details(draft: _Draft) -> str:
     return json.dumps(details, allow_nan=False)  # the registry stores JSON; NaN is not JSON
 
 
-def _push(registry: RegistryClient, task: registry_pb2.Task, draft: _Draft, *, parent: int) -> registry_pb2.Version:
+def _push(registry: RegistryClient, task: Task, draft: _Draft, *, parent: int) -> Version:
     metadata = {
         METADATA_K: str(draft.trained.k), METADATA_CODEC: draft.codec,
         METADATA_CLASSES: json.dumps(list(draft.dataset.class_names)),

@@ -94,8 +94,8 @@ def test_tune_with_auto_k_beats_chance_and_pushes_metrics_lineage_and_alias(tune
     assert version.metrics["k"] == tuned["k"] and version.metrics["test_accuracy"] == tuned["test"]["accuracy"]
     assert version.metrics["lst_bytes_per_image"] == 5 * 17 * 32 * 4  # x_0 + 4 blocks of [17, 32] float32
     assert version.metrics["bytes_per_image"] < version.metrics["mist_f32_bytes_per_image"] == 17 * 32 * 4
-    assert version.lineage.parent_version == 0 and version.lineage.tuner.startswith("mist/")
-    assert version.lineage.dataset_fingerprint == load_dataset(data).fingerprint()
+    assert version.parent_version == 0 and version.tuner.startswith("mist/")
+    assert version.dataset_fingerprint == load_dataset(data).fingerprint()
     assert version.tags["k"] == str(tuned["k"]) and version.tags["codec"] == "i8-zstd"
     assert np.array(details["test"]["confusion_matrix"]).sum(axis=1).tolist() == [10, 10, 10, 10]
     assert set(details["test"]["per_class_accuracy"]) == set(E2E_CLASSES)
@@ -446,7 +446,7 @@ def test_a_version_pushed_during_a_tune_aborts_it_unless_forced(stack, data, for
     finally:
         tune.kill()
     with registry_client(stack) as registry:
-        versions = {v.number: v.lineage.parent_version for v in registry.list_versions(task)}
+        versions = {v.number: v.parent_version for v in registry.list_versions(task)}
         production = registry.get_alias(task, "production").version
 
     # Assert

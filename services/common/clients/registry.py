@@ -1,7 +1,8 @@
 """Python client of the registry for the edge tuner, the CLI and scripts: tasks, chunked pushes, pulls that skip
 weights the device already has (a local cache keyed by sha256), aliases with compare-and-set, rollback.
 
-Imports only grpc, the generated messages and the standard library: no torch, numpy or registry code.
+Returns the registry's records (services/registry/records.py: Task, Version, Alias, AliasMove), converted at this
+boundary by services/registry/serde.py; no torch.
 
     with RegistryClient("127.0.0.1:50052", token=token, cache_dir="~/.cache/mist/registry") as registry:
         version = registry.push("cats", blob, parent_version=3, metrics={"val_accuracy": 0.91})
@@ -30,6 +31,14 @@ from services.common.clients.channel import create_channel, domain_errors
 from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.errors import DataLossError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.pb import registry_pb2, registry_pb2_grpc
+from services.registry.records import Alias, AliasMove, Task, Version
+from services.registry.serde import (
+    alias_from_proto,
+    alias_move_from_proto,
+    task_from_proto,
+    task_to_proto,
+    version_from_proto,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +55,8 @@ _REFS_FILE = "refs.json"
 class PulledVersion:
     """A pulled version: its metadata, its task and the verified safetensors bytes."""
 
-    version: registry_pb2.Version  # number, sha256, size, metrics, lineage, tags
-    task: registry_pb2.Task  # the task it belongs to (edge-network config, classes, latest_version)
+    version: Version  # number, sha256, size, metrics, lineage, tags
+    task: Task  # the task it belongs to (edge-network config, classes, latest_version)
     blob: bytes  # the safetensors weights; their sha256 equals version.sha256
     from_cache: bool  # True when the server answered not_modified and the bytes came from the local cache
 
@@ -216,18 +225,20 @@ class RegistryClient:
 
     # ---- tasks
 
-    def create_task(self, task: registry_pb2.Task, *, exist_ok: bool = False) -> registry_pb2.Task:
+    def create_task(self, task: Task | registry_pb2.Task, *, exist_ok: bool = False) -> Task:
         """Creates a task (admin token when auth is on); exist_ok accepts an identical existing one."""
+        message = task if isinstance(task, registry_pb2.Task) else task_to_proto(task)
         with domain_errors(self._error_prefix):
-            return self._stub.CreateTask(
-                registry_pb2.CreateTaskRequest(task=task, exist_ok=exist_ok), timeout=self._timeout_s
+            created = self._stub.CreateTask(
+                registry_pb2.CreateTaskRequest(task=message, exist_ok=exist_ok), timeout=self._timeout_s
             )
+        return task_from_proto(created)
 
-    def get_task(self, name: str) -> registry_pb2.Task:
+    def get_task(self, name: str) -> Task:
         with domain_errors(self._error_prefix):
-            return self._stub.GetTask(registry_pb2.GetTaskRequest(name=name), timeout=self._timeout_s)
+            return task_from_proto(self._stub.GetTask(registry_pb2.GetTaskRequest(name=name), timeout=self._timeout_s))
 
-    def list_tasks(self, *, page_size: int = 0) -> Iterator[registry_pb2.Task]:
+    def list_tasks(self, *, page_size: int = 0) -> Iterator[Task]:
         """Every task by name, fetched a page at a time as the iterator is consumed."""
         token = ""
         while True:
@@ -235,7 +246,7 @@ class RegistryClient:
                 page = self._stub.ListTasks(
                     registry_pb2.ListTasksRequest(page_size=page_size, page_token=token), timeout=self._timeout_s
                 )
-            yield from page.tasks
+            yield from map(task_from_proto, page.tasks)
             token = page.next_page_token
             if not token:
                 return
@@ -254,7 +265,7 @@ class RegistryClient:
         dataset_fingerprint: str = "",
         tuner: str = "",
         tags: Mapping[str, str] | None = None,
-    ) -> registry_pb2.Version:
+    ) -> Version:
         """Uploads safetensors weights as the next version of `task`, in chunks, with their sha256.
 
         parent_version: the version these weights were tuned from (0: from scratch). The registry refuses
@@ -281,7 +292,7 @@ class RegistryClient:
                 yield registry_pb2.PushVersionRequest(chunk=data[start : start + self._chunk_size])
 
         with domain_errors(self._error_prefix):
-            version = self._stub.PushVersion(messages(), timeout=self._timeout_s)
+            version = version_from_proto(self._stub.PushVersion(messages(), timeout=self._timeout_s))
         # The pusher holds these bytes already: pulling them back later costs only a header.
         self._cache.put(sha256, data)
         self._cache.remember(f"{task}#{version.number}", sha256)
@@ -316,7 +327,12 @@ class RegistryClient:
         else:
             self._cache.put(sha256, blob)
         self._cache.remember(key, sha256)
-        return PulledVersion(version=header.version, task=header.task, blob=blob, from_cache=header.not_modified)
+        return PulledVersion(
+            version=version_from_proto(header.version),
+            task=task_from_proto(header.task),
+            blob=blob,
+            from_cache=header.not_modified,
+        )
 
     @staticmethod
     def _receive(responses: Iterator[registry_pb2.PullVersionResponse]) -> tuple[registry_pb2.PullHeader, bytes]:
@@ -349,13 +365,14 @@ class RegistryClient:
                 )
         return header, blob
 
-    def get_version(self, task: str, *, version: int | None = None, alias: str | None = None) -> registry_pb2.Version:
+    def get_version(self, task: str, *, version: int | None = None, alias: str | None = None) -> Version:
         """A version's metadata (no blob) by number, by alias or (neither) the latest."""
         ref, _ = _version_ref(version, alias)
         with domain_errors(self._error_prefix):
-            return self._stub.GetVersion(registry_pb2.GetVersionRequest(task=task, ref=ref), timeout=self._timeout_s)
+            answer = self._stub.GetVersion(registry_pb2.GetVersionRequest(task=task, ref=ref), timeout=self._timeout_s)
+        return version_from_proto(answer)
 
-    def list_versions(self, task: str, *, page_size: int = 0) -> Iterator[registry_pb2.Version]:
+    def list_versions(self, task: str, *, page_size: int = 0) -> Iterator[Version]:
         """Live versions, newest first, fetched a page at a time as the iterator is consumed."""
         token = ""
         while True:
@@ -364,7 +381,7 @@ class RegistryClient:
                     registry_pb2.ListVersionsRequest(task=task, page_size=page_size, page_token=token),
                     timeout=self._timeout_s,
                 )
-            yield from page.versions
+            yield from map(version_from_proto, page.versions)
             token = page.next_page_token
             if not token:
                 return
@@ -378,9 +395,7 @@ class RegistryClient:
 
     # ---- aliases
 
-    def set_alias(
-        self, task: str, name: str, version: int, *, expected_version: int | None = None
-    ) -> registry_pb2.Alias:
+    def set_alias(self, task: str, name: str, version: int, *, expected_version: int | None = None) -> Alias:
         """Points an alias at a version; with expected_version (0: must not exist) it is a compare-and-set
         that fails with ABORTED when someone else moved the alias first."""
         request = registry_pb2.SetAliasRequest(
@@ -391,11 +406,12 @@ class RegistryClient:
             expected_version=expected_version or 0,
         )
         with domain_errors(self._error_prefix):
-            return self._stub.SetAlias(request, timeout=self._timeout_s)
+            return alias_from_proto(self._stub.SetAlias(request, timeout=self._timeout_s))
 
-    def get_alias(self, task: str, name: str) -> registry_pb2.Alias:
+    def get_alias(self, task: str, name: str) -> Alias:
         with domain_errors(self._error_prefix):
-            return self._stub.GetAlias(registry_pb2.GetAliasRequest(task=task, name=name), timeout=self._timeout_s)
+            answer = self._stub.GetAlias(registry_pb2.GetAliasRequest(task=task, name=name), timeout=self._timeout_s)
+        return alias_from_proto(answer)
 
     def delete_alias(self, task: str, name: str, *, expected_version: int | None = None) -> None:
         request = registry_pb2.DeleteAliasRequest(
@@ -407,18 +423,19 @@ class RegistryClient:
         with domain_errors(self._error_prefix):
             self._stub.DeleteAlias(request, timeout=self._timeout_s)
 
-    def list_aliases(self, task: str) -> list[registry_pb2.Alias]:
+    def list_aliases(self, task: str) -> list[Alias]:
         with domain_errors(self._error_prefix):
             response = self._stub.ListAliases(registry_pb2.ListAliasesRequest(task=task), timeout=self._timeout_s)
-        return list(response.aliases)
+        return [alias_from_proto(alias) for alias in response.aliases]
 
-    def alias_history(self, task: str, name: str | None = None, *, limit: int = 0) -> list[registry_pb2.AliasMove]:
+    def alias_history(self, task: str, name: str | None = None, *, limit: int = 0) -> list[AliasMove]:
         """Moves of one alias (or every alias of the task), newest first; limit 0 = the server's 100."""
         request = registry_pb2.AliasHistoryRequest(task=task, name=name or "", limit=limit)
         with domain_errors(self._error_prefix):
-            return list(self._stub.AliasHistory(request, timeout=self._timeout_s).moves)
+            moves = self._stub.AliasHistory(request, timeout=self._timeout_s).moves
+        return [alias_move_from_proto(move) for move in moves]
 
-    def rollback_alias(self, task: str, name: str) -> registry_pb2.Alias:
+    def rollback_alias(self, task: str, name: str) -> Alias:
         """Moves an alias back to where it pointed before its last move (a deleted alias is restored).
 
         A compare-and-set on the last move's target: ABORTED if the alias moved again meanwhile. Rolling

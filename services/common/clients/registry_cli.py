@@ -16,18 +16,15 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.clients.registry import RegistryClient
 from services.common.clients.settings import JsonOutput, RegistryFlags
 from services.common.config import ENV_EPILOG, ArgumentParser, add_arguments, config_from_args, parse_args
 from services.common.errors import InvalidArgumentError, MistError, NotFoundError
-from services.common.pb import registry_pb2
-from services.common.wire.gather_modes import mode_from_proto
+from services.registry.records import Alias, AliasMove, Task, Version
 
 PROG = "mist registry"
 # Shown in `versions` when present, in this order; other metrics stay in --json and `task` details.
@@ -51,10 +48,8 @@ class Output:
 # ---- formatting ----------------------------------------------------------------------------------------
 
 
-def _when(stamp: Timestamp) -> str:
-    if not stamp.seconds and not stamp.nanos:
-        return ""
-    return stamp.ToDatetime(tzinfo=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _when(moment: datetime | None) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else ""
 
 
 def _size(size_bytes: int) -> str:
@@ -80,39 +75,29 @@ def format_table(columns: Sequence[tuple[str, str]], rows: Sequence[Mapping[str,
     return "\n".join(lines if rows else [*lines, "(none)"])
 
 
-def task_dict(task: registry_pb2.Task) -> dict[str, Any]:
-    edge = task.edge
+def task_dict(task: Task) -> dict[str, Any]:
+    edge = task.edge_config()
     return {
-        "name": task.name, "description": task.description, "backbone": task.backbone.name,
-        "backbone_fingerprint": task.backbone.weights_fingerprint, "mode": mode_from_proto(task.mode),
-        "k": task.k, "codec": _codec_name(task), "class_names": list(task.class_names),
+        "name": task.name, "description": task.description, "backbone": task.backbone_name,
+        "backbone_fingerprint": task.backbone_fingerprint, "mode": task.gather_mode, "k": task.k, "codec": task.codec,
+        "class_names": list(task.class_names),
         "edge": {"num_blocks": edge.num_blocks, "rank": edge.rank, "heads": edge.heads, "pooling": edge.pooling,
                  "dims": edge.dims, "tokens": edge.tokens, "num_classes": edge.num_classes},
         "latest_version": task.latest_version, "created_at": _when(task.created_at),
     }  # fmt: skip
 
 
-def _codec_name(task: registry_pb2.Task) -> str:
-    from services.common.wire.codec import CodecConfig  # numpy + zstandard: only when a task is shown
-
-    try:
-        return CodecConfig.from_proto(task.codec).name
-    except MistError:
-        return "unknown"
-
-
-def version_dict(version: registry_pb2.Version, aliases: Sequence[str] = ()) -> dict[str, Any]:
-    lineage = version.lineage
+def version_dict(version: Version, aliases: Sequence[str] = ()) -> dict[str, Any]:
     return {
-        "task": version.task, "version": version.number, "created_at": _when(lineage.created_at),
+        "task": version.task, "version": version.number, "created_at": _when(version.created_at),
         "sha256": version.sha256, "size_bytes": version.size_bytes, "metrics": dict(sorted(version.metrics.items())),
-        "parent_version": lineage.parent_version, "pushed_by": lineage.pushed_by, "tuner": lineage.tuner,
-        "dataset_fingerprint": lineage.dataset_fingerprint, "tags": dict(sorted(version.tags.items())),
+        "parent_version": version.parent_version, "pushed_by": version.pushed_by, "tuner": version.tuner,
+        "dataset_fingerprint": version.dataset_fingerprint, "tags": dict(sorted(version.tags.items())),
         "aliases": list(aliases),
     }  # fmt: skip
 
 
-def alias_dict(alias: registry_pb2.Alias) -> dict[str, Any]:
+def alias_dict(alias: Alias) -> dict[str, Any]:
     return {
         "task": alias.task,
         "alias": alias.name,
@@ -122,7 +107,7 @@ def alias_dict(alias: registry_pb2.Alias) -> dict[str, Any]:
     }
 
 
-def move_dict(move: registry_pb2.AliasMove) -> dict[str, Any]:
+def move_dict(move: AliasMove) -> dict[str, Any]:
     return {
         "task": move.task,
         "alias": move.name,
