@@ -294,7 +294,7 @@ def test_decode_error_converts_to_the_proto_item_error(preprocessor) -> None:
 
 
 def test_an_image_over_a_size_limit_is_a_resource_exhausted_item_error(preprocessor) -> None:
-    # Prepare: DESIGN.md maps "over a size limit" to RESOURCE_EXHAUSTED; bad bytes stay INVALID_ARGUMENT.
+    # Prepare: docs/reference/errors.md maps "over a size limit" to RESOURCE_EXHAUSTED; bad bytes stay INVALID_ARGUMENT.
     limited = ImagePreprocessor(preprocessor.data_config, max_image_bytes=1000)
     with pytest.raises(ImageDecodeError) as too_large:
         limited.decode(b"\x00" * 1001)
