@@ -105,18 +105,19 @@ def probe_finetune(args: argparse.Namespace) -> None:
     rss_after_imports = current_rss_bytes()
     manifest = json.loads(Path(args.manifest).read_text())
     labels, k = manifest["labels"], int(manifest["k"])
-    store = FeatureStore(labels, num_classes=int(manifest["num_classes"]))  # verify=True: decodes each on add
-    loaded = time.perf_counter()
-    for index, record in enumerate(read_records(Path(args.features))):
-        store.add(index, k, feature_pb2.FeatureTensor.FromString(record))
-    load_seconds = time.perf_counter() - loaded
-    if store.missing(range(len(labels)), [k]):
-        raise SystemExit(f"{args.features} holds fewer features than the {len(labels)} labels of {args.manifest}")
-    rss_after_store = current_rss_bytes()
-    tokens, dims = store.feature_shape  # type: ignore[misc]
-    edge = EdgeNetworkConfig(dims=dims, tokens=tokens, num_classes=store.num_classes)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=0, keep="final")
-    result = train_edge_network(store, k, edge, config, train_indices=range(len(labels)))
+    # verify=True: decodes each on add; the messages go to an unlinked temporary file, as in the tuner
+    with FeatureStore(labels, num_classes=int(manifest["num_classes"])) as store:
+        loaded = time.perf_counter()
+        for index, record in enumerate(read_records(Path(args.features))):
+            store.add(index, k, feature_pb2.FeatureTensor.FromString(record))
+        load_seconds = time.perf_counter() - loaded
+        if store.missing(range(len(labels)), [k]):
+            raise SystemExit(f"{args.features} holds fewer features than the {len(labels)} labels of {args.manifest}")
+        rss_after_store = current_rss_bytes()
+        tokens, dims = store.feature_shape  # type: ignore[misc]
+        edge = EdgeNetworkConfig(dims=dims, tokens=tokens, num_classes=store.num_classes)
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=0, keep="final")
+        result = train_edge_network(store, k, edge, config, train_indices=range(len(labels)))
     if args.weights_out:
         Path(args.weights_out).write_bytes(to_safetensors_bytes(result.model))
     _finish({

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import tracemalloc
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -205,3 +210,200 @@ def test_store_for_dataset_takes_labels_and_splits():
     assert store.indices("val") == [0, 3]
     assert store.indices("train") == [1, 2, 4, 5]
     assert store.missing(range(6), [1]) == list(range(6))
+
+
+# ---------------------------------------------------------------------------------- features kept on disk
+
+
+def _open_files_under(directory) -> list[str]:
+    """Targets of this process's open file descriptors inside `directory` (unlinked files included)."""
+    fds = Path("/proc/self/fd")
+    targets = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed while listing (the listing's own descriptor)
+        if target.startswith(str(directory)):
+            targets.append(target)
+    return targets
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
+
+
+def test_held_features_stay_out_of_the_python_heap(tmp_path):
+    # Prepare: 48 float32 features of 64 KiB each, 3 MiB in all, made before measuring
+    messages = [encoded(i, k=1, codec="f32-none", shape=(64, 256))[0] for i in range(48)]
+    store = FeatureStore([i % 2 for i in range(48)], num_classes=2, directory=tmp_path)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+
+        # Execute
+        for index, msg in enumerate(messages):
+            store.add(index, 1, msg)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+
+    # Assert: what the store's module allocated and still holds is a small index, not the 3 MiB of features
+    held = sum(
+        stat.size_diff
+        for stat in after.compare_to(before, "filename")
+        if stat.traceback[0].filename.endswith("feature_store.py")
+    )
+    assert store.compressed_bytes() > 3 * 2**20
+    assert store.file_bytes == store.compressed_bytes()
+    assert held < 64 * 1024, f"the store kept {held} bytes of Python objects"
+    features, _ = store.batch([47, 0], 1)
+    assert np.array_equal(features[0].numpy(), decode_feature(messages[47]))
+    store.close()
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@needs_proc
+def test_held_features_do_not_stay_resident(tmp_path):
+    # Prepare: each 1 MiB message arrives, is added and forgotten by the caller, as extraction does
+    codec = FeatureCodec(CodecConfig.parse("f32-none"))
+    rng = np.random.default_rng(0)
+    store = FeatureStore([i % 2 for i in range(41)], num_classes=2, directory=tmp_path)
+    store.add(40, 1, codec.encode(rng.normal(size=(512, 512)).astype(np.float32), backbone=BACKBONE, k=1))
+    before = _rss_bytes()
+
+    # Execute
+    for index in range(40):
+        data = codec.encode(rng.normal(size=(512, 512)).astype(np.float32), backbone=BACKBONE, k=1).SerializeToString()
+        store.add(index, 1, feature_pb2.FeatureTensor.FromString(data))
+        del data
+
+    # Assert: 40 MiB held, a few MiB of resident growth at most (held as messages it was over 40 MiB)
+    grown = _rss_bytes() - before
+    assert store.compressed_bytes() > 40 * 2**20
+    assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB while holding 40 MiB of features"
+    store.close()
+
+
+@needs_proc
+def test_the_file_is_unlinked_and_released_on_close_and_on_error(tmp_path):
+    # Prepare
+    with FeatureStore([0, 1], num_classes=2, directory=tmp_path) as store:
+        assert _open_files_under(tmp_path) == []  # made on the first add, not before
+        store.add(0, 1, encoded(0, k=1)[0])
+        # Assert: open, yet no name in the directory (nothing is left behind even if the process is killed)
+        assert len(_open_files_under(tmp_path)) == 1 and list(tmp_path.iterdir()) == []
+    assert _open_files_under(tmp_path) == [] and store.closed
+
+    # Execute: an error inside the block
+    with pytest.raises(RuntimeError, match="boom"), FeatureStore([0, 1], num_classes=2, directory=tmp_path) as store:
+        store.add(1, 1, encoded(1, k=1)[0])
+        raise RuntimeError("boom")
+
+    # Assert
+    assert _open_files_under(tmp_path) == []
+
+
+@needs_proc
+def test_a_store_never_closed_is_released_when_collected(tmp_path):
+    store = FeatureStore([0, 1], num_classes=2, directory=tmp_path)
+    store.add(0, 1, encoded(0, k=1)[0])
+    del store
+    gc.collect()
+    assert _open_files_under(tmp_path) == []
+
+
+def test_a_closed_store_refuses_reads_and_adds_and_closes_again_quietly(tmp_path):
+    store = FeatureStore([0, 1], num_classes=2, directory=tmp_path)
+    store.add(0, 1, encoded(0, k=1)[0])
+    store.close()
+    store.close()
+    with pytest.raises(FailedPreconditionError, match="closed"):
+        store.batch([0], 1)
+    with pytest.raises(FailedPreconditionError, match="closed"):
+        store.add(1, 1, encoded(1, k=1)[0])
+    assert store.compressed_bytes() > 0  # the description survives: what was fetched
+
+
+def test_keep_only_frees_the_other_ks_and_their_batches_fail_clearly(tmp_path):
+    # Prepare
+    store = FeatureStore([0, 1, 0], num_classes=2, directory=tmp_path)
+    kept = {}
+    for index in range(3):
+        for k in (3, 6, 12):
+            msg, _ = encoded(10 * k + index, k=k)
+            store.add(index, k, msg)
+            if k == 6:
+                kept[index] = msg
+    six_bytes = store.compressed_bytes(6)
+
+    # Execute
+    store.keep_only(6)
+
+    # Assert
+    assert store.ks == [6]
+    assert store.file_bytes == store.compressed_bytes() == six_bytes
+    assert store.compressed_bytes(3) == 0 and store.bytes_per_image() == six_bytes / 3
+    features, labels = store.batch([2, 0], 6)
+    assert labels.tolist() == [0, 0]
+    assert np.array_equal(features[0].numpy(), decode_feature(kept[2]))
+    assert np.array_equal(features[1].numpy(), decode_feature(kept[0]))
+    with pytest.raises(FailedPreconditionError, match="k=12 features were dropped when the store kept only k=6"):
+        store.batch([0], 12)
+    assert store.missing(range(3), [3]) == [0, 1, 2]
+    store.keep_only(6)  # again: nothing to drop, nothing copied
+    assert store.file_bytes == six_bytes
+    with pytest.raises(FailedPreconditionError, match=r"holds no k=3 feature \(it holds k=\[6\]\)"):
+        store.keep_only(3)
+    store.close()
+
+
+def test_a_replacement_reuses_its_record_when_it_fits_and_is_compacted_by_keep_only(tmp_path):
+    # Prepare
+    store = FeatureStore([0, 1], num_classes=2, directory=tmp_path)
+    small, _ = encoded(0, k=1, codec="i8-zstd")
+    large, _ = encoded(1, k=1, codec="f32-none")
+    store.add(0, 1, large)
+    written = store.file_bytes
+
+    # Execute / Assert: smaller fits in place, larger goes to the end
+    store.add(0, 1, small)
+    assert store.file_bytes == written and store.compressed_bytes() == small.ByteSize()
+    store.add(0, 1, large)
+    assert store.file_bytes == written + large.ByteSize()
+    store.keep_only(1)  # the only k, but the file holds a stale record: compacted
+    assert store.file_bytes == large.ByteSize()
+    assert np.array_equal(store.batch([0], 1)[0][0].numpy(), decode_feature(large))
+    store.close()
+
+
+def test_a_missing_directory_is_refused(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="is not a directory"):
+        FeatureStore([0, 1], num_classes=2, directory=tmp_path / "absent")
+
+
+def test_subset_copies_the_chosen_images_features_labels_and_splits(tmp_path):
+    # Prepare
+    store = FeatureStore([0, 1, 0, 1], num_classes=2, splits=["train", "val", "train", "test"], directory=tmp_path)
+    messages = {}
+    for index in (0, 1, 3):
+        for k in (2, 4):
+            messages[(index, k)], _ = encoded(10 * k + index, k=k)
+            store.add(index, k, messages[(index, k)])
+
+    # Execute
+    with store, store.subset([3, 0, 2]) as part:
+        # Assert
+        assert part.labels == [1, 0, 0] and part.indices("train") == [1, 2] and part.indices("test") == [0]
+        assert part.ks == [2, 4] and part.missing(range(3), [2, 4]) == [2]
+        assert part.backbone == store.backbone and part.feature_shape == (TOKENS, DIMS)
+        assert part.compressed_bytes() == sum(messages[(i, k)].ByteSize() for i in (0, 3) for k in (2, 4))
+        features, labels = part.batch([0, 1], 4)
+        assert labels.tolist() == [1, 0]
+        assert np.array_equal(features[0].numpy(), decode_feature(messages[(3, 4)]))
+        assert np.array_equal(features[1].numpy(), decode_feature(messages[(0, 4)]))
