@@ -158,13 +158,14 @@ def tune_dataset(
         max_in_flight=options.max_in_flight,
         attempts=options.extract_attempts,
     )
-    trained = _train(store, dataset, ks, edge, options, observer)
-    reports = _evaluate(trained, store, dataset)
+    with store:  # its temporary file goes when training and scoring end, error or not
+        trained = _train(store, dataset, ks, edge, options, observer)
+        reports = _evaluate(trained, store, dataset)
     transfer = TransferSummary(
         trained.k,
         codec,
         extraction.bytes_per_image_by_k[trained.k],
-        store.bytes_per_image(),
+        extraction.feature_bytes / extraction.images,  # every k fetched: the store keeps only the chosen one
         dict(info.baselines),
     )
     observer.message(transfer_line(transfer))
@@ -276,6 +277,7 @@ def _train(
                              on_step=observer.on_step)  # fmt: skip
         observer.on_k_selection(selection)
     k = selection.chosen_k if selection else ks[0]
+    store.keep_only(k)  # the other candidates' features are no longer needed: free them before the long run
     observer.message(
         f"training k={k}: {config.epochs} epochs on {len(train)} images, {trainable_parameters(edge):,} parameters"
     )
