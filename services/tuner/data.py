@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -28,6 +28,41 @@ Layout = Literal["folders", "split_folders", "manifest", "memory"]
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 _HASH_CHUNK_BYTES = 1 << 20  # fingerprinting streams files in 1 MiB reads: memory stays flat for any image size
 _FINGERPRINT_VERSION = b"mist-dataset-fingerprint-v1"  # bump when the hashed fields change
+MAX_LISTED_UNUSABLE = 20  # unusable images named one by one in a message; the rest are counted
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image that cannot be used: unreadable or empty here, or refused by the extractor."""
+
+    name: str  # as DatasetItem.name: the path relative to the dataset root (or the manifest's folder)
+    reason: str  # machine-readable: empty_file, unreadable_file, missing_file, or the extractor's reason
+    message: str  # for people: "the file is empty", "not a JPEG, PNG or WebP image (...)"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.message} ({self.reason})"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "reason": self.reason, "message": self.message}
+
+
+def unusable_images_message(images: Sequence[SkippedImage], lead: str, advice: str = "") -> str:
+    """One line naming every unusable image, sorted by name (the first MAX_LISTED_UNUSABLE, then how many more):
+    '{lead}: a/x.png: the file is empty (empty_file); ...; and 3 more; {advice}', where "{n}" in `lead` is the
+    exact count."""
+    ordered = sorted(images, key=lambda image: image.name)
+    shown = "; ".join(str(image) for image in ordered[:MAX_LISTED_UNUSABLE])
+    more = f"; and {len(ordered) - MAX_LISTED_UNUSABLE} more" if len(ordered) > MAX_LISTED_UNUSABLE else ""
+    return f"{lead.replace('{n}', str(len(ordered)))}: {shown}{more}{f'; {advice}' if advice else ''}"
+
+
+class TooFewUsableImagesError(InvalidArgumentError):
+    """What is left once the unusable images are skipped cannot be trained on (a class without train images,
+    no images at all, a class too small to split); `skipped` names the images left out."""
+
+    def __init__(self, message: str, skipped: Sequence[SkippedImage]) -> None:
+        super().__init__(message)
+        self.skipped = tuple(skipped)
 
 
 @dataclass(frozen=True)
@@ -63,6 +98,7 @@ class Dataset:
     items: tuple[DatasetItem, ...]  # every image, all splits
     layout: Layout  # how the images were found
     warnings: tuple[str, ...] = ()  # problems that do not stop training (e.g. a class absent from val)
+    skipped: tuple[SkippedImage, ...] = ()  # unusable images left out (load_dataset(skip_unreadable=True), without)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -100,6 +136,22 @@ class Dataset:
             digest.update(_content_sha256(item))
         return digest.hexdigest()
 
+    def without(self, unusable: Mapping[int, SkippedImage]) -> Dataset:
+        """This dataset less the images at the given positions (the extractor refused them), each keeping its
+        split; they join `skipped`. A class left without train images is a TooFewUsableImagesError."""
+        if not unusable:
+            return self
+        items = tuple(item for i, item in enumerate(self.items) if i not in unusable)
+        skipped = tuple(sorted((*self.skipped, *unusable.values()), key=lambda image: image.name))
+        reduced = dataclasses.replace(self, items=items, skipped=skipped, warnings=())
+        try:
+            if not items:
+                raise InvalidArgumentError("no usable images are left")
+            warnings = _check_coverage(reduced)
+        except InvalidArgumentError as error:
+            raise TooFewUsableImagesError(_after_skipping(str(error), skipped), skipped) from error
+        return dataclasses.replace(reduced, warnings=tuple(warnings))
+
 
 def load_dataset(
     path: str | os.PathLike[str],
@@ -108,6 +160,7 @@ def load_dataset(
     test_fraction: float = 0.0,
     seed: int = 0,
     class_names: Sequence[str] | None = None,
+    skip_unreadable: bool = False,
 ) -> Dataset:
     """Find the labelled images under `path` and split them.
 
@@ -117,6 +170,10 @@ def load_dataset(
     (stratified per class, seeded; see assign_splits); a given split without any val (or test) images gets
     them carved out of train with val_fraction (test_fraction). Class names default to the sorted folder
     names or manifest labels; when given, they fix the label order and every image must use one of them.
+
+    Unreadable, empty and missing image files are all found first: by default they fail the load with one
+    InvalidArgumentError naming every one; with `skip_unreadable` they are left out before splitting and listed
+    in Dataset.skipped (a TooFewUsableImagesError when what is left cannot be trained on).
     """
     _check_split_settings(val_fraction, test_fraction, seed)
     if class_names is not None:
@@ -126,11 +183,29 @@ def load_dataset(
         raise InvalidArgumentError(f"dataset path {root} does not exist")
     if root.is_file():
         records, names = _read_manifest(root, class_names)
-        return _build(root.parent, records, names, "manifest", val_fraction, test_fraction, seed)
-    if root.is_dir():
+        base, layout = root.parent, "manifest"
+    elif root.is_dir():
         records, names, layout = _scan_tree(root, class_names)
-        return _build(root, records, names, layout, val_fraction, test_fraction, seed)
-    raise InvalidArgumentError(f"dataset path {root} is neither a directory nor a manifest file")
+        base = root
+    else:
+        raise InvalidArgumentError(f"dataset path {root} is neither a directory nor a manifest file")
+    skipped = [SkippedImage(r.name, *r.problem) for r in records if r.problem is not None]
+    if not skipped:
+        return _build(base, records, names, layout, val_fraction, test_fraction, seed)  # type: ignore[arg-type]
+    if not skip_unreadable:
+        raise InvalidArgumentError(
+            unusable_images_message(
+                skipped,
+                f"cannot read {{n}} image(s) under {root}",
+                "fix or remove them, or skip them (mist tune --skip-unreadable)",
+            )
+        )
+    usable = [r for r in records if r.problem is None]
+    try:
+        dataset = _build(base, usable, names, layout, val_fraction, test_fraction, seed)  # type: ignore[arg-type]
+    except InvalidArgumentError as error:
+        raise TooFewUsableImagesError(_after_skipping(str(error), skipped), skipped) from error
+    return dataclasses.replace(dataset, skipped=tuple(sorted(skipped, key=lambda image: image.name)))
 
 
 def dataset_from_memory(
@@ -212,6 +287,7 @@ class _Record:
     split: Split | None
     path: Path | None = None
     data: bytes | None = None
+    problem: tuple[str, str] | None = None  # (reason, message) when the file cannot be used
 
 
 def _scan_tree(root: Path, class_names: tuple[str, ...] | None) -> tuple[list[_Record], tuple[str, ...], Layout]:
@@ -250,7 +326,9 @@ def _scan_classes(root: Path, parent: Path, split: Split | None) -> list[_Record
                 f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): add some or remove it"
             )
         for image in images:
-            records.append(_Record(image.relative_to(root).as_posix(), folder.name, split, path=image))
+            records.append(
+                _Record(image.relative_to(root).as_posix(), folder.name, split, path=image, problem=_problem(image))
+            )
     return records
 
 
@@ -283,7 +361,6 @@ def _images_under(folder: Path) -> list[Path]:
             if name.startswith(".") or candidate.suffix.lower() not in IMAGE_EXTENSIONS:
                 logger.debug("ignoring %s: hidden or not an image", candidate)
                 continue
-            _check_readable(candidate, str(candidate))
             images.append(candidate)
     return sorted(images)
 
@@ -338,24 +415,32 @@ def _manifest_record(manifest: Path, number: int, row: list[str], columns: int, 
     if image in first_row:
         raise InvalidArgumentError(f"{where}: {name} is listed already on line {first_row[image]}")
     first_row[image] = number
-    if not image.exists():
-        raise InvalidArgumentError(f"{where}: image {name} does not exist (resolved to {image})")
-    _check_readable(image, f"{where}: image {name}")
-    return _Record(name, label, split, path=image)  # type: ignore[arg-type]
+    problem = _problem(image)
+    if problem is not None and problem[0] == "missing_file":
+        problem = ("missing_file", f"manifest line {number}: image {name} does not exist (resolved to {image})")
+    return _Record(name, label, split, path=image, problem=problem)  # type: ignore[arg-type]
 
 
-def _check_readable(path: Path, what: str) -> None:
-    """Cheap checks now (a regular, non-empty, readable file) so a bad image fails before any upload."""
+def _problem(path: Path) -> tuple[str, str] | None:
+    """Cheap checks now (a regular, non-empty, readable file) so a bad image is named before any upload:
+    None, or (reason, message)."""
     try:
         stat = path.stat()
-    except OSError as error:  # broken symlinks land here
-        raise InvalidArgumentError(f"cannot read {what}: {error.strerror or error}") from error
+    except FileNotFoundError:  # broken symlinks land here too
+        return "missing_file", "No such file or directory"
+    except OSError as error:
+        return "unreadable_file", str(error.strerror or error)
     if not path.is_file():
-        raise InvalidArgumentError(f"cannot read {what}: not a regular file")
+        return "unreadable_file", "not a regular file"
     if stat.st_size == 0:
-        raise InvalidArgumentError(f"cannot read {what}: the file is empty")
+        return "empty_file", "the file is empty"
     if not os.access(path, os.R_OK):
-        raise InvalidArgumentError(f"cannot read {what}: permission denied")
+        return "unreadable_file", "permission denied"
+    return None
+
+
+def _after_skipping(error: str, skipped: Sequence[SkippedImage]) -> str:
+    return unusable_images_message(skipped, f"{error.rstrip('.')} once the {{n}} unusable image(s) are skipped")
 
 
 # ---------------------------------------------------------------------------------- labels, splits, checks

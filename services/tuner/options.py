@@ -167,6 +167,11 @@ class TuneOptions(ConfigBase):
     )
     description: str = setting("", help="description of the task when this tune creates it", metavar="TEXT")
     force: bool = setting(False, help="push even when the task gained a newer version during this tune")
+    skip_unreadable: bool = setting(
+        False,
+        help="tune on the other images when some are unreadable, empty or undecodable (else every one is named and "
+        "nothing is pushed); the skipped ones are listed in the output and the version's details",
+    )
     # Not flags: the connection settings and the caller fill these.
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # images sent to the extractor and not yet answered
     extract_attempts: int = 3  # passes over the missing images when the extractor stays unreachable

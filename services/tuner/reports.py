@@ -6,13 +6,17 @@ next to the baselines).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 from services.common.clients.extractor import BackboneInfo
 from services.registry.records import Version
+from services.tuner.data import MAX_LISTED_UNUSABLE, SkippedImage
 from services.tuner.evaluation import EvaluationReport
 from services.tuner.progress import ProgressReporter
 from services.tuner.training import EpochStats, KSelection, StepProgress
+
+logger = logging.getLogger("mist.tuner")
 
 
 class TuneObserver:
@@ -36,6 +40,10 @@ class TuneObserver:
 
     def message(self, text: str) -> None:
         """A line for people: what happens next, warnings."""
+
+    def warning(self, text: str) -> None:
+        """A problem that does not stop the tune (skipped images, a class absent from val): a message here."""
+        self.message(f"warning: {text}")
 
     def before_push(self) -> None:
         """The last moment to abort: after this the version exists."""
@@ -61,6 +69,12 @@ class ReporterObserver(TuneObserver):
 
     def message(self, text: str) -> None:
         self.reporter.message(text)
+
+    def warning(self, text: str) -> None:
+        if self.reporter.mode == "quiet":  # quiet drops progress, not warnings
+            logger.warning("%s", text)
+        else:
+            self.reporter.message(f"warning: {text}")
 
 
 @dataclass(frozen=True)
@@ -128,6 +142,7 @@ class TuneResult:
     pretrained: bool  # False: the extractor runs a random backbone (accuracy only "above chance")
     warnings: tuple[str, ...]
     seconds: float  # wall time of the whole tune
+    skipped: tuple[SkippedImage, ...] = ()  # unusable images left out (skip_unreadable)
 
     def to_dict(self) -> dict[str, object]:
         version = self.version
@@ -140,7 +155,8 @@ class TuneResult:
             "chance_accuracy": 1 / self.num_classes, "transfer": self.transfer.to_dict(),
             "extraction": self.extraction.to_dict(), "alias": dataclasses.asdict(self.alias) if self.alias else None,
             "pretrained_backbone": self.pretrained, "metrics": dict(sorted(self.version.metrics.items())),
-            "warnings": list(self.warnings), "seconds": self.seconds,
+            "warnings": list(self.warnings), "skipped": [image.to_dict() for image in self.skipped],
+            "seconds": self.seconds,
         }  # fmt: skip
 
     def summary(self) -> str:
@@ -165,7 +181,21 @@ class TuneResult:
             lines.append(f"  alias {self.alias.name}: {self.alias.from_version or '-'} -> {self.alias.to_version}")
         if not self.pretrained:
             lines.append("  note: the extractor runs a RANDOMLY INITIALISED backbone; accuracy is only 'above chance'")
+        lines.extend(skipped_lines(self.skipped))
         return "\n".join(lines)
+
+
+def skipped_lines(skipped: tuple[SkippedImage, ...]) -> list[str]:
+    """'  skipped 2 unusable image(s):' then one indented line each (at most MAX_LISTED_UNUSABLE, then a count)."""
+    if not skipped:
+        return []
+    lines = [f"  skipped {len(skipped)} unusable image(s):"]
+    lines += [f"    {image}" for image in skipped[:MAX_LISTED_UNUSABLE]]
+    if len(skipped) > MAX_LISTED_UNUSABLE:
+        lines.append(
+            f"    and {len(skipped) - MAX_LISTED_UNUSABLE} more (all of them in --json and the version's details)"
+        )
+    return lines
 
 
 def transfer_line(transfer: TransferSummary) -> str:

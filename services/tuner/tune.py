@@ -41,10 +41,10 @@ from services.common.wire.codec import CodecConfig
 from services.common.wire.edge_spec import EdgeNetworkConfig, macs_per_image, trainable_parameters
 from services.common.wire.gather_modes import candidate_ks, validate_ks
 from services.registry.records import Task, Version
-from services.tuner.data import Dataset, load_dataset
+from services.tuner.data import Dataset, SkippedImage, TooFewUsableImagesError, load_dataset, unusable_images_message
 from services.tuner.edge_network import EdgeNetwork, to_safetensors_bytes
 from services.tuner.evaluation import EvaluationReport, evaluate
-from services.tuner.extraction import extract_features
+from services.tuner.extraction import FetchedFeatures, fetch_features
 from services.tuner.feature_store import FeatureStore
 from services.tuner.options import DEFAULT_CODEC_NAME, DEFAULT_RANK, TuneOptions
 from services.tuner.reports import (
@@ -109,15 +109,23 @@ def tune_path(
     """`mist tune --data PATH`: an ImageFolder tree, split folders or a manifest (see data.load_dataset).
 
     When the task exists its class names fix the label order, and a folder of another class is refused.
+    Unreadable and empty files are set aside here and named together with the images the extractor cannot decode
+    (see tune_dataset), unless what is left cannot be trained on: then they are named at once.
     """
     task = find_task(registry, options.task)
-    dataset = load_dataset(
-        path,
-        val_fraction=options.val_fraction,
-        test_fraction=options.test_fraction,
-        seed=options.seed,
-        class_names=task.class_names if task else None,
-    )
+    try:
+        dataset = load_dataset(
+            path,
+            val_fraction=options.val_fraction,
+            test_fraction=options.test_fraction,
+            seed=options.seed,
+            class_names=task.class_names if task else None,
+            skip_unreadable=True,  # every unusable image is named after extraction, or skipped with the option
+        )
+    except TooFewUsableImagesError as error:
+        if options.skip_unreadable:
+            raise
+        raise InvalidArgumentError(_unusable_message(error.skipped, str(path))) from error
     return tune_dataset(dataset, options, extractor, registry, observer, task=task)
 
 
@@ -131,7 +139,11 @@ def tune_dataset(
     task: Task | None = None,
 ) -> TuneResult:
     """The whole pipeline on a loaded dataset. `task`: the registry's task as read before the dataset was loaded
-    (its latest version is the parent of the push); None = not found (created on success)."""
+    (its latest version is the parent of the push); None = not found (created on success).
+
+    Unusable images (dataset.skipped: unreadable or empty files; and the ones the extractor refuses) fail the tune
+    after extraction with one InvalidArgumentError naming every one, or with options.skip_unreadable are left out,
+    warned about and listed in the result and the version's details."""
     observer = observer or TuneObserver()
     started = time.perf_counter()
     info = describe(extractor)
@@ -139,7 +151,7 @@ def tune_dataset(
     if not info.pretrained:
         observer.message(f"warning: {info.warning or 'the extractor runs a randomly initialised backbone'}")
     for warning in dataset.warnings:
-        observer.message(f"warning: {warning}")
+        observer.warning(warning)
     edge = resolve_edge_config(task, info, dataset.class_names, options)
     codec = CodecConfig.parse(options.codec or (task.codec if task else DEFAULT_CODEC_NAME)).name
     ks = _ks_to_fetch(options.k, info.num_blocks)
@@ -148,7 +160,7 @@ def tune_dataset(
         f"classes; fetching k={', '.join(map(str, ks))} as {codec} from {extractor.target}"
     )
     backbone = task.backbone if task else info.backbone
-    store, extraction = extract_features(
+    fetched = fetch_features(
         dataset,
         extractor,
         ks=ks,
@@ -158,6 +170,8 @@ def tune_dataset(
         max_in_flight=options.max_in_flight,
         attempts=options.extract_attempts,
     )
+    dataset, store = _usable(dataset, fetched, options, observer)
+    extraction = fetched.stats
     with store:  # its temporary file goes when training and scoring end, error or not
         trained = _train(store, dataset, ks, edge, options, observer)
         reports = _evaluate(trained, store, dataset)
@@ -180,6 +194,7 @@ def tune_dataset(
         kept_epoch=trained.kept_epoch, val=reports.get("val"), test=reports.get("test"),
         num_classes=len(dataset.class_names), transfer=transfer, extraction=extraction, alias=alias,
         pretrained=info.pretrained, warnings=dataset.warnings, seconds=time.perf_counter() - started,
+        skipped=dataset.skipped,
     )  # fmt: skip
 
 
@@ -230,6 +245,32 @@ def check_task_fits(task: Task, info: BackboneInfo, class_names: Sequence[str]) 
             f"task {task.name!r} expects [{edge.tokens}, {edge.dims}] features but the extractor "
             f"sends [{info.tokens}, {info.dims}]"
         )
+
+
+def _usable(
+    dataset: Dataset, fetched: FetchedFeatures, options: TuneOptions, observer: TuneObserver
+) -> tuple[Dataset, FeatureStore]:
+    """The dataset and store to train on: every unusable image named in one error, or (skip_unreadable) left out."""
+    unusable = (*dataset.skipped, *fetched.refused.values())
+    if unusable and not options.skip_unreadable:
+        fetched.store.close()
+        raise InvalidArgumentError(_unusable_message(unusable, str(dataset.root)))
+    warned = set(dataset.warnings)
+    dataset, store = fetched.usable(dataset)
+    if dataset.skipped:
+        observer.warning(unusable_images_message(dataset.skipped, "skipping {n} unusable image(s)"))
+    for warning in dataset.warnings:
+        if warning not in warned:
+            observer.warning(warning)
+    return dataset, store
+
+
+def _unusable_message(unusable: Sequence[SkippedImage], root: str) -> str:
+    return unusable_images_message(
+        unusable,
+        f"could not use {{n}} image(s) of {root}",
+        "fix or remove them, or tune on the rest with --skip-unreadable (nothing was pushed)",
+    )
 
 
 def _ks_to_fetch(k: int | None, num_blocks: int) -> tuple[int, ...]:
@@ -396,6 +437,7 @@ def _details(draft: _Draft) -> str:
         "dataset": {"layout": draft.dataset.layout, "class_names": list(draft.dataset.class_names),
                     "counts": draft.dataset.counts()},
         "warnings": list(draft.dataset.warnings),
+        "skipped": [image.to_dict() for image in draft.dataset.skipped],
     }  # fmt: skip
     return json.dumps(details, allow_nan=False)  # the registry stores JSON; NaN is not JSON
 
