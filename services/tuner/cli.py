@@ -35,7 +35,7 @@ from services.common.config import (
 from services.common.errors import InvalidArgumentError, MistError
 from services.tuner.config import ConnectionFlags, Endpoints
 from services.tuner.memory import limit_heap_growth
-from services.tuner.options import DemoOptions, TuneOptions
+from services.tuner.options import DemoOptions, Runtime, TuneOptions
 
 PROG = "mist"
 C = TypeVar("C")
@@ -87,6 +87,9 @@ class VersionFlags(ConfigBase):
         None, help="version number to use", minimum=1, shown="--alias, else the latest", metavar="N"
     )
     alias: str | None = setting(None, help="alias to use, e.g. production", metavar="NAME")
+    runtime: Runtime = setting(
+        "numpy", help="what runs the edge network: numpy (no torch needed) or torch (the training code)"
+    )
 
     def check(self) -> None:
         super().check()
@@ -128,14 +131,14 @@ class Invocation:
 # ---------------------------------------------------------------------------------------------- commands
 
 
-def _setup(output: OutputFlags, default_threads: int | None = None) -> None:
-    """Logging on stderr (progress in log mode is INFO lines) and torch's thread count."""
+def _setup(output: OutputFlags, *, uses_torch: bool = True, default_threads: int | None = None) -> None:
+    """Logging on stderr (progress in log mode is INFO lines) and torch's thread count, when torch runs at all."""
     from services.common.logging_setup import configure_logging
 
     quiet = output.progress_mode == "quiet" and output.log_level in ("debug", "info")
     configure_logging("warning" if quiet else output.log_level)
     threads = default_threads if output.threads is None else output.threads
-    if threads:
+    if threads and uses_torch:  # the numpy runtime must not load torch (memory), even where it is installed
         import torch
 
         torch.set_num_threads(threads)
@@ -165,15 +168,17 @@ def cmd_tune(run: Invocation) -> int:
 
 
 def cmd_predict(run: Invocation) -> int:
-    from services.tuner.predict import file_items, image_files, load_version, predict_images
-
     flags, endpoints = run.get(PredictFlags), run.endpoints
     assert endpoints is not None
+    if run.args.images == ["-"]:
+        return _predict_stdin(run)
+    from services.tuner.predict import file_items, image_files, load_version, predict_images
+
     files = image_files(run.args.images)
-    _setup(run.get(OutputFlags))
+    _setup(run.get(OutputFlags), uses_torch=flags.runtime == "torch")
     failures = 0
     with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
-        loaded = load_version(registry, flags.task, version=flags.version, alias=flags.alias)
+        loaded = load_version(registry, flags.task, version=flags.version, alias=flags.alias, runtime=flags.runtime)
         window = run.get(ConnectionFlags).max_in_flight
         for prediction in predict_images(loaded, extractor, file_items(files), top_k=flags.top_k, max_in_flight=window):
             print(json.dumps(prediction.to_dict(id_key="file")), flush=True)
@@ -184,14 +189,37 @@ def cmd_predict(run: Invocation) -> int:
     return 0
 
 
+def _predict_stdin(run: Invocation) -> int:
+    """`mist predict -`: one image path per stdin line, one JSON line out per image as soon as it is known."""
+    from services.tuner.predict import Predictor
+
+    flags = run.get(PredictFlags)
+    _setup(run.get(OutputFlags), uses_torch=flags.runtime == "torch")
+    assert run.endpoints is not None
+    seen = failures = 0
+    with Predictor(run.endpoints, flags.task, version=flags.version, alias=flags.alias, runtime=flags.runtime,
+                   top_k=flags.top_k) as predictor:  # fmt: skip
+        for line in sys.stdin:
+            path = line.rstrip("\r\n")
+            if not path.strip():
+                continue
+            prediction = predictor.predict_file(path)
+            print(json.dumps(prediction.to_dict(id_key="file")), flush=True)
+            seen, failures = seen + 1, failures + (not prediction.ok)
+    if failures:
+        _error("mist predict", f"{failures} of {seen} image(s) could not be classified (see their lines)")
+        return 1
+    return 0
+
+
 def cmd_evaluate(run: Invocation) -> int:
     from services.tuner.predict import evaluate_path, load_version
 
     flags, endpoints = run.get(EvaluateFlags), run.endpoints
     assert endpoints is not None
-    _setup(run.get(OutputFlags))
+    _setup(run.get(OutputFlags), uses_torch=flags.runtime == "torch")
     with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
-        loaded = load_version(registry, flags.task, version=flags.version, alias=flags.alias)
+        loaded = load_version(registry, flags.task, version=flags.version, alias=flags.alias, runtime=flags.runtime)
         window = run.get(ConnectionFlags).max_in_flight
         evaluation = evaluate_path(loaded, extractor, flags.data, split=flags.split, max_in_flight=window)
     _print(evaluation.to_dict(), evaluation.summary(), run.get(JsonOutput).json)
@@ -270,7 +298,13 @@ def build_parser() -> ArgumentParser:
                 add_arguments(group, cls)
         sub.set_defaults(prog=sub.prog)
         if name == "predict":
-            sub.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of images")
+            sub.add_argument(
+                "images",
+                nargs="+",
+                metavar="IMAGE",
+                help="image files, or folders of images; '-' reads one path per line from stdin and answers each "
+                "line as it comes (one channel and the loaded weights kept across images)",
+            )
     subcommands.add_parser(
         "registry", add_help=False, help="tasks, versions, aliases, exports, tokens (see mist registry --help)"
     )

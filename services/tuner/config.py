@@ -22,6 +22,7 @@ from services.common.clients.settings import (
 )
 from services.common.config import ConfigError, ServerConfig, check_existing_file, check_host_port, setting
 from services.common.errors import InvalidArgumentError
+from services.tuner.options import Runtime
 
 _GiB = 1 << 30
 
@@ -176,6 +177,9 @@ class TunerConfig(ServerConfig):
     )
     torch_threads: int = setting(
         0, help="torch threads for training and inference; 0 = every CPU", minimum=0, metavar="N"
+    )
+    predict_runtime: Runtime = setting(
+        "numpy", help="what runs the edge network in Predict: numpy, or torch (the training code)"
     )
 
     def check(self) -> None:

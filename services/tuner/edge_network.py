@@ -17,11 +17,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from services.common.errors import InvalidArgumentError
-from services.common.wire.edge_spec import CONFIG_METADATA_KEY, EdgeNetworkConfig
+from services.common.wire.edge_spec import CONFIG_METADATA_KEY, LAYER_NORM_EPS, EdgeNetworkConfig
 from services.common.wire.weights import check_edge_weights
-
-# timm's ViTs use this epsilon; gathered features are sums of block outputs, far from zero variance.
-LAYER_NORM_EPS = 1e-6
 
 
 class LowRankAttentionBlock(nn.Module):

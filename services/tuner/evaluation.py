@@ -1,21 +1,27 @@
-"""Scores a trained edge network on stored features: accuracy, per-class accuracy, confusion matrix, loss.
+"""Scores an edge network: accuracy, per-class accuracy, confusion matrix, loss.
 
-The report's to_dict() is what the registry keeps in a version's details_json, so it is plain JSON types.
+    report = evaluate(model, store, k, store_indices, class_names)      # torch model on a FeatureStore (tuning)
+    report = report_from_predictions(Predictions(labels, predicted, loss_sum), class_names)   # any runtime
+
+The report's to_dict() is what the registry keeps in a version's details_json, so it is plain JSON types. Importing
+this module loads no torch: a device that only predicts builds its reports with numpy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from services.common.checks import check_int
 from services.common.errors import InvalidArgumentError
-from services.tuner.feature_store import FeatureStore
+
+if TYPE_CHECKING:  # torch only where a torch model is scored
+    from torch import nn
+
+    from services.tuner.feature_store import FeatureStore
 
 DEFAULT_BATCH_SIZE = 32  # forward-only batches: peak memory grows with it, speed barely does past 32
 
@@ -70,6 +76,9 @@ def collect_predictions(
     model: nn.Module, store: FeatureStore, k: int, indices: Sequence[int], *, batch_size: int = DEFAULT_BATCH_SIZE
 ) -> Predictions:
     """Run `model` over the stored k features of `indices`, decoding one batch at a time."""
+    import torch
+    import torch.nn.functional as F
+
     check_int("batch_size", batch_size, minimum=1)
     positions = list(indices)
     labels, predicted = [], []

@@ -20,6 +20,10 @@ from services.common.wire.edge_spec import Pooling
 
 DEFAULT_CODEC_NAME = "i8-zstd"  # 4x smaller than float32 at 1/254 of a row's max error (docs: the codecs)
 DEFAULT_RANK = 16  # the paper's r for D = 768; capped at D for narrow backbones
+# What a tune writes into a version's safetensors metadata, and predict reads back (before tags and metrics).
+METADATA_K, METADATA_CODEC, METADATA_CLASSES = "mist.k", "mist.codec", "mist.class_names"
+METADATA_BACKBONE, METADATA_BACKBONE_FINGERPRINT = "mist.backbone", "mist.backbone_fingerprint"
+Runtime = Literal["numpy", "torch"]  # what runs a stored edge network to predict (services/tuner/predict.py)
 
 Keep = Literal["best", "final"]
 # Autograd keeps about a dozen [b, T, D] maps alive per forward/backward of the 4-block network; capping one

@@ -1,8 +1,8 @@
 """Prediction and evaluation with a stored version: pull the weights (by number, alias or latest; cached locally by
-sha256), fetch each image's feature at the version's k and codec, classify on this machine.
+sha256), fetch each image's feature at the version's k and codec, classify on this machine, without torch.
 
     with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
-        loaded = load_version(registry, "shapes", alias="production")
+        loaded = load_version(registry, "shapes", alias="production")   # runtime="torch" runs the training code
         for prediction in predict_images(loaded, extractor, [ImageItem("a.png", data)]):
             print(prediction.to_dict())   # {"item": "a.png", "label": "circle", "probability": 0.93, "top": [...]}
         report = evaluate_path(loaded, extractor, "labelled/")   # accuracy, per class, confusion matrix
@@ -10,6 +10,10 @@ sha256), fetch each image's feature at the version's k and codec, classify on th
 The version's k and codec come from its safetensors metadata (`mist.k`, `mist.codec`, written by tune), else its
 metrics / tags, else the task's; the features are asked for with the task's backbone id, so an extractor serving
 other weights is refused (FAILED_PRECONDITION) instead of answering with features the network never saw.
+
+Runtimes: "numpy" (the default: services/tuner/edge_numpy.py, what a predict-only device installs) or "torch" (the
+training code's network). Both read the same safetensors weights and agree to 1e-4 in probability; importing this
+module loads no torch.
 """
 
 from __future__ import annotations
@@ -17,27 +21,67 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import grpc
-import torch
+import numpy as np
 
 from services.common.clients.extractor import DEFAULT_MAX_IN_FLIGHT, ExtractorClient, ImageItem
 from services.common.clients.registry import PulledVersion, RegistryClient
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import feature_pb2
 from services.common.wire.codec import CodecConfig, decode_feature
+from services.common.wire.edge_spec import EdgeNetworkConfig
 from services.registry.records import Task, Version
+from services.tuner.config import Endpoints
 from services.tuner.data import IMAGE_EXTENSIONS, SPLITS, Dataset, load_dataset
-from services.tuner.edge_network import EdgeNetwork, from_safetensors_bytes
-from services.tuner.evaluation import EvaluationReport, evaluate
-from services.tuner.extraction import extract_features
-from services.tuner.training import predict
-from services.tuner.tune import METADATA_CODEC, METADATA_K
+from services.tuner.edge_numpy import NumpyEdgeNetwork
+from services.tuner.evaluation import EvaluationReport, Predictions, report_from_predictions
+from services.tuner.options import METADATA_CODEC, METADATA_K, Runtime
 
 DEFAULT_TOP_K = 5
 EvaluateSplit = Literal["auto", "all", "train", "val", "test"]
 _STATUS_NAMES = {status.value[0]: status.name for status in grpc.StatusCode}  # ItemError.code -> "INVALID_ARGUMENT"
+RUNTIMES: tuple[Runtime, ...] = ("numpy", "torch")
+_MAX_NAMED_FAILURES = 20  # images named in one error message; the count is always exact
+
+
+class Classifier(Protocol):
+    """A loaded edge network, whatever runs it: logits [B, C] of features [B, T, D] (or [T, D])."""
+
+    def logits(self, features: np.ndarray) -> np.ndarray: ...
+
+
+class _TorchClassifier:
+    """The torch runtime: the network the tuner trains, in eval mode (`--runtime torch`)."""
+
+    def __init__(self, model: object) -> None:
+        self._model = model
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(features))
+        with torch.inference_mode():
+            return self._model(tensor[None] if tensor.ndim == 2 else tensor).numpy()  # type: ignore[operator]
+
+
+def load_network(blob: bytes, expected: EdgeNetworkConfig, runtime: Runtime = "numpy") -> tuple[Classifier, dict]:
+    """The network of a weights blob for `runtime`, strictly checked, and the blob's metadata."""
+    if runtime == "numpy":
+        return NumpyEdgeNetwork.from_safetensors_bytes(blob, expected)
+    if runtime == "torch":
+        from services.tuner.edge_network import from_safetensors_bytes
+
+        model, metadata = from_safetensors_bytes(blob, expected)
+        return _TorchClassifier(model.eval()), metadata
+    raise InvalidArgumentError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, computed in float64 so that tiny probabilities stay exact enough to compare."""
+    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 @dataclass(frozen=True)
@@ -46,10 +90,11 @@ class LoadedVersion:
 
     task: Task  # class names, backbone, edge network
     version: Version  # number, sha256, metrics, lineage
-    model: EdgeNetwork  # in eval mode
+    model: Classifier  # the network, run by `runtime`
     k: int  # the gather depth the weights were trained on
     codec: str  # canonical codec name the features were trained with
     from_cache: bool  # the weights came from the local cache (only a header travelled)
+    runtime: Runtime = "numpy"  # what runs the network
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -87,15 +132,21 @@ class Prediction:
 
 
 def load_version(
-    registry: RegistryClient, task: str, *, version: int | None = None, alias: str | None = None
+    registry: RegistryClient,
+    task: str,
+    *,
+    version: int | None = None,
+    alias: str | None = None,
+    runtime: Runtime = "numpy",
 ) -> LoadedVersion:
     """Pull (or take from the cache) a version by number, alias or, with neither, the latest; load it strictly."""
+    if runtime not in RUNTIMES:
+        raise InvalidArgumentError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     pulled = registry.pull(task, version=version, alias=alias)
-    config = pulled.task.edge_config()
-    model, metadata = from_safetensors_bytes(pulled.blob, config)
-    return LoadedVersion(task=pulled.task, version=pulled.version, model=model.eval(),
-                         k=_version_k(pulled, metadata), codec=_version_codec(pulled, metadata),
-                         from_cache=pulled.from_cache)  # fmt: skip
+    model, metadata = load_network(pulled.blob, pulled.task.edge_config(), runtime)
+    return LoadedVersion(task=pulled.task, version=pulled.version, model=model, k=_version_k(pulled, metadata),
+                         codec=_version_codec(pulled, metadata), from_cache=pulled.from_cache,
+                         runtime=runtime)  # fmt: skip
 
 
 def _version_k(pulled: PulledVersion, metadata: dict[str, str]) -> int:
@@ -144,9 +195,9 @@ def predict_images(
         if result.error is not None:
             yield _failed(result.item_id, loaded.version.number, result.error)
             continue
-        probabilities = predict(loaded.model, torch.from_numpy(decode_feature(result.features[0])))[0]
-        values, indices = torch.topk(probabilities, min(top_k, len(names)))
-        top = tuple((names[i], float(v)) for v, i in zip(values.tolist(), indices.tolist(), strict=True))
+        scores = probabilities(loaded.model.logits(decode_feature(result.features[0])))[0]
+        best = np.argsort(-scores, kind="stable")[: min(top_k, len(names))]
+        top = tuple((names[i], float(scores[i])) for i in best)
         yield Prediction(
             result.item_id,
             loaded.version.number,
@@ -155,6 +206,72 @@ def predict_images(
             top=top,
             feature_bytes=result.features[0].ByteSize(),
         )
+
+
+class Predictor:
+    """A long-running predictor: one extractor channel, one registry client and the loaded weights, kept across
+    images, so a camera-class device pays start-up once and each image costs one round trip.
+
+        with Predictor(endpoints, "shapes", alias="production") as predictor:
+            prediction = predictor.predict_file("frame-0001.jpg")   # or predict(image_bytes, item_id)
+
+    A file that cannot be read, or an image the extractor refuses, gets a Prediction with an error; the predictor
+    goes on with the next. reload() pulls the reference again (cheap when the weights did not change).
+    """
+
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        task: str,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        runtime: Runtime = "numpy",
+        top_k: int = DEFAULT_TOP_K,
+    ) -> None:
+        self._reference = dict(version=version, alias=alias, runtime=runtime)
+        self._task, self._top_k = task, top_k
+        self._extractor = endpoints.extractor_client()
+        try:
+            self._registry = endpoints.registry_client()
+            try:
+                self.loaded = load_version(self._registry, task, **self._reference)  # type: ignore[arg-type]
+            except BaseException:
+                self._registry.close()
+                raise
+        except BaseException:
+            self._extractor.close()
+            raise
+
+    def reload(self) -> LoadedVersion:
+        """Pull the version reference again (an alias may have moved); only a header travels when it did not."""
+        self.loaded = load_version(self._registry, self._task, **self._reference)  # type: ignore[arg-type]
+        return self.loaded
+
+    def predict(self, image: bytes, item_id: str = "") -> Prediction:
+        """One image's prediction (an undecodable or oversized image gets an error, not an exception)."""
+        items = [ImageItem(item_id, image)]
+        return next(predict_images(self.loaded, self._extractor, items, top_k=self._top_k, max_in_flight=1))
+
+    def predict_file(self, path: str | Path) -> Prediction:
+        """The prediction of an image file; an unreadable file gets an INVALID_ARGUMENT error line."""
+        try:
+            image = Path(path).expanduser().read_bytes()
+        except OSError as error:
+            message = f"cannot read image {path}: {error.strerror or error}"
+            return Prediction(str(path), self.loaded.version.number, error_code="INVALID_ARGUMENT",
+                              error_reason="unreadable_file", error_message=message)  # fmt: skip
+        return self.predict(image, str(path))
+
+    def close(self) -> None:
+        self._extractor.close()
+        self._registry.close()
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _failed(item_id: str, version: int, error: feature_pb2.ItemError) -> Prediction:
@@ -247,16 +364,32 @@ def evaluate_path(
     indices = list(range(len(dataset))) if chosen == "all" else dataset.indices(chosen)  # type: ignore[arg-type]
     if not indices:
         raise InvalidArgumentError(f"{path} has no {chosen} images")
-    subset = Dataset(dataset.root, dataset.class_names, tuple(dataset.items[i] for i in indices), dataset.layout)
-    store, _ = extract_features(
-        subset,
-        extractor,
+    items = [dataset.items[i] for i in indices]
+    results = extractor.extract(
+        (ImageItem(item.name, item.read_bytes()) for item in items),  # read lazily, one at a time
+        mode="mist",
         ks=(loaded.k,),
         codec=loaded.codec,
-        backbone=loaded.task.backbone,
+        expect_backbone=loaded.task.backbone,
         max_in_flight=max_in_flight,
     )
-    report = evaluate(loaded.model, store, loaded.k, list(range(len(subset))), loaded.class_names)
+    labels = np.array([item.label for item in items], dtype=np.int64)
+    predicted = np.zeros(len(items), dtype=np.int64)
+    loss_sum, failed = 0.0, []
+    for position, result in enumerate(results):  # one result per image, in order
+        if result.error is not None:
+            failed.append(f"{items[position].name} ({result.error.reason})")
+            continue
+        logits = loaded.model.logits(decode_feature(result.features[0]))[0].astype(np.float64)
+        predicted[position] = int(np.argmax(logits))
+        top = logits.max()
+        loss_sum += float(top + np.log(np.exp(logits - top).sum()) - logits[labels[position]])  # cross-entropy
+    if failed:
+        named = ", ".join(failed[:_MAX_NAMED_FAILURES]) + (
+            f" and {len(failed) - _MAX_NAMED_FAILURES} more" if len(failed) > _MAX_NAMED_FAILURES else ""
+        )
+        raise InvalidArgumentError(f"{len(failed)} image(s) of {path} could not be scored: {named}")
+    report = report_from_predictions(Predictions(labels, predicted, loss_sum), loaded.class_names)
     return VersionEvaluation(loaded.task.name, loaded.version.number, loaded.k, chosen, report)
 
 

@@ -377,7 +377,9 @@ class TunerServicer(tuner_pb2_grpc.TunerServicer):
             self._endpoints.extractor_client() as extractor,
             self._endpoints.registry_client(use_cache_dir=False) as registry,
         ):
-            loaded = load_version(registry, spec.task, version=version, alias=alias)
+            loaded = load_version(
+                registry, spec.task, version=version, alias=alias, runtime=self._config.predict_runtime
+            )
             for prediction in predict_images(
                 loaded,
                 extractor,

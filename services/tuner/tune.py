@@ -46,7 +46,16 @@ from services.tuner.edge_network import EdgeNetwork, to_safetensors_bytes
 from services.tuner.evaluation import EvaluationReport, evaluate
 from services.tuner.extraction import FetchedFeatures, fetch_features
 from services.tuner.feature_store import FeatureStore
-from services.tuner.options import DEFAULT_CODEC_NAME, DEFAULT_RANK, TuneOptions
+from services.tuner.options import (
+    DEFAULT_CODEC_NAME,
+    DEFAULT_RANK,
+    METADATA_BACKBONE,
+    METADATA_BACKBONE_FINGERPRINT,
+    METADATA_CLASSES,
+    METADATA_CODEC,
+    METADATA_K,
+    TuneOptions,
+)
 from services.tuner.reports import (
     AliasMove,
     ExtractionStats,
@@ -59,8 +68,6 @@ from services.tuner.training import EpochStats, KSelection, select_k, train_edge
 
 log = logging.getLogger(__name__)
 
-METADATA_K, METADATA_CODEC, METADATA_CLASSES = "mist.k", "mist.codec", "mist.class_names"
-METADATA_BACKBONE, METADATA_BACKBONE_FINGERPRINT = "mist.backbone", "mist.backbone_fingerprint"
 ToolKind = Literal["cli", "worker", "library"]
 
 

@@ -276,6 +276,133 @@ def test_evaluate_scores_the_test_split_as_the_tune_did(tuned, stack, data):
     assert report["confusion_matrix"] == tuned["test"]["confusion_matrix"]
 
 
+def test_the_numpy_and_torch_runtimes_answer_alike_on_every_image(tuned, stack, data):
+    # Execute: the default runtime (numpy) and the training code's (torch), on every test image and in evaluate
+    runs = {
+        runtime: run_cli("predict", "--task", TASK, "--version", "1", "--top-k", "4", "--runtime", runtime,
+                         str(data / "test"), *stack.cli_flags())
+        for runtime in ("numpy", "torch")
+    }  # fmt: skip
+    reports = {
+        runtime: run_cli("evaluate", "--task", TASK, "--version", "1", "--data", str(data), "--json",
+                         "--runtime", runtime, *stack.cli_flags())
+        for runtime in ("numpy", "torch")
+    }  # fmt: skip
+
+    # Assert: same label on every image, every listed probability within 1e-4, the same evaluation
+    assert all(code == 0 for code, _, _ in [*runs.values(), *reports.values()]), runs
+    numpy_lines, torch_lines = ([json.loads(line) for line in runs[r][1].splitlines()] for r in ("numpy", "torch"))
+    assert len(numpy_lines) == len(torch_lines) == 40
+    for ours, theirs in zip(numpy_lines, torch_lines, strict=True):
+        assert (ours["file"], ours["label"]) == (theirs["file"], theirs["label"])
+        assert [e["label"] for e in ours["top"]] == [e["label"] for e in theirs["top"]]
+        assert all(
+            abs(a["probability"] - b["probability"]) < 1e-4 for a, b in zip(ours["top"], theirs["top"], strict=True)
+        )
+    numpy_report, torch_report = (json.loads(reports[r][1]) for r in ("numpy", "torch"))
+    assert numpy_report["confusion_matrix"] == torch_report["confusion_matrix"] == tuned["test"]["confusion_matrix"]
+    assert numpy_report["loss"] == pytest.approx(torch_report["loss"], abs=1e-4)
+
+
+_WITHOUT_TORCH = """
+import importlib.abc, json, sys
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "timm", "torchvision", "safetensors"):
+            raise ImportError(f"{name} is not installed on this device")
+
+sys.meta_path.insert(0, Refuse())
+from services.tuner import cli
+code = cli.main(sys.argv[1:], env={})
+print(json.dumps({"exit": code, "loaded": sorted(n for n in sys.modules if n.split(".")[0] in ("torch", "timm"))}))
+"""
+
+
+@pytest.mark.parametrize("command", ["help", "predict", "evaluate"])
+def test_a_device_without_torch_predicts_and_evaluates(tuned, stack, data, command):
+    # Prepare: an interpreter in which importing torch, timm or safetensors fails, as on a `.[device]` install
+    args = {
+        "help": ["predict", "--help"],
+        "predict": ["predict", "--task", TASK, "--alias", "production", str(data / "test" / "red_cross")],
+        "evaluate": ["evaluate", "--task", TASK, "--version", "1", "--data", str(data), "--json"],
+    }[command]
+    flags = [] if command == "help" else stack.cli_flags()
+
+    # Execute
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, *args, *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=child_environment())  # fmt: skip
+
+    # Assert: it ran to the end with nothing of torch loaded, and answered
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == {"exit": 0, "loaded": []}
+    if command == "predict":
+        answers = [json.loads(line) for line in lines[:-1]]
+        assert len(answers) == len(list((data / "test" / "red_cross").glob("*.png"))) > 0
+        assert all(answer["label"] in E2E_CLASSES for answer in answers)
+    if command == "evaluate":
+        report = json.loads("\n".join(lines[:-1]))
+        assert report["count"] == 40 and report["confusion_matrix"] == tuned["test"]["confusion_matrix"]
+
+
+def test_a_predictor_keeps_its_channel_and_weights_across_images(tuned, stack, data, tmp_path):
+    # Prepare: the batch answers for the same images, a missing file and an undecodable one
+    from services.tuner.predict import Predictor
+
+    paths = sorted((data / "test").rglob("*.png"))[:6]
+    batch_code, batch_out, _ = run_cli(
+        "predict", "--task", TASK, "--version", "1", *map(str, paths), *stack.cli_flags()
+    )
+    expected = [json.loads(line) for line in batch_out.splitlines()]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+
+    # Execute: one image at a time through one Predictor
+    with Predictor(stack.endpoints(cache_dir=None), TASK, version=1) as predictor:
+        answers = [predictor.predict_file(path).to_dict(id_key="file") for path in paths]
+        missing = predictor.predict_file(tmp_path / "missing.png")
+        undecodable = predictor.predict_file(broken)
+        in_memory = predictor.predict(paths[0].read_bytes(), "frame-1")
+        loaded = predictor.loaded
+
+    # Assert: the same answers as the batch command, per-image errors instead of exceptions
+    assert batch_code == 0 and answers == expected
+    assert (missing.error_code, missing.error_reason) == ("INVALID_ARGUMENT", "unreadable_file")
+    assert (undecodable.error_code, undecodable.error_reason) == ("INVALID_ARGUMENT", "undecodable_image")
+    assert (in_memory.item_id, in_memory.label) == ("frame-1", expected[0]["label"])
+    assert loaded.runtime == "numpy" and loaded.version.number == 1
+
+
+def test_predict_reads_paths_from_stdin_and_answers_each_line_as_it_comes(tuned, stack, data, tmp_path):
+    # Prepare
+    first, second = sorted((data / "test" / "red_cross").glob("*.png"))[:2]
+    command = [sys.executable, "-m", "services.tuner.cli", "predict", "--task", TASK, "--alias", "production", "-"]
+    process = subprocess.Popen([*command, *stack.cli_flags()], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=child_environment())  # fmt: skip
+    try:
+        # Execute: a path, then its answer before the next path is even written (a camera waiting per frame)
+        process.stdin.write(f"{first}\n")
+        process.stdin.flush()
+        answer = json.loads(process.stdout.readline())
+        process.stdin.write(f"{tmp_path / 'missing.png'}\n\n{second}\n")
+        process.stdin.close()
+        rest = [json.loads(line) for line in process.stdout.read().splitlines()]
+        code = process.wait(timeout=60)
+        err = process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+
+    # Assert: one line per path in order (the blank line skipped), the missing file an error line, exit 1
+    assert answer["file"] == str(first) and answer["label"] in E2E_CLASSES
+    assert [line["file"] for line in rest] == [str(tmp_path / "missing.png"), str(second)]
+    assert rest[0]["error"]["reason"] == "unreadable_file" and rest[1]["label"] in E2E_CLASSES
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        "mist predict: error: 1 of 3 image(s) could not be classified (see their lines)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- resilience
 
 

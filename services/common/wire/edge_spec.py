@@ -19,6 +19,8 @@ POOLINGS: tuple[str, ...] = get_args(Pooling)
 
 # Safetensors metadata key under which weights carry their config as JSON (see to_json / from_json).
 CONFIG_METADATA_KEY = "mist.edge_network_config"
+# timm's ViTs use this LayerNorm epsilon; gathered features are sums of block outputs, far from zero variance.
+LAYER_NORM_EPS = 1e-6
 
 # Upper bounds: generous for any real ViT (ViT-22B has D = 6144; a 1024 px image at patch 16 has
 # 4097 tokens; ImageNet-21k has 21,843 classes) yet small enough that a hostile config cannot make a
