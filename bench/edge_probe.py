@@ -2,17 +2,24 @@
 
 bench/edge.py starts it once per measurement, so nothing of the parent's memory counts and each peak RSS is
 the whole process's own (VmHWM). It imports torch and the tuner library only, and reports whether timm got loaded.
+`predict --runtime numpy` and `predict-device` import no torch at all; `predict-device` runs in the torch-free
+device environment (`.venv-device`) and imports only what `mist predict` imports (services.tuner.predict).
 
     .venv-edge/bin/python bench/edge_probe.py import-torch
     .venv-edge/bin/python bench/edge_probe.py finetune --features DIR/train.bin --manifest DIR/manifest.json \
         --epochs 2 --weights-out DIR/edge.safetensors
-    .venv-edge/bin/python bench/edge_probe.py predict --features DIR/predict.bin --weights DIR/edge.safetensors
+    .venv-edge/bin/python bench/edge_probe.py predict --features DIR/predict.bin --weights DIR/edge.safetensors \
+        --runtime numpy
+    .venv-device/bin/python bench/edge_probe.py predict-device --extractor HOST:PORT --registry HOST:PORT \
+        --task edge-bench --images DIR/images --predictions 1000
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import resource
 import statistics
 import struct
@@ -79,6 +86,7 @@ def _environment(torch_module: Any) -> dict[str, Any]:
 
 def _finish(result: dict[str, Any]) -> None:
     result["timm_imported"] = "timm" in sys.modules or "torchvision" in sys.modules
+    result["torch_imported"] = "torch" in sys.modules
     result["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(result, sort_keys=True))
 
@@ -119,7 +127,7 @@ def probe_finetune(args: argparse.Namespace) -> None:
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=0, keep="final")
         result = train_edge_network(store, k, edge, config, train_indices=range(len(labels)))
     if args.weights_out:
-        Path(args.weights_out).write_bytes(to_safetensors_bytes(result.model))
+        Path(args.weights_out).write_bytes(to_safetensors_bytes(result.model, _weights_metadata(manifest)))
     _finish({
         "mode": "finetune",
         **_environment(torch),
@@ -143,21 +151,101 @@ def probe_finetune(args: argparse.Namespace) -> None:
     })  # fmt: skip
 
 
-def probe_predict(args: argparse.Namespace) -> None:
-    """One image at a time: parse its message, decode the feature, classify it with weights loaded from a blob."""
+def _weights_metadata(manifest: dict[str, Any]) -> dict[str, str]:
+    """What `mist tune` writes into a version's safetensors metadata (options.METADATA_*), from the manifest."""
+    from services.tuner.options import (
+        METADATA_BACKBONE,
+        METADATA_BACKBONE_FINGERPRINT,
+        METADATA_CLASSES,
+        METADATA_CODEC,
+        METADATA_K,
+    )
+
+    metadata = {METADATA_K: str(int(manifest["k"]))}
+    for key, name in ((METADATA_CODEC, "codec"), (METADATA_BACKBONE, "backbone"),
+                      (METADATA_BACKBONE_FINGERPRINT, "backbone_fingerprint")):  # fmt: skip
+        if manifest.get(name):
+            metadata[key] = str(manifest[name])
+    if manifest.get("class_names"):
+        metadata[METADATA_CLASSES] = json.dumps(list(manifest["class_names"]))
+    return metadata
+
+
+class _TimedClassifier:
+    """Wraps a classifier and records how long each logits() call takes: the edge network alone."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.ms: list[float] = []
+
+    def logits(self, features: Any) -> Any:
+        started = time.perf_counter()
+        out = self.inner.logits(features)
+        self.ms.append((time.perf_counter() - started) * 1e3)
+        return out
+
+
+def _load_classifier(blob: bytes, runtime: str) -> Any:
+    """The network of a weights blob run by `runtime`, as services.tuner.predict.load_network builds it, without
+    importing that module (it loads grpc and the clients, which the plain predict figures leave out)."""
+    from services.common.wire.weights import check_edge_weights
+
+    config, _ = check_edge_weights(blob)
+    if runtime == "numpy":
+        from services.tuner.edge_numpy import NumpyEdgeNetwork
+
+        return NumpyEdgeNetwork.from_safetensors_bytes(blob, config)[0]
+    import numpy as np
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from services.tuner.edge_network import from_safetensors_bytes
+
+    model = from_safetensors_bytes(blob, config)[0].eval()
+
+    class TorchClassifier:  # what predict._TorchClassifier does
+        def logits(self, features: Any) -> Any:
+            tensor = torch.from_numpy(np.ascontiguousarray(features))
+            with torch.inference_mode():
+                return model(tensor[None] if tensor.ndim == 2 else tensor).numpy()
+
+    return TorchClassifier()
+
+
+def _softmax64(logits: Any) -> Any:
+    """services.tuner.predict.probabilities: softmax over the last axis in float64."""
+    import numpy as np
+
+    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), without numpy."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def probe_predict(args: argparse.Namespace) -> None:
+    """One image at a time: parse its message, decode the feature, classify it with weights loaded from a blob.
+
+    `--runtime torch` (the training code's network, torch imported) or `numpy` (edge_numpy, no torch). Latency
+    is per image (parse, decode, logits, softmax); `logits_ms_*` times the edge network alone.
+    """
+    if args.runtime == "torch":
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
     if args.client_imports:
         import services.tuner.predict  # noqa: F401  (what `mist predict` loads: grpc, the clients)
     from services.common.pb import feature_pb2
     from services.common.wire.codec import decode_feature
-    from services.tuner.edge_network import from_safetensors_bytes
-    from services.tuner.training import predict
 
     rss_after_imports = current_rss_bytes()
-    model, _ = from_safetensors_bytes(Path(args.weights).read_bytes())
+    classifier = _TimedClassifier(_load_classifier(Path(args.weights).read_bytes(), args.runtime))
     records = list(read_records(Path(args.features)))  # a few hundred KB: the "network" of this probe
     if not records:
         raise SystemExit(f"{args.features} holds no features")
@@ -165,20 +253,84 @@ def probe_predict(args: argparse.Namespace) -> None:
     for position in range(args.warmup + args.predictions):
         record = records[position % len(records)]
         started = time.perf_counter()
-        feature = torch.from_numpy(decode_feature(feature_pb2.FeatureTensor.FromString(record)))
-        probabilities = predict(model, feature)
-        int(probabilities.argmax())
+        feature = decode_feature(feature_pb2.FeatureTensor.FromString(record))
+        int(_softmax64(classifier.logits(feature)).argmax())
         if position >= args.warmup:
             latencies_ms.append((time.perf_counter() - started) * 1e3)
+    logits_ms = classifier.ms[args.warmup :]
+    environment = _environment(sys.modules["torch"]) if "torch" in sys.modules else {"python": sys.version.split()[0]}
     _finish({
         "mode": "predict",
-        **_environment(torch),
+        **environment,
+        "runtime": args.runtime,
         "client_imports": args.client_imports,
         "predictions": len(latencies_ms),
         "rss_after_imports_bytes": rss_after_imports,
         "ms_per_image_mean": statistics.fmean(latencies_ms),
         "ms_per_image_median": statistics.median(latencies_ms),
         "ms_per_image_max": max(latencies_ms),
+        "logits_ms_p50": statistics.median(logits_ms),
+        "logits_ms_p99": _percentile(logits_ms, 99),
+    })  # fmt: skip
+
+
+def probe_predict_device(args: argparse.Namespace) -> None:
+    """A device that only predicts: `mist predict`'s imports, one Predictor (one channel, the weights loaded once)
+    against a real extractor and registry, then images one at a time from files, as a camera loop would.
+
+    Untimed warm-up: one round trip per distinct image, so the timed ones measure the device and the link, with
+    the extractor answering from its cache (ViT-B/16 forward passes on a CPU would hide the device's share).
+    """
+    from services.tuner.config import Endpoints
+    from services.tuner.predict import Predictor
+
+    rss_after_imports = current_rss_bytes()
+    images = sorted(Path(args.images).iterdir())
+    if not images:
+        raise SystemExit(f"{args.images} holds no images")
+    endpoints = Endpoints(extractor=args.extractor, registry=args.registry)
+    started = time.perf_counter()
+    with Predictor(endpoints, args.task, runtime=args.runtime) as predictor:
+        load_seconds = time.perf_counter() - started
+        timed = _TimedClassifier(predictor.loaded.model)
+        predictor.loaded = dataclasses.replace(predictor.loaded, model=timed)
+        rss_after_load = current_rss_bytes()
+        warmup_ms, roundtrip_ms, failed, labels = [], [], [], {}
+        for position in range(len(images) + args.predictions):
+            path = images[position % len(images)]
+            began = time.perf_counter()
+            prediction = predictor.predict_file(path)
+            elapsed = (time.perf_counter() - began) * 1e3
+            (warmup_ms if position < len(images) else roundtrip_ms).append(elapsed)
+            if not prediction.ok:
+                failed.append(f"{path.name}: {prediction.error_code} {prediction.error_message}")
+            else:
+                labels[prediction.label] = labels.get(prediction.label, 0) + 1
+        loaded = predictor.loaded
+    if failed:
+        raise SystemExit(f"{len(failed)} prediction(s) failed, first: {failed[0]}")
+    edge_ms = timed.ms[len(images) :]
+    _finish({
+        "mode": "predict-device",
+        "python": sys.version.split()[0],
+        "runtime": loaded.runtime,
+        "version": loaded.version.number,
+        "k": loaded.k,
+        "codec": loaded.codec,
+        "distinct_images": len(images),
+        "warmup_round_trips": len(warmup_ms),
+        "warmup_ms": warmup_ms,
+        "predictions": len(roundtrip_ms),
+        "labels": labels,
+        "load_seconds": load_seconds,
+        "rss_after_imports_bytes": rss_after_imports,
+        "rss_after_load_bytes": rss_after_load,
+        "roundtrip_ms_p50": statistics.median(roundtrip_ms),
+        "roundtrip_ms_p99": _percentile(roundtrip_ms, 99),
+        "roundtrip_ms_mean": statistics.fmean(roundtrip_ms),
+        "edge_ms_p50": statistics.median(edge_ms),
+        "edge_ms_p99": _percentile(edge_ms, 99),
+        "threads_env": {key: value for key, value in os.environ.items() if key.endswith("_NUM_THREADS")},
     })  # fmt: skip
 
 
@@ -201,7 +353,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     predict.add_argument("--predictions", type=int, default=50, help="timed predictions")
     predict.add_argument("--warmup", type=int, default=5, help="untimed predictions first")
     predict.add_argument("--client-imports", action="store_true", help="also import what `mist predict` imports")
+    predict.add_argument("--runtime", choices=("torch", "numpy"), default="torch", help="what runs the network")
     predict.set_defaults(run=probe_predict)
+    device = modes.add_parser("predict-device", help="Predictor against real servers, one image file at a time")
+    device.add_argument("--extractor", required=True, help="HOST:PORT of the extractor")
+    device.add_argument("--registry", required=True, help="HOST:PORT of the registry")
+    device.add_argument("--task", required=True, help="task whose latest version predicts")
+    device.add_argument("--images", required=True, help="folder of image files, cycled in name order")
+    device.add_argument("--predictions", type=int, default=1000, help="timed predictions (after one per image)")
+    device.add_argument("--runtime", choices=("numpy", "torch"), default="numpy", help="what runs the network")
+    device.set_defaults(run=probe_predict_device)
     for sub in (finetune, predict):
         sub.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     return parser.parse_args(argv)

@@ -39,7 +39,36 @@ TINY_EDGE = edge.EdgeConfig(
     predictions=3,
     environment="current",
     variants=(),  # each variant is one more probe process: a few seconds of torch import on a busy machine
+    device=False,  # no servers and no .venv-device in unit tests: the device rows are tested on a made-up section
 )
+# What measure_device adds to the section (figures made up): the markdown and verdict tests use it.
+DEVICE_FIGURES = {
+    "device_environment": ".venv-device (reused): '.[device]'",
+    "device_environment_kind": "edge-venv",
+    "device_torch_importable": False,
+    "device_timm_importable": False,
+    "device_torch_imported": False,
+    "device_timm_imported": False,
+    "device_predict_peak_rss_bytes": 60 * MB,
+    "device_rss_after_imports_bytes": 40 * MB,
+    "device_rss_after_load_bytes": 45 * MB,
+    "device_predictions": 1000,
+    "device_distinct_images": 8,
+    "device_warmup_ms": [300.0] * 8,
+    "device_roundtrip_ms_p50": 12.5,
+    "device_roundtrip_ms_p99": 30.25,
+    "device_roundtrip_ms_mean": 13.0,
+    "device_edge_ms_p50": 4.5,
+    "device_edge_ms_p99": 6.0,
+    "device_runtime": "numpy",
+    "device_load_seconds": 0.2,
+    "device_labels": {"circle": 1000},
+    "device_image_bytes": 100_000,
+    "device_extractor": "vit_base_patch16_224 (random init), fingerprint random-0-abc",
+    "device_same_backbone_as_training": True,
+    "device_version": 1,
+    "device_weights_metadata": {"mist.k": "12", "mist.codec": "i8-zstd"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +181,24 @@ def test_edge_section_has_the_documented_figures(edge_section: dict) -> None:
     assert edge_section["epoch_seconds"] > 0 and edge_section["images_per_second"] > 0
     assert edge_section["predict_ms_per_image"] > 0 and edge_section["predictions"] == 3
     assert edge_section["paper"]["finetune_peak_rss_bytes"] == 663 * MB
-    assert edge_section["target_bytes"] == {"finetune_peak_rss_bytes": 500 * MB, "predict_peak_rss_bytes": 255 * MB}
+    assert edge_section["target_bytes"] == {
+        "finetune_peak_rss_bytes": 500 * MB,
+        "predict_peak_rss_bytes": 255 * MB,
+        "device_predict_peak_rss_bytes": 80 * MB,
+    }
+    assert edge_section["target_runtime_ratio"] == 1.5
+    assert "device_predict_peak_rss_bytes" not in edge_section and "EdgeConfig.device" in edge_section["device_skipped"]
+
+
+def test_edge_runtimes_are_both_measured_and_compared(edge_section: dict) -> None:
+    # Assert: both runtimes timed on the same weights and features; the numpy one loaded no torch.
+    p50 = edge_section["edge_ms_p50"]
+    assert p50["torch"] > 0 and p50["numpy"] > 0
+    assert edge_section["runtime_ratio"] == pytest.approx(p50["numpy"] / p50["torch"])
+    assert edge_section["predict_numpy_torch_imported"] is False
+    assert edge_section["predict_numpy_peak_rss_bytes"] < edge_section["predict_peak_rss_bytes"]
+    ratio_row = edge_section["targets"][-1]
+    assert ratio_row["target"] == "<= 1.5x" and ratio_row["passed"] == (edge_section["runtime_ratio"] <= 1.5)
 
 
 def test_edge_memory_figures_are_ordered_and_the_probe_own(edge_section: dict) -> None:
@@ -164,7 +210,7 @@ def test_edge_memory_figures_are_ordered_and_the_probe_own(edge_section: dict) -
     assert baseline < edge_section["finetune_peak_rss_bytes"] < baseline + 300 * MIB
     assert baseline < edge_section["predict_peak_rss_bytes"] <= edge_section["predict_cli_imports_peak_rss_bytes"]
     # The harness's target rows: name, target, measured, passed, judged on the same bytes.
-    fine_tune, predict = edge_section["targets"]
+    fine_tune, predict, _ratio = edge_section["targets"]  # no device row: the device run was not asked for
     assert fine_tune["target"] == "<= 500 MB" and fine_tune["passed"] == (
         edge_section["finetune_peak_rss_bytes"] <= 500 * MB
     )
@@ -208,6 +254,84 @@ def test_edge_markdown_says_missed_when_over_target(edge_section: dict) -> None:
     assert "<= 500 MB: MISSED" in row and "500.0 MB" in row
 
 
+def test_edge_markdown_without_device_run_says_skipped(edge_section: dict) -> None:
+    text = edge.markdown(edge_section)
+
+    # Assert: the reason is given, no device row, the runtime ratio row is judged.
+    assert "Device run (torch-free venv through a real extractor): skipped (not asked for" in text
+    assert "| device predict peak RSS" not in text
+    assert "| edge network per image, numpy runtime (p50) |" in text and "<= 1.5x: " in text
+
+
+@pytest.mark.parametrize(("peak", "verdict"), [(80 * MB, "met"), (80 * MB + 1, "MISSED")])
+def test_edge_device_rows_and_verdict(edge_section: dict, peak: int, verdict: str) -> None:
+    # Prepare: the section as a device run would complete it, the peak at and 1 byte over 80 MB.
+    section = {**edge_section, **DEVICE_FIGURES, "device_predict_peak_rss_bytes": peak}
+    section["targets"] = edge.targets(section)
+
+    # Execute
+    text = edge.markdown(section)
+    row = text.split("| device predict peak RSS (`.venv-device`, numpy runtime, 1,000 images through the extractor) |")[
+        1
+    ]
+
+    # Assert: the table row with its verdict, the paragraph with the conditions, the harness's target row.
+    assert f"<= 80 MB: {verdict}" in row.splitlines()[0]
+    assert "| device round trip per image (p50 / p99 of 1,000) | 12.5 / 30.2 ms |" in text
+    assert "| device edge network per image (p50 / p99) | 4.50 / 6.00 ms |" in text
+    assert "torch/timm in sys.modules after the run: neither loaded" in text and "8 distinct synthetic PNGs" in text
+    device_row = next(row for row in section["targets"] if row["name"].startswith("device predict peak RSS"))
+    assert device_row["passed"] is (verdict == "met") and device_row["target"] == "<= 80 MB"
+    assert "1,000 images" in device_row["name"]
+
+
+def test_edge_device_markdown_shouts_when_torch_was_loaded(edge_section: dict) -> None:
+    section = {**edge_section, **DEVICE_FIGURES, "device_torch_imported": True}
+
+    assert "torch/timm in sys.modules after the run: LOADED: torch" in edge.markdown(section)
+
+
+@pytest.mark.parametrize(("numpy_ms", "verdict", "passed"), [(3.0, "met", True), (3.02, "MISSED", False)])
+def test_edge_runtime_ratio_verdict(edge_section: dict, numpy_ms: float, passed: bool, verdict: str) -> None:
+    # Prepare: torch 2 ms; numpy at exactly 1.5x, then just over.
+    section = dict(edge_section, edge_ms_p50={"torch": 2.0, "numpy": numpy_ms}, runtime_ratio=numpy_ms / 2.0)
+
+    # Execute
+    rows = edge.targets(section)
+    text = edge.markdown(section)
+
+    # Assert
+    assert rows[-1]["passed"] is passed and rows[-1]["measured"] == f"{numpy_ms / 2:.2f}x"
+    assert (
+        f"| edge network per image, numpy runtime (p50) | {numpy_ms:.2f} ms ({numpy_ms / 2:.2f}x torch) | "
+        f"<= 1.5x: {verdict} |" in text
+    )
+
+
+def test_edge_device_venv_falls_back_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: no device venv and pip fails.
+    monkeypatch.setattr(edge, "_device_venv_ready", lambda python: False)
+
+    def refuse(python: Path) -> None:
+        raise RuntimeError("no index")
+
+    monkeypatch.setattr(edge, "_create_device_venv", refuse)
+
+    # Execute
+    environment = edge.ensure_device_environment("edge-venv")
+
+    # Assert
+    assert environment.kind == "current" and environment.note.startswith("FALLBACK") and "no index" in environment.note
+
+
+def test_edge_device_venv_with_torch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(edge, "_device_venv_ready", lambda python: True)
+    monkeypatch.setattr(edge, "_torch_free", lambda python: False)
+
+    with pytest.raises(RuntimeError, match="can import torch"):
+        edge.ensure_device_environment("edge-venv")
+
+
 def test_edge_falls_back_loudly_when_the_edge_venv_cannot_be_made(monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: no venv present and creating one fails.
     monkeypatch.setattr(edge, "_edge_venv_ready", lambda python: False)
@@ -233,7 +357,15 @@ def test_edge_probe_failure_raises_with_its_stderr() -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"seed_images": 1}, {"train_images": 0}, {"epochs": 0}, {"codec": "i7"}, {"environment": "cloud"}],
+    [
+        {"seed_images": 1},
+        {"train_images": 0},
+        {"epochs": 0},
+        {"codec": "i7"},
+        {"environment": "cloud"},
+        {"device_predictions": 0},
+        {"device_images": 0},
+    ],  # fmt: skip
 )
 def test_edge_config_rejects_bad_settings(overrides: dict) -> None:
     with pytest.raises(InvalidArgumentError):
