@@ -19,16 +19,17 @@ from services.common.wire.edge_spec import LAYER_NORM_EPS, EdgeNetworkConfig
 from services.common.wire.weights import check_edge_weights, parse_safetensors
 
 
-def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    mean = x.mean(axis=-1, keepdims=True)
-    centred = x - mean
-    variance = np.mean(centred * centred, axis=-1, keepdims=True)
-    return centred / np.sqrt(variance + np.float32(LAYER_NORM_EPS)) * weight + bias
-
-
 def _softmax(x: np.ndarray) -> np.ndarray:
     shifted = np.exp(x - x.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _centred_and_inverse_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x minus its per-token mean, and 1 / sqrt(variance + eps) per token: LayerNorm without its affine part,
+    which the next matmul absorbs (three passes over [B, T, D] instead of LayerNorm's eight)."""
+    centred = x - x.mean(axis=-1, keepdims=True)
+    variance = np.einsum("...d,...d->...", centred, centred) / np.float32(x.shape[-1])
+    return centred, (1.0 / np.sqrt(variance + np.float32(LAYER_NORM_EPS)))[..., None]
 
 
 class NumpyEdgeNetwork:
@@ -36,9 +37,25 @@ class NumpyEdgeNetwork:
 
     def __init__(self, config: EdgeNetworkConfig, tensors: dict[str, np.ndarray]) -> None:
         self.config = config
-        self._tensors = {name: np.asarray(value, dtype=np.float32) for name, value in tensors.items()}
+        w = {name: np.asarray(value, dtype=np.float64) for name, value in tensors.items()}
         self._head_dims = config.rank // config.heads
-        self._scale = np.float32(1.0 / math.sqrt(self._head_dims))  # as scaled_dot_product_attention
+        scale = 1.0 / math.sqrt(self._head_dims)  # as scaled_dot_product_attention
+        self._blocks = []
+        for index in range(config.num_blocks):
+            prefix = f"blocks.{index}."
+            # qkv(LayerNorm(x)) = (normalised x) @ (W * gamma)^T + (W @ beta + b): the affine part folded into the
+            # matmul once, in float64, so the forward never materialises the normalised [B, T, D] array. The
+            # attention scale is folded into the q rows the same way.
+            weight = w[prefix + "qkv.weight"] * w[prefix + "norm.weight"][None, :]
+            bias = w[prefix + "qkv.weight"] @ w[prefix + "norm.bias"] + w[prefix + "qkv.bias"]
+            weight[: config.rank] *= scale
+            bias[: config.rank] *= scale
+            # proj with its bias as one more input row: attended [.., r] + a column of ones -> one matmul.
+            proj = np.vstack([w[prefix + "proj.weight"].T, w[prefix + "proj.bias"][None, :]])
+            self._blocks.append((_f32(weight.T), _f32(bias), _f32(proj)))
+        # head(LayerNorm(pooled)) folded the same way.
+        self._head_weight = _f32((w["head.weight"] * w["norm.weight"][None, :]).T)
+        self._head_bias = _f32(w["head.weight"] @ w["norm.bias"] + w["head.bias"])
 
     @classmethod
     def from_safetensors_bytes(
@@ -63,22 +80,27 @@ class NumpyEdgeNetwork:
     def logits(self, features: np.ndarray) -> np.ndarray:
         """[B, C] float32 logits of [B, T, D] (or one image's [T, D]) features."""
         x = self._checked(features)
-        for index in range(self.config.num_blocks):
-            x = self._block(x, f"blocks.{index}.")
-        x = _layer_norm(x, self._tensors["norm.weight"], self._tensors["norm.bias"])
-        pooled = x[:, 0] if self.config.pooling == "cls" else x.mean(axis=1)
-        return pooled @ self._tensors["head.weight"].T + self._tensors["head.bias"]
+        for block in self._blocks:
+            x = self._block(x, *block)
+        if self.config.pooling == "cls":  # LayerNorm is per token: only the class token's is needed
+            centred, inverse_std = _centred_and_inverse_std(x[:, 0])
+            pooled = centred * inverse_std
+        else:  # mean over tokens of (x - mean) / std, without the normalised [B, T, D] array
+            centred, inverse_std = _centred_and_inverse_std(x)
+            pooled = np.einsum("bt,btd->bd", inverse_std[..., 0], centred) / np.float32(x.shape[1])
+        return pooled @ self._head_weight + self._head_bias
 
-    def _block(self, x: np.ndarray, prefix: str) -> np.ndarray:
-        t = self._tensors
+    def _block(self, x: np.ndarray, qkv_weight: np.ndarray, qkv_bias: np.ndarray, proj: np.ndarray) -> np.ndarray:
         batch, tokens, _ = x.shape
-        normed = _layer_norm(x, t[prefix + "norm.weight"], t[prefix + "norm.bias"])
-        qkv = normed @ t[prefix + "qkv.weight"].T + t[prefix + "qkv.bias"]  # rows of the weight: q | k | v
+        centred, inverse_std = _centred_and_inverse_std(x)
+        qkv = (centred @ qkv_weight) * inverse_std + qkv_bias  # rows of the weight: q (scaled) | k | v
         qkv = qkv.reshape(batch, tokens, 3, self.config.heads, self._head_dims).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each [B, heads, T, r / heads]
-        attention = _softmax((q @ k.transpose(0, 1, 3, 2)) * self._scale)
-        attended = (attention @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, self.config.rank)
-        return x + attended @ t[prefix + "proj.weight"].T + t[prefix + "proj.bias"]
+        attended = (_softmax(q @ k.transpose(0, 1, 3, 2)) @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, -1)
+        with_ones = np.concatenate([attended, np.ones((batch, tokens, 1), dtype=np.float32)], axis=-1)
+        update = with_ones @ proj  # proj(attended) + its bias
+        update += x  # the residual, in place: one pass
+        return update
 
     def _checked(self, features: np.ndarray) -> np.ndarray:
         # Fail with the geometry the caller got wrong, not with a matmul shape error.
@@ -93,3 +115,7 @@ class NumpyEdgeNetwork:
         if not np.issubdtype(x.dtype, np.floating):
             raise InvalidArgumentError(f"edge network expects floating point features, got {x.dtype}")
         return x.astype(np.float32, copy=False)
+
+
+def _f32(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32)
