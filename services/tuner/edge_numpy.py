@@ -11,6 +11,8 @@ services/tuner/edge_network.py computes: the two agree to 1e-4 in probability (t
 from __future__ import annotations
 
 import math
+import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,17 +21,27 @@ from services.common.wire.edge_spec import LAYER_NORM_EPS, EdgeNetworkConfig
 from services.common.wire.weights import check_edge_weights, parse_safetensors
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    shifted = np.exp(x - x.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
+def _softmax_in_place(x: np.ndarray) -> np.ndarray:
+    x -= x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
 
 
-def _centred_and_inverse_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x minus its per-token mean, and 1 / sqrt(variance + eps) per token: LayerNorm without its affine part,
-    which the next matmul absorbs (three passes over [B, T, D] instead of LayerNorm's eight)."""
-    centred = x - x.mean(axis=-1, keepdims=True)
-    variance = np.einsum("...d,...d->...", centred, centred) / np.float32(x.shape[-1])
-    return centred, (1.0 / np.sqrt(variance + np.float32(LAYER_NORM_EPS)))[..., None]
+def _inverse_std(centred: np.ndarray) -> np.ndarray:
+    """1 / sqrt(variance + eps) per token of already centred [..., D] values, shaped [..., 1]."""
+    variance = np.einsum("...d,...d->...", centred, centred) / np.float32(centred.shape[-1])
+    return (1.0 / np.sqrt(variance + np.float32(LAYER_NORM_EPS)))[..., None]
+
+
+@dataclass
+class _Workspace:
+    """The forward pass's large arrays, allocated once per thread and shape: under the tuner's 128 KiB mmap
+    threshold (services/tuner/memory.py) every fresh [T, D] temporary is a new mapping with its page faults."""
+
+    centred: np.ndarray  # [B, T, D]: x minus its per-token mean
+    states: tuple[np.ndarray, np.ndarray]  # [B, T, D] each: the residual stream, ping-pong between blocks
+    scores: np.ndarray  # [B, heads, T, T]: attention weights
 
 
 class NumpyEdgeNetwork:
@@ -54,6 +66,7 @@ class NumpyEdgeNetwork:
             proj = np.vstack([w[prefix + "proj.weight"].T, w[prefix + "proj.bias"][None, :]])
             self._blocks.append((_f32(weight.T), _f32(bias), _f32(proj)))
         # head(LayerNorm(pooled)) folded the same way.
+        self._local = threading.local()  # one workspace per thread: a network may be shared by threads
         self._head_weight = _f32((w["head.weight"] * w["norm.weight"][None, :]).T)
         self._head_bias = _f32(w["head.weight"] @ w["norm.bias"] + w["head.bias"])
 
@@ -79,28 +92,49 @@ class NumpyEdgeNetwork:
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """[B, C] float32 logits of [B, T, D] (or one image's [T, D]) features."""
-        x = self._checked(features)
-        for block in self._blocks:
-            x = self._block(x, *block)
+        x = self._checked(features)  # the caller's array is never written to
+        work = self._workspace(x.shape)
+        for index, block in enumerate(self._blocks):
+            out = work.states[index % 2]
+            self._block(x, out, work, *block)
+            x = out
         if self.config.pooling == "cls":  # LayerNorm is per token: only the class token's is needed
-            centred, inverse_std = _centred_and_inverse_std(x[:, 0])
-            pooled = centred * inverse_std
+            first = x[:, 0] - x[:, 0].mean(axis=-1, keepdims=True)
+            pooled = first * _inverse_std(first)
         else:  # mean over tokens of (x - mean) / std, without the normalised [B, T, D] array
-            centred, inverse_std = _centred_and_inverse_std(x)
-            pooled = np.einsum("bt,btd->bd", inverse_std[..., 0], centred) / np.float32(x.shape[1])
+            centred = np.subtract(x, x.mean(axis=-1, keepdims=True), out=work.centred)
+            pooled = np.einsum("bt,btd->bd", _inverse_std(centred)[..., 0], centred) / np.float32(x.shape[1])
         return pooled @ self._head_weight + self._head_bias
 
-    def _block(self, x: np.ndarray, qkv_weight: np.ndarray, qkv_bias: np.ndarray, proj: np.ndarray) -> np.ndarray:
+    def _block(
+        self,
+        x: np.ndarray,
+        out: np.ndarray,
+        work: _Workspace,
+        qkv_weight: np.ndarray,
+        qkv_bias: np.ndarray,
+        proj: np.ndarray,
+    ) -> None:
+        """out = x + proj(attention(qkv(LayerNorm(x)))), the affine parts folded in at load."""
         batch, tokens, _ = x.shape
-        centred, inverse_std = _centred_and_inverse_std(x)
-        qkv = (centred @ qkv_weight) * inverse_std + qkv_bias  # rows of the weight: q (scaled) | k | v
+        centred = np.subtract(x, x.mean(axis=-1, keepdims=True), out=work.centred)
+        qkv = (centred @ qkv_weight) * _inverse_std(centred) + qkv_bias  # rows of the weight: q (scaled) | k | v
         qkv = qkv.reshape(batch, tokens, 3, self.config.heads, self._head_dims).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each [B, heads, T, r / heads]
-        attended = (_softmax(q @ k.transpose(0, 1, 3, 2)) @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, -1)
+        scores = _softmax_in_place(np.matmul(q, k.transpose(0, 1, 3, 2), out=work.scores))
+        attended = (scores @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, -1)
         with_ones = np.concatenate([attended, np.ones((batch, tokens, 1), dtype=np.float32)], axis=-1)
-        update = with_ones @ proj  # proj(attended) + its bias
-        update += x  # the residual, in place: one pass
-        return update
+        np.matmul(with_ones, proj, out=out)  # proj(attended) + its bias
+        out += x  # the residual
+
+    def _workspace(self, shape: tuple[int, ...]) -> _Workspace:
+        work = getattr(self._local, "work", None)
+        if work is None or work.centred.shape != shape:
+            batch, tokens, _ = shape
+            states = (np.empty(shape, np.float32), np.empty(shape, np.float32))
+            scores = np.empty((batch, self.config.heads, tokens, tokens), np.float32)
+            work = self._local.work = _Workspace(np.empty(shape, np.float32), states, scores)
+        return work
 
     def _checked(self, features: np.ndarray) -> np.ndarray:
         # Fail with the geometry the caller got wrong, not with a matmul shape error.
