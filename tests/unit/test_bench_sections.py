@@ -182,7 +182,7 @@ def test_edge_section_has_the_documented_figures(edge_section: dict) -> None:
     assert edge_section["predict_ms_per_image"] > 0 and edge_section["predictions"] == 3
     assert edge_section["paper"]["finetune_peak_rss_bytes"] == 663 * MB
     assert edge_section["target_bytes"] == {
-        "finetune_peak_rss_bytes": 500 * MB,
+        "finetune_peak_rss_bytes": 350 * MB,
         "predict_peak_rss_bytes": 255 * MB,
         "device_predict_peak_rss_bytes": 80 * MB,
     }
@@ -211,8 +211,8 @@ def test_edge_memory_figures_are_ordered_and_the_probe_own(edge_section: dict) -
     assert baseline < edge_section["predict_peak_rss_bytes"] <= edge_section["predict_cli_imports_peak_rss_bytes"]
     # The harness's target rows: name, target, measured, passed, judged on the same bytes.
     fine_tune, predict, _ratio = edge_section["targets"]  # no device row: the device run was not asked for
-    assert fine_tune["target"] == "<= 500 MB" and fine_tune["passed"] == (
-        edge_section["finetune_peak_rss_bytes"] <= 500 * MB
+    assert fine_tune["target"] == "<= 350 MB" and fine_tune["passed"] == (
+        edge_section["finetune_peak_rss_bytes"] <= 350 * MB
     )
     assert predict["measured"] == f"{edge_section['predict_peak_rss_bytes'] / MB:.1f} MB"
 
@@ -244,14 +244,14 @@ def test_edge_markdown_tables_measured_target_and_paper(edge_section: dict) -> N
 
 
 def test_edge_markdown_says_missed_when_over_target(edge_section: dict) -> None:
-    # Prepare: the same section with a fine-tune peak 1 byte over its 500 MB target.
-    over = dict(edge_section, finetune_peak_rss_bytes=500 * MB + 1)
+    # Prepare: the same section with a fine-tune peak 1 byte over its 350 MB target.
+    over = dict(edge_section, finetune_peak_rss_bytes=350 * MB + 1)
 
     # Execute
     row = edge.markdown(over).split("| fine-tune peak RSS |")[1].splitlines()[0]
 
     # Assert
-    assert "<= 500 MB: MISSED" in row and "500.0 MB" in row
+    assert "<= 350 MB: MISSED" in row and "350.0 MB" in row
 
 
 def test_edge_markdown_without_device_run_says_skipped(edge_section: dict) -> None:
