@@ -6,8 +6,6 @@ One registry + extractor stack serves the module; the tiny random ViT (4 blocks,
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import signal
@@ -24,13 +22,12 @@ from safetensors.torch import load as load_safetensors
 
 from services.common.clients.extractor import ImageItem
 from services.common.wire.codec import decode_feature
-from services.tuner import cli
 from services.tuner.data import load_dataset
 from services.tuner.edge_network import from_safetensors_bytes
 from services.tuner.reports import TuneObserver
 from services.tuner.tune import TuneOptions, find_task, tune_path
 from tests.helpers.process import ROOT, LineWatcher, child_environment
-from tests.helpers.stack import E2E_CLASSES, running_stack, write_e2e_dataset
+from tests.helpers.stack import E2E_CLASSES, run_cli, running_stack, write_e2e_dataset
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -39,14 +36,6 @@ CHANCE = 1 / len(E2E_CLASSES)
 # 15 epochs at lr 3e-3 reach 0.675 held-out accuracy on this data; 0.45 leaves three standard errors of room.
 ABOVE_CHANCE = 0.45
 TRAIN_FLAGS = ["--epochs", "15", "--lr", "3e-3", "--k-search-epochs", "3"]
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """`mist ARGS` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(args), env={})
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

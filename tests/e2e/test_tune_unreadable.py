@@ -5,29 +5,18 @@ and lists both in its output and in the pushed version's details.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 
-from services.tuner import cli
 from services.tuner.tune import find_task
-from tests.helpers.stack import running_stack, write_e2e_dataset
+from tests.helpers.stack import run_cli, running_stack, write_e2e_dataset
 
 pytestmark = pytest.mark.timeout(300)
 
 FAST = ["--k", "2", "--epochs", "2"]
 EMPTY, GARBAGE = "train/red_cross/empty.png", "train/blue_cross/garbage.png"
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """`mist ARGS` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(args), env={})
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

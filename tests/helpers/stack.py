@@ -10,6 +10,7 @@ folder), an extractor running the suite's tiny random ViT, and optionally a tune
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,3 +112,13 @@ def running_stack(workdir: Path, *, worker: bool = False) -> Iterator[Stack]:
             extractor.stop()
             if registry is not None:
                 registry.kill()
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """`mist ARGS` in this process, with no MIST_* variables: (exit code, stdout, stderr)."""
+    from services.tuner import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args), env={})
+    return code, out.getvalue(), err.getvalue()

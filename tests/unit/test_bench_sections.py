@@ -325,7 +325,9 @@ def test_edge_device_venv_falls_back_loudly(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_edge_device_venv_with_torch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a device venv that exists (whether or not this checkout has one) and imports torch
     monkeypatch.setattr(edge, "_device_venv_ready", lambda python: True)
+    monkeypatch.setattr(edge, "_timm_free", lambda python: True)
     monkeypatch.setattr(edge, "_torch_free", lambda python: False)
 
     with pytest.raises(RuntimeError, match="can import torch"):
