@@ -101,6 +101,7 @@ def options_from_spec(spec: tuner_pb2.TuneSpec, tuner: str) -> TuneOptions:
         val_fraction=spec.val_fraction or defaults["val_fraction"],
         num_blocks=edge.num_blocks or None, rank=edge.rank or None, heads=edge.heads or None,
         pooling=edge.pooling or None, alias=spec.alias or None, description=spec.description, force=spec.force,
+        skip_unreadable=spec.skip_unreadable,
         tuner=tuner,
     )  # fmt: skip
 

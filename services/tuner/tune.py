@@ -276,7 +276,8 @@ def _unusable_message(unusable: Sequence[SkippedImage], root: str) -> str:
     return unusable_images_message(
         unusable,
         f"could not use {{n}} image(s) of {root}",
-        "fix or remove them, or tune on the rest with --skip-unreadable (nothing was pushed)",
+        "fix or remove them, or tune on the rest with --skip-unreadable (TuneSpec.skip_unreadable for the worker); "
+        "nothing was pushed",
     )
 
 

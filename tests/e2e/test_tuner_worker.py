@@ -4,6 +4,7 @@ a worker killed mid-job leaves no version behind; Predict answers every item in 
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -299,3 +300,33 @@ def test_tune_calls_over_max_tune_images_or_bytes_are_refused_before_any_work(st
     assert accepted[-1].WhichOneof("event") == "result" and accepted[-1].result.number == 1
     assert served_by_extractor(stack.extractor.metrics_port) - served_after_refusals == limit_images
     assert outcomes == {"RESOURCE_EXHAUSTED": 2, "OK": 1} and received == limit_images
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["refused", "skip-unreadable"])
+def test_a_worker_tune_with_an_undecodable_image_names_it_or_skips_it(stack, data, skip):
+    # Prepare: the dataset plus one image of garbage bytes, sent as a train image of a known class
+    task = f"worker-unreadable-{'skip' if skip else 'refused'}"
+    garbage = tuner_pb2.LabelledImage(item_id="train/red_cross/garbage.png", image=b"no image at all",
+                                      label="red_cross", split=tuner_pb2.SPLIT_TRAIN)  # fmt: skip
+    spec = tuner_pb2.TuneSpec(task=task, k=2, epochs=2, skip_unreadable=skip)
+    channel, stub = tuner_stub(stack.tuner.target)
+
+    # Execute
+    with channel:
+        try:
+            events, refused = list(stub.Tune(tune_requests(spec, [*labelled_images(data), garbage]), timeout=240)), None
+        except grpc.RpcError as error:
+            events, refused = [], error
+
+    # Assert: refused naming the image and pushing nothing, or tuned on the rest with the image in the details
+    with stack.endpoints(cache_dir=None).registry_client() as registry:
+        if not skip:
+            assert refused is not None and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "train/red_cross/garbage.png" in refused.details() and "skip_unreadable" in refused.details()
+            assert find_task(registry, task) is None
+            return
+        result = events[-1].result
+        skipped = json.loads(result.details_json)["skipped"]
+        assert result.number == 1 and registry.get_task(task).latest_version == 1
+        assert [entry["name"] for entry in skipped] == ["train/red_cross/garbage.png"]
+        assert skipped[0]["reason"] == "undecodable_image"

@@ -27,7 +27,7 @@ from services.common.pb import feature_pb2 as mist_dot_v1_dot_feature__pb2
 from services.common.pb import registry_pb2 as mist_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mist/v1/tuner.proto\x12\x07mist.v1\x1a\x15mist/v1/feature.proto\x1a\x16mist/v1/registry.proto\"\xb9\x02\n\x08TuneSpec\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12!\n\x05\x63odec\x18\x03 \x01(\x0b\x32\x12.mist.v1.CodecSpec\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\n\n\x02lr\x18\x06 \x01(\x02\x12\x14\n\x0cweight_decay\x18\x07 \x01(\x02\x12\x15\n\rwarmup_epochs\x18\x08 \x01(\r\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x14\n\x0cval_fraction\x18\n \x01(\x02\x12(\n\x04\x65\x64ge\x18\x0b \x01(\x0b\x32\x1a.mist.v1.EdgeNetworkConfig\x12\r\n\x05\x61lias\x18\x0c \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\r \x01(\t\x12\r\n\x05\x66orce\x18\x0e \x01(\x08\x12\x13\n\x0b\x63lass_names\x18\x0f \x03(\t\"]\n\rLabelledImage\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05label\x18\x03 \x01(\t\x12\x1d\n\x05split\x18\x04 \x01(\x0e\x32\x0e.mist.v1.Split\"a\n\x0bTuneRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mist.v1.TuneSpecH\x00\x12\'\n\x05image\x18\x02 \x01(\x0b\x32\x16.mist.v1.LabelledImageH\x00\x42\x06\n\x04part\"\x9c\x01\n\x12\x45xtractionProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x15\n\rfeature_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x62ytes_per_image\x18\x04 \x01(\x01\x12\x1b\n\x13lst_bytes_per_image\x18\x05 \x01(\x01\x12\x1c\n\x14last_bytes_per_image\x18\x06 \x01(\x01\"\xa5\x01\n\rEpochProgress\x12\t\n\x01k\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\r\x12\x12\n\ntrain_loss\x18\x04 \x01(\x01\x12\x16\n\x0etrain_accuracy\x18\x05 \x01(\x01\x12\x14\n\x0cval_accuracy\x18\x06 \x01(\x01\x12\x19\n\x11images_per_second\x18\x07 \x01(\x01\x12\r\n\x05phase\x18\x08 \x01(\t\"\x99\x01\n\nKSelection\x12\x10\n\x08\x63hosen_k\x18\x01 \x01(\r\x12\x42\n\x11val_accuracy_by_k\x18\x02 \x03(\x0b\x32\'.mist.v1.KSelection.ValAccuracyByKEntry\x1a\x35\n\x13ValAccuracyByKEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcf\x01\n\tTuneEvent\x12\x31\n\nextraction\x18\x01 \x01(\x0b\x32\x1b.mist.v1.ExtractionProgressH\x00\x12\'\n\x05\x65poch\x18\x02 \x01(\x0b\x32\x16.mist.v1.EpochProgressH\x00\x12*\n\x0bk_selection\x18\x03 \x01(\x0b\x32\x13.mist.v1.KSelectionH\x00\x12\"\n\x06result\x18\x04 \x01(\x0b\x32\x10.mist.v1.VersionH\x00\x12\r\n\x03log\x18\x05 \x01(\tH\x00\x42\x07\n\x05\x65vent\"L\n\x0bPredictSpec\x12\x0c\n\x04task\x18\x01 \x01(\t\x12 \n\x03ref\x18\x02 \x01(\x0b\x32\x13.mist.v1.VersionRef\x12\r\n\x05top_k\x18\x03 \x01(\r\"-\n\x0bPredictItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\"d\n\x0ePredictRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x14.mist.v1.PredictSpecH\x00\x12$\n\x04item\x18\x02 \x01(\x0b\x32\x14.mist.v1.PredictItemH\x00\x42\x06\n\x04part\"0\n\nClassScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\"\x9c\x01\n\x0fPredictResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12 \n\x03top\x18\x04 \x03(\x0b\x32\x13.mist.v1.ClassScore\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.mist.v1.ItemError\x12\x0f\n\x07version\x18\x06 \x01(\r*N\n\x05Split\x12\x15\n\x11SPLIT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSPLIT_TRAIN\x10\x01\x12\r\n\tSPLIT_VAL\x10\x02\x12\x0e\n\nSPLIT_TEST\x10\x03\x32\x7f\n\x05Tuner\x12\x34\n\x04Tune\x12\x14.mist.v1.TuneRequest\x1a\x12.mist.v1.TuneEvent(\x01\x30\x01\x12@\n\x07Predict\x12\x17.mist.v1.PredictRequest\x1a\x18.mist.v1.PredictResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mist/v1/tuner.proto\x12\x07mist.v1\x1a\x15mist/v1/feature.proto\x1a\x16mist/v1/registry.proto\"\xd2\x02\n\x08TuneSpec\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12!\n\x05\x63odec\x18\x03 \x01(\x0b\x32\x12.mist.v1.CodecSpec\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\n\n\x02lr\x18\x06 \x01(\x02\x12\x14\n\x0cweight_decay\x18\x07 \x01(\x02\x12\x15\n\rwarmup_epochs\x18\x08 \x01(\r\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x14\n\x0cval_fraction\x18\n \x01(\x02\x12(\n\x04\x65\x64ge\x18\x0b \x01(\x0b\x32\x1a.mist.v1.EdgeNetworkConfig\x12\r\n\x05\x61lias\x18\x0c \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\r \x01(\t\x12\r\n\x05\x66orce\x18\x0e \x01(\x08\x12\x13\n\x0b\x63lass_names\x18\x0f \x03(\t\x12\x17\n\x0fskip_unreadable\x18\x10 \x01(\x08\"]\n\rLabelledImage\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05label\x18\x03 \x01(\t\x12\x1d\n\x05split\x18\x04 \x01(\x0e\x32\x0e.mist.v1.Split\"a\n\x0bTuneRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mist.v1.TuneSpecH\x00\x12\'\n\x05image\x18\x02 \x01(\x0b\x32\x16.mist.v1.LabelledImageH\x00\x42\x06\n\x04part\"\x9c\x01\n\x12\x45xtractionProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x15\n\rfeature_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x62ytes_per_image\x18\x04 \x01(\x01\x12\x1b\n\x13lst_bytes_per_image\x18\x05 \x01(\x01\x12\x1c\n\x14last_bytes_per_image\x18\x06 \x01(\x01\"\xa5\x01\n\rEpochProgress\x12\t\n\x01k\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\r\x12\x12\n\ntrain_loss\x18\x04 \x01(\x01\x12\x16\n\x0etrain_accuracy\x18\x05 \x01(\x01\x12\x14\n\x0cval_accuracy\x18\x06 \x01(\x01\x12\x19\n\x11images_per_second\x18\x07 \x01(\x01\x12\r\n\x05phase\x18\x08 \x01(\t\"\x99\x01\n\nKSelection\x12\x10\n\x08\x63hosen_k\x18\x01 \x01(\r\x12\x42\n\x11val_accuracy_by_k\x18\x02 \x03(\x0b\x32\'.mist.v1.KSelection.ValAccuracyByKEntry\x1a\x35\n\x13ValAccuracyByKEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcf\x01\n\tTuneEvent\x12\x31\n\nextraction\x18\x01 \x01(\x0b\x32\x1b.mist.v1.ExtractionProgressH\x00\x12\'\n\x05\x65poch\x18\x02 \x01(\x0b\x32\x16.mist.v1.EpochProgressH\x00\x12*\n\x0bk_selection\x18\x03 \x01(\x0b\x32\x13.mist.v1.KSelectionH\x00\x12\"\n\x06result\x18\x04 \x01(\x0b\x32\x10.mist.v1.VersionH\x00\x12\r\n\x03log\x18\x05 \x01(\tH\x00\x42\x07\n\x05\x65vent\"L\n\x0bPredictSpec\x12\x0c\n\x04task\x18\x01 \x01(\t\x12 \n\x03ref\x18\x02 \x01(\x0b\x32\x13.mist.v1.VersionRef\x12\r\n\x05top_k\x18\x03 \x01(\r\"-\n\x0bPredictItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\"d\n\x0ePredictRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x14.mist.v1.PredictSpecH\x00\x12$\n\x04item\x18\x02 \x01(\x0b\x32\x14.mist.v1.PredictItemH\x00\x42\x06\n\x04part\"0\n\nClassScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\"\x9c\x01\n\x0fPredictResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12 \n\x03top\x18\x04 \x03(\x0b\x32\x13.mist.v1.ClassScore\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.mist.v1.ItemError\x12\x0f\n\x07version\x18\x06 \x01(\r*N\n\x05Split\x12\x15\n\x11SPLIT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSPLIT_TRAIN\x10\x01\x12\r\n\tSPLIT_VAL\x10\x02\x12\x0e\n\nSPLIT_TEST\x10\x03\x32\x7f\n\x05Tuner\x12\x34\n\x04Tune\x12\x14.mist.v1.TuneRequest\x1a\x12.mist.v1.TuneEvent(\x01\x30\x01\x12@\n\x07Predict\x12\x17.mist.v1.PredictRequest\x1a\x18.mist.v1.PredictResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,34 +36,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KSELECTION_VALACCURACYBYKENTRY']._loaded_options = None
   _globals['_KSELECTION_VALACCURACYBYKENTRY']._serialized_options = b'8\001'
-  _globals['_SPLIT']._serialized_start=1718
-  _globals['_SPLIT']._serialized_end=1796
+  _globals['_SPLIT']._serialized_start=1743
+  _globals['_SPLIT']._serialized_end=1821
   _globals['_TUNESPEC']._serialized_start=80
-  _globals['_TUNESPEC']._serialized_end=393
-  _globals['_LABELLEDIMAGE']._serialized_start=395
-  _globals['_LABELLEDIMAGE']._serialized_end=488
-  _globals['_TUNEREQUEST']._serialized_start=490
-  _globals['_TUNEREQUEST']._serialized_end=587
-  _globals['_EXTRACTIONPROGRESS']._serialized_start=590
-  _globals['_EXTRACTIONPROGRESS']._serialized_end=746
-  _globals['_EPOCHPROGRESS']._serialized_start=749
-  _globals['_EPOCHPROGRESS']._serialized_end=914
-  _globals['_KSELECTION']._serialized_start=917
-  _globals['_KSELECTION']._serialized_end=1070
-  _globals['_KSELECTION_VALACCURACYBYKENTRY']._serialized_start=1017
-  _globals['_KSELECTION_VALACCURACYBYKENTRY']._serialized_end=1070
-  _globals['_TUNEEVENT']._serialized_start=1073
-  _globals['_TUNEEVENT']._serialized_end=1280
-  _globals['_PREDICTSPEC']._serialized_start=1282
-  _globals['_PREDICTSPEC']._serialized_end=1358
-  _globals['_PREDICTITEM']._serialized_start=1360
-  _globals['_PREDICTITEM']._serialized_end=1405
-  _globals['_PREDICTREQUEST']._serialized_start=1407
-  _globals['_PREDICTREQUEST']._serialized_end=1507
-  _globals['_CLASSSCORE']._serialized_start=1509
-  _globals['_CLASSSCORE']._serialized_end=1557
-  _globals['_PREDICTRESPONSE']._serialized_start=1560
-  _globals['_PREDICTRESPONSE']._serialized_end=1716
-  _globals['_TUNER']._serialized_start=1798
-  _globals['_TUNER']._serialized_end=1925
+  _globals['_TUNESPEC']._serialized_end=418
+  _globals['_LABELLEDIMAGE']._serialized_start=420
+  _globals['_LABELLEDIMAGE']._serialized_end=513
+  _globals['_TUNEREQUEST']._serialized_start=515
+  _globals['_TUNEREQUEST']._serialized_end=612
+  _globals['_EXTRACTIONPROGRESS']._serialized_start=615
+  _globals['_EXTRACTIONPROGRESS']._serialized_end=771
+  _globals['_EPOCHPROGRESS']._serialized_start=774
+  _globals['_EPOCHPROGRESS']._serialized_end=939
+  _globals['_KSELECTION']._serialized_start=942
+  _globals['_KSELECTION']._serialized_end=1095
+  _globals['_KSELECTION_VALACCURACYBYKENTRY']._serialized_start=1042
+  _globals['_KSELECTION_VALACCURACYBYKENTRY']._serialized_end=1095
+  _globals['_TUNEEVENT']._serialized_start=1098
+  _globals['_TUNEEVENT']._serialized_end=1305
+  _globals['_PREDICTSPEC']._serialized_start=1307
+  _globals['_PREDICTSPEC']._serialized_end=1383
+  _globals['_PREDICTITEM']._serialized_start=1385
+  _globals['_PREDICTITEM']._serialized_end=1430
+  _globals['_PREDICTREQUEST']._serialized_start=1432
+  _globals['_PREDICTREQUEST']._serialized_end=1532
+  _globals['_CLASSSCORE']._serialized_start=1534
+  _globals['_CLASSSCORE']._serialized_end=1582
+  _globals['_PREDICTRESPONSE']._serialized_start=1585
+  _globals['_PREDICTRESPONSE']._serialized_end=1741
+  _globals['_TUNER']._serialized_start=1823
+  _globals['_TUNER']._serialized_end=1950
 # @@protoc_insertion_point(module_scope)

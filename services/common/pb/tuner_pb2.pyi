@@ -22,7 +22,7 @@ SPLIT_VAL: Split
 SPLIT_TEST: Split
 
 class TuneSpec(_message.Message):
-    __slots__ = ("task", "k", "codec", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "val_fraction", "edge", "alias", "description", "force", "class_names")
+    __slots__ = ("task", "k", "codec", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "val_fraction", "edge", "alias", "description", "force", "class_names", "skip_unreadable")
     TASK_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class TuneSpec(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SKIP_UNREADABLE_FIELD_NUMBER: _ClassVar[int]
     task: str
     k: int
     codec: _feature_pb2.CodecSpec
@@ -53,7 +54,8 @@ class TuneSpec(_message.Message):
     description: str
     force: bool
     class_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task: _Optional[str] = ..., k: _Optional[int] = ..., codec: _Optional[_Union[_feature_pb2.CodecSpec, _Mapping]] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_epochs: _Optional[int] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., edge: _Optional[_Union[_feature_pb2.EdgeNetworkConfig, _Mapping]] = ..., alias: _Optional[str] = ..., description: _Optional[str] = ..., force: _Optional[bool] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    skip_unreadable: bool
+    def __init__(self, task: _Optional[str] = ..., k: _Optional[int] = ..., codec: _Optional[_Union[_feature_pb2.CodecSpec, _Mapping]] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_epochs: _Optional[int] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., edge: _Optional[_Union[_feature_pb2.EdgeNetworkConfig, _Mapping]] = ..., alias: _Optional[str] = ..., description: _Optional[str] = ..., force: _Optional[bool] = ..., class_names: _Optional[_Iterable[str]] = ..., skip_unreadable: _Optional[bool] = ...) -> None: ...
 
 class LabelledImage(_message.Message):
     __slots__ = ("item_id", "image", "label", "split")
