@@ -41,10 +41,9 @@ class FeatureStore:
 
     Each added message is serialized once and appended to an unlinked temporary file (`directory`, default
     the system's temp dir: $TMPDIR, else /tmp); per k, two int64 arrays hold every image's (offset, length).
-    `batch` reads only the batch's records back, parses and decodes them. Measured in the CPU-torch edge
-    environment (bench/edge.py, 800 ViT-B/16 images at 139 KB each): the features add 0.1 MB of RSS instead
-    of 114 MB when held as parsed messages. Where the temp dir is a tmpfs (RAM), point `directory` or $TMPDIR
-    at real storage, or the bytes only move from the process to the tmpfs.
+    `batch` reads only the batch's records back, parses and decodes them (figures: docs/explanation/architecture.md).
+    Where the temp dir is a tmpfs (RAM), point `directory` or $TMPDIR at real storage, or the bytes only move from
+    the process to the tmpfs.
 
     Close the store (`close()` or `with`) to release the file; one never closed is released when it is
     garbage-collected. Being unlinked from the start, the file leaves nothing on disk even if the process is
