@@ -1,6 +1,6 @@
 """Loads the one frozen timm ViT the extractor serves; nothing here ever downloads.
 
-    backbone = load_backbone("vit_base_patch16_224", weights="vit_b16.safetensors", device="cuda", autocast="bf16")
+    backbone = load_backbone("vit_base_patch16_224", weights="vit_b16.safetensors", device="cuda", precision="bf16")
     with backbone.autocast():
         features = gather(backbone.model, images, "mist", [3])     # services/extractor/gather.py
     backbone.weights_fingerprint, backbone.geometry, backbone.data_config
@@ -14,8 +14,10 @@ Errors: unknown model name -> NotFoundError; not a timm VisionTransformer, bad k
 NaN/Inf weights -> InvalidArgumentError; weights that do not fit the model, CUDA unavailable ->
 FailedPreconditionError; missing weights file -> NotFoundError.
 
-Autocast: "bf16" works on CPU and CUDA (torch's CPU autocast supports bfloat16; it pays off on CPUs with
-AVX512-BF16/AMX), "fp16" needs CUDA. Parameters stay float32; only the compute inside `autocast()` is reduced.
+Precision: "fp32" (default), "bf16" or "fp16" for the forward pass, through torch.autocast: parameters stay float32
+and only the compute inside `autocast()` is reduced. "bf16" works on CPU and CUDA (torch's CPU autocast supports
+bfloat16; it pays off on CPUs with AVX512-BF16/AMX), "fp16" needs CUDA. What each costs in feature error against
+fp32 is measured in docs/how-to/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -48,14 +50,14 @@ from services.extractor.gather import backbone_geometry, check_supported
 logger = logging.getLogger(__name__)
 
 DeviceName = Literal["cpu", "cuda"]
-AutocastName = Literal["none", "bf16", "fp16"]
+PrecisionName = Literal["fp32", "bf16", "fp16"]
 
 RANDOM_INIT_WARNING = (
     "features come from a RANDOMLY INITIALISED backbone; accuracy will be meaningless; "
     "pass --weights PATH (a .safetensors file or a timm checkpoint)"
 )
 
-_AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The files timm reads from a Hugging Face repo, in its order (safetensors first).
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HASH_CHUNK_BYTES = 1 << 20
@@ -107,7 +109,7 @@ def load_backbone(
     *,
     weights: str | os.PathLike[str] | None = None,
     device: DeviceName = "cpu",
-    autocast: AutocastName = "none",
+    precision: PrecisionName = "fp32",
     seed: int = 0,
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> LoadedBackbone:
@@ -117,7 +119,7 @@ def load_backbone(
     num_heads). `seed` makes a random init reproducible; it is used under a forked RNG, so the caller's global
     torch RNG state is left as it was.
     """
-    autocast_dtype = _check_runtime(device, autocast)
+    autocast_dtype = _check_runtime(device, precision)
     _check_name(name)
     kwargs = dict(model_kwargs or {})
     weights_path = _check_weights_path(weights) if weights is not None else None
@@ -156,21 +158,21 @@ def load_backbone(
     return loaded
 
 
-def _check_runtime(device: str, autocast: str) -> torch.dtype | None:
+def _check_runtime(device: str, precision: str) -> torch.dtype | None:
     if device not in ("cpu", "cuda"):
         raise InvalidArgumentError(f"device must be 'cpu' or 'cuda'; got {device!r}")
-    if autocast not in _AUTOCAST_DTYPES:
-        raise InvalidArgumentError(f"autocast must be one of {', '.join(_AUTOCAST_DTYPES)}; got {autocast!r}")
+    if precision not in _PRECISION_DTYPES:
+        raise InvalidArgumentError(f"precision must be one of {', '.join(_PRECISION_DTYPES)}; got {precision!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise FailedPreconditionError(
             f"--device cuda was requested but CUDA is not available (torch {torch.__version__}, "
             f"built for CUDA {torch.version.cuda}); use --device cpu or install a CUDA build of torch"
         )
-    if device == "cpu" and autocast == "fp16":
-        raise InvalidArgumentError("fp16 autocast needs --device cuda; on CPU use bf16 or none")
-    if device == "cuda" and autocast == "bf16" and not torch.cuda.is_bf16_supported():
-        raise FailedPreconditionError("this GPU does not support bfloat16; use --autocast fp16 or none")
-    return _AUTOCAST_DTYPES[autocast]
+    if device == "cpu" and precision == "fp16":
+        raise InvalidArgumentError("--precision fp16 needs --device cuda; on CPU use bf16 or fp32")
+    if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise FailedPreconditionError("this GPU does not support bfloat16; use --precision fp16 or fp32")
+    return _PRECISION_DTYPES[precision]
 
 
 def _check_name(name: str) -> None:

@@ -59,8 +59,24 @@ class ExtractorConfig(ServerConfig):
         metavar="PATH",
     )
     device: Literal["cpu", "cuda"] = setting("cpu", help="where the backbone runs")
-    autocast: Literal["none", "bf16", "fp16"] = setting(
-        "none", help="reduced-precision compute for the forward pass (fp16 needs cuda); sums stay float32"
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32",
+        help="compute precision of the forward pass (torch autocast; fp16 needs cuda); parameters and the "
+        "gathered sums stay float32",
+    )
+    image_decode: Literal["host", "cuda"] = setting(
+        "host",
+        help="where JPEG images are decoded: host (Pillow, then timm's resize and crop on the CPU) or cuda "
+        "(nvJPEG through torchvision, resize and crop on the GPU; needs --device cuda). PNG and WebP always "
+        "decode on the host",
+    )
+    workers: int = setting(
+        1,
+        help="serving processes on this node sharing --listen (SO_REUSEPORT) and the device, each with its own "
+        "copy of the backbone; /metrics adds up all of them. A worker that dies is restarted",
+        minimum=1,
+        maximum=64,
+        metavar="N",
     )
     seed: int = setting(0, help="seed of the random init used when no weights are found", minimum=0)
     model_kwargs: str = setting(
@@ -134,8 +150,10 @@ class ExtractorConfig(ServerConfig):
 
     def check(self) -> None:
         super().check()
-        if self.device == "cpu" and self.autocast == "fp16":
-            raise ConfigError("autocast", "fp16 needs --device cuda; on CPU use bf16 or none")
+        if self.device == "cpu" and self.precision == "fp16":
+            raise ConfigError("precision", "fp16 needs --device cuda; on CPU use bf16 or fp32")
+        if self.device == "cpu" and self.image_decode == "cuda":
+            raise ConfigError("image_decode", "cuda needs --device cuda; on CPU images decode on the host")
         if self.max_queue_items and self.max_queue_items < self.max_batch_size:
             raise ConfigError(
                 "max_queue_items",

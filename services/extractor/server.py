@@ -32,7 +32,7 @@ def load_configured_backbone(config: ExtractorConfig) -> LoadedBackbone:
         config.backbone,
         weights=config.weights or None,
         device=config.device,
-        autocast=config.autocast,
+        precision=config.precision,
         seed=config.seed,
         model_kwargs=config.model_kwargs_dict,
     )

@@ -307,9 +307,9 @@ def test_bad_model_kwargs_are_invalid() -> None:
         load_backbone(NAME, model_kwargs={**TINY_VIT, "no_such_option": 1})
 
 
-def test_bf16_autocast_on_cpu_computes_in_bfloat16() -> None:
+def test_bf16_precision_on_cpu_computes_in_bfloat16() -> None:
     # Prepare
-    loaded = load_backbone(NAME, autocast="bf16", model_kwargs=TINY_VIT)
+    loaded = load_backbone(NAME, precision="bf16", model_kwargs=TINY_VIT)
 
     # Execute
     with loaded.autocast():
@@ -324,9 +324,9 @@ def test_bf16_autocast_on_cpu_computes_in_bfloat16() -> None:
 @pytest.mark.parametrize(
     ("settings", "error"),
     [
-        (dict(device="cpu", autocast="fp16"), InvalidArgumentError),
+        (dict(device="cpu", precision="fp16"), InvalidArgumentError),
         (dict(device="tpu"), InvalidArgumentError),
-        (dict(autocast="int8"), InvalidArgumentError),
+        (dict(precision="int8"), InvalidArgumentError),
     ],
 )
 def test_bad_runtime_settings_are_refused(settings: dict, error: type) -> None:

@@ -390,7 +390,9 @@ def test_config_reads_flags_and_environment_and_resolves_automatic_values() -> N
     [
         (["--model-kwargs", "{depth: 2}"], "model_kwargs", "not valid JSON"),
         (["--model-kwargs", "[1, 2]"], "model_kwargs", "expected a JSON object"),
-        (["--autocast", "fp16"], "autocast", "fp16 needs --device cuda"),
+        (["--precision", "fp16"], "precision", "fp16 needs --device cuda"),
+        (["--image-decode", "cuda"], "image_decode", "cuda needs --device cuda"),
+        (["--workers", "0"], "workers", "must be >= 1"),
         (["--max-queue-items", "4", "--max-batch-size", "8"], "max_queue_items", "at least --max-batch-size"),
         (["--max-image-bytes", str(16 * 2**20)], "max_image_bytes", "below --max-message-bytes"),
         (["--max-batch-size", "0"], "max_batch_size", "must be >= 1"),
