@@ -1,28 +1,36 @@
 """Decode untrusted JPEG / PNG / WebP bytes safely and preprocess them with timm's own eval transform for the
-backbone (resize, centre crop, normalise), so the extractor sees exactly what timm's evaluation would.
+backbone, split so the host only decodes to uint8 and the float work runs per batch on the backbone's device.
 
     preprocessor = ImagePreprocessor(backbone.data_config, max_image_bytes=20 << 20, max_image_pixels=40_000_000)
     try:
-        tensor = preprocessor.decode(image_bytes)   # [3, H, W] float32 at data_config["input_size"]
-    except ImageDecodeError as error:               # .reason: "image_too_large", "undecodable_image", ...
-        item_error = error.to_item_error()          # RESOURCE_EXHAUSTED for image_too_large, else INVALID_ARGUMENT
+        pixels = preprocessor.load_uint8(image_bytes)   # [3, H, W] uint8: decode, RGB, timm's resize + centre crop
+    except ImageDecodeError as error:                   # .reason: "image_too_large", "undecodable_image", ...
+        item_error = error.to_item_error()              # RESOURCE_EXHAUSTED for image_too_large, else INVALID_ARGUMENT
+    batch = preprocessor.normalize(torch.stack(images).to(device))  # [B, 3, H, W] float32: timm's ToTensor + Normalize
+    pixels = preprocessor.load_on_device(image_bytes, "cuda")       # JPEG decoded by nvJPEG; others via load_uint8
 
 Safety: the byte limit is checked before parsing and the pixel limit from the header before any pixel is decoded
 (Pillow's DecompressionBombError is caught too); truncated files fail instead of being padded. Colour: every mode
 becomes RGB as in timm's datasets (`convert("RGB")`), except 16-bit grayscale, scaled to 8 bits (value / 257)
 instead of saturating; the EXIF orientation is applied; animated WebP / APNG give their first frame.
+`decode` (float32 [3, H, W]) equals timm's transform bit for bit; load_on_device resizes with torch, not Pillow, so
+it is close to timm but not equal. What runs where, and the tolerances: docs/explanation/preprocessing.md.
 """
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
+from timm.data.transforms import CenterCropOrPad
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from services.common.errors import InvalidArgumentError
 from services.common.pb import feature_pb2
@@ -37,6 +45,12 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow format names
 _GRPC_INVALID_ARGUMENT = 3
 _GRPC_RESOURCE_EXHAUSTED = 8
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+# JPEG modes whose RGB conversion torchvision / nvJPEG do as Pillow does; CMYK / YCCK colours would differ.
+_DEVICE_JPEG_MODES = frozenset({"RGB", "L"})
+# Resize kernels torch has on tensors with Pillow's antialiasing; lanczos, box, hamming are Pillow-only, and torch's
+# nearest picks other pixels than Pillow's.
+_TENSOR_INTERPOLATIONS = frozenset({InterpolationMode.BILINEAR, InterpolationMode.BICUBIC})
+_EXIF_ORIENTATION = 0x0112
 # Leading bytes of image formats we recognise but do not accept, so the client learns "unsupported", not "corrupt".
 _OTHER_FORMAT_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"GIF87a", "GIF"),
@@ -75,7 +89,10 @@ class ImageDecodeError(InvalidArgumentError):
 
 
 class ImagePreprocessor:
-    """Bytes -> [3, H, W] float32 tensor with the backbone's timm eval transform; thread-safe (no mutable state)."""
+    """Bytes -> [3, H, W] uint8 with timm's eval geometry, and uint8 batches -> float32 with timm's normalisation.
+
+    Thread-safe: the only mutable state is a per-device cache of the mean / std tensors, filled idempotently.
+    """
 
     def __init__(
         self,
@@ -96,10 +113,20 @@ class ImagePreprocessor:
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.transform = create_transform(**self.data_config, is_training=False)
+        self.geometry, normalize_step = _split_eval_transform(self.transform)
+        # timm's own float32 tensors, so the batch arithmetic is the very one Normalize does.
+        self._mean = normalize_step.mean.reshape(1, -1, 1, 1)
+        self._std = normalize_step.std.reshape(1, -1, 1, 1)
+        self._stats_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._geometry_runs_on_tensors = all(
+            getattr(step, "interpolation", InterpolationMode.BILINEAR) in _TENSOR_INTERPOLATIONS
+            for step in self.geometry.transforms
+        )
 
     def decode(self, image_bytes: bytes | bytearray | memoryview) -> torch.Tensor:
-        """Decode, convert to RGB and transform one image; raises ImageDecodeError with a reason."""
-        return self.transform(self.load_image(image_bytes))
+        """Decode, convert to RGB and transform one image to float32 [3, H, W]; raises ImageDecodeError with a reason.
+        Equal to timm's eval transform on the decoded image, bit for bit."""
+        return self.normalize(self.load_uint8(image_bytes)[None])[0]
 
     def decode_many(self, images: Iterable[bytes | bytearray | memoryview]) -> list[torch.Tensor | ImageDecodeError]:
         """`decode` for each image; a bad image yields its ImageDecodeError in its slot instead of raising."""
@@ -111,10 +138,58 @@ class ImagePreprocessor:
                 results.append(error)
         return results
 
+    def load_uint8(self, image_bytes: bytes | bytearray | memoryview) -> torch.Tensor:
+        """Decoded, RGB, resized and centre-cropped by timm's own transforms: uint8 [3, H, W], contiguous, on the CPU.
+
+        Channels-first on the host: the transpose copies 1-byte values here instead of 4-byte floats on the device,
+        and the stacked batch is already the contiguous NCHW that `normalize` and the model's patch embedding read.
+        """
+        return _pil_to_chw_uint8(self.geometry(self.load_image(image_bytes)))
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] on any device -> float32 [B, 3, H, W] on that device: timm's ToTensor + Normalize,
+        the same float32 operations in the same order (x / 255, - mean, / std), so on the CPU equal bit for bit."""
+        if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != self._mean.shape[1]:
+            channels = self._mean.shape[1]
+            raise ValueError(
+                f"normalize takes a uint8 [B, {channels}, H, W] batch; got {batch.dtype} {tuple(batch.shape)}"
+            )
+        mean, std = self._stats_on(batch.device)
+        # One new float32 tensor, then in place: the batch is the largest tensor of the step, allocate it once.
+        return batch.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+    def load_on_device(self, image_bytes: bytes | bytearray | memoryview, device: torch.device | str) -> torch.Tensor:
+        """Like `load_uint8`, on `device`: a JPEG is decoded by torchvision there (nvJPEG on CUDA, libjpeg-turbo on
+        the CPU), EXIF-oriented and resized / cropped by timm's transforms on the tensor (torch's antialiased
+        kernels: close to Pillow's, not equal). Every limit is checked first, from the header. PNG / WebP, CMYK
+        JPEGs, kernels other than bicubic / bilinear and JPEGs torchvision refuses take the host path,
+        `load_uint8(...).to(device)`, which also names the reason when the bytes do not decode at all."""
+        device = torch.device(device)
+        data = self._check_bytes(image_bytes)
+        image_format = _sniff_format(data)
+        header = self._open_checked_header(data, image_format)
+        if image_format != "JPEG" or header.mode not in _DEVICE_JPEG_MODES or not self._geometry_runs_on_tensors:
+            return self._host_uint8(header, image_format).to(device)
+        try:
+            orientation = header.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # a malformed EXIF block: the host path reports it as Pillow does
+            return self._host_uint8(header, image_format).to(device)
+        pixels = _decode_jpeg(data, device)
+        if pixels is None:
+            # Corrupt, truncated, or a JPEG variant torchvision lacks: Pillow decodes it or names the reason.
+            return self._host_uint8(header, image_format).to(device)
+        return self._tensor_geometry(_apply_exif_orientation(pixels, orientation)).contiguous()
+
     def load_image(self, image_bytes: bytes | bytearray | memoryview) -> Image.Image:
         """The decoded RGB image (EXIF orientation applied), after every limit has been checked."""
         data = self._check_bytes(image_bytes)
         image_format = _sniff_format(data)
+        return _decode_pixels(self._open_checked_header(data, image_format), image_format)
+
+    def _host_uint8(self, header: Image.Image, image_format: str) -> torch.Tensor:
+        return _pil_to_chw_uint8(self.geometry(_decode_pixels(header, image_format)))
+
+    def _open_checked_header(self, data: bytes, image_format: str) -> Image.Image:
         image = _open_header(data, image_format)
         width, height = image.size
         if width * height > self.max_image_pixels:
@@ -122,7 +197,24 @@ class ImagePreprocessor:
                 "image_too_large",
                 f"the image is {width}x{height} = {width * height:,} pixels; the limit is {self.max_image_pixels:,}",
             )
-        return _decode_pixels(image, image_format)
+        return image
+
+    def _tensor_geometry(self, pixels: torch.Tensor) -> torch.Tensor:
+        """timm's geometric steps on a uint8 [3, H, W] tensor: same sizes and crop offsets, torch's kernels."""
+        for step in self.geometry.transforms:
+            if isinstance(step, CenterCropOrPad):
+                # torchvision's v1 tensor pad takes one fill value; timm's border mode fills with the mean colour.
+                pixels = _center_crop_or_pad_tensor(pixels, step.size, step.fill)
+            else:
+                pixels = step(pixels)
+        return pixels
+
+    def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = self._stats_by_device.get(device)
+        if stats is None:  # two threads may both copy; the second assignment is harmless
+            stats = (self._mean.to(device), self._std.to(device))
+            self._stats_by_device[device] = stats
+        return stats
 
     def _check_bytes(self, image_bytes: object) -> bytes:
         if not isinstance(image_bytes, (bytes, bytearray, memoryview)):
@@ -135,6 +227,77 @@ class ImagePreprocessor:
                 "image_too_large", f"the image is {size:,} bytes; the limit is {self.max_image_bytes:,}"
             )
         return bytes(image_bytes)
+
+
+def _split_eval_transform(transform: transforms.Compose) -> tuple[transforms.Compose, transforms.Normalize]:
+    """timm's eval Compose as (the PIL steps before ToTensor, the Normalize after it)."""
+    steps = list(transform.transforms)
+    # timm's MaybeToTensor subclasses torchvision's ToTensor.
+    to_tensor_at = next((i for i, step in enumerate(steps) if isinstance(step, transforms.ToTensor)), None)
+    if to_tensor_at != len(steps) - 2 or not isinstance(steps[-1], transforms.Normalize):
+        raise InvalidArgumentError(f"the data_config's eval transform does not end in ToTensor, Normalize: {transform}")
+    normalize_step = steps[-1]
+    if torch.as_tensor(normalize_step.std).eq(0).any():
+        raise InvalidArgumentError(f"the data_config's std has a zero: {normalize_step.std}")
+    return transforms.Compose(steps[:to_tensor_at]), normalize_step
+
+
+def _pil_to_chw_uint8(image: Image.Image) -> torch.Tensor:
+    # np.asarray is Pillow's one copy out of its buffer (read-only); the transpose copy makes it CHW and writable.
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
+
+
+def _decode_jpeg(data: bytes, device: torch.device) -> torch.Tensor | None:
+    """uint8 [3, H, W] on `device`, or None where torchvision cannot decode these bytes."""
+    decode_jpeg, rgb = _torchvision_jpeg_decoder()
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: torch warns on read-only bytes
+    try:
+        return decode_jpeg(encoded, mode=rgb, device=device)
+    except (RuntimeError, ValueError):  # what torchvision's C++ decoders raise for bytes they cannot decode
+        return None
+
+
+@functools.cache
+def _torchvision_jpeg_decoder() -> tuple[Callable[..., torch.Tensor], Any]:
+    """Imported on first use: only the device route loads torchvision's image extension (libjpeg / nvJPEG)."""
+    # torchvision 0.29 deprecates its decoders for TorchCodec (not shipped here yet); the DeprecationWarning comes from
+    # inside torchvision, which Python's default filters ignore, so no process-wide filter is installed.
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg, ImageReadMode.RGB
+
+
+def _apply_exif_orientation(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Pillow's ImageOps.exif_transpose on a [C, H, W] tensor (same table: 2..8; anything else is upright)."""
+    if orientation == 2:  # FLIP_LEFT_RIGHT
+        return pixels.flip(-1)
+    if orientation == 3:  # ROTATE_180
+        return pixels.flip(-2, -1)
+    if orientation == 4:  # FLIP_TOP_BOTTOM
+        return pixels.flip(-2)
+    if orientation == 5:  # TRANSPOSE
+        return pixels.transpose(-2, -1)
+    if orientation == 6:  # ROTATE_270 (counter-clockwise), i.e. 90 degrees clockwise
+        return torch.rot90(pixels, k=-1, dims=(-2, -1))
+    if orientation == 7:  # TRANSVERSE
+        return pixels.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:  # ROTATE_90 (counter-clockwise)
+        return torch.rot90(pixels, k=1, dims=(-2, -1))
+    return pixels
+
+
+def _center_crop_or_pad_tensor(pixels: torch.Tensor, size: tuple[int, int], fill: Any) -> torch.Tensor:
+    """timm's center_crop_or_pad with a per-channel fill: the same padding split and crop offsets."""
+    from torchvision.transforms.v2 import functional as tensor_functional
+
+    crop_height, crop_width = size
+    image_height, image_width = pixels.shape[-2:]
+    if crop_width > image_width or crop_height > image_height:
+        pad_width, pad_height = max(crop_width - image_width, 0), max(crop_height - image_height, 0)
+        padding_ltrb = [pad_width // 2, pad_height // 2, (pad_width + 1) // 2, (pad_height + 1) // 2]
+        fill_values = [float(value) for value in fill] if isinstance(fill, (list, tuple)) else float(fill)
+        pixels = tensor_functional.pad(pixels, padding_ltrb, fill=fill_values)
+    return transforms.functional.center_crop(pixels, [crop_height, crop_width])
 
 
 def _sniff_format(data: bytes) -> str:

@@ -1,4 +1,5 @@
-"""ImagePreprocessor: timm's own eval transform, every colour mode, and bad input refused cheaply with the right reason."""
+"""ImagePreprocessor: timm's own eval transform, every colour mode, and bad input refused cheaply with the right reason;
+the uint8 / normalize split and the device decode route (real photos and tolerances: test_preprocess_photos.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from timm.data import create_transform, resolve_data_config
 from timm.models import get_pretrained_cfg
 
 from services.common.errors import InvalidArgumentError
+from services.extractor import preprocess
 from services.extractor.backbone import load_backbone
 from services.extractor.preprocess import ImageDecodeError, ImagePreprocessor
 
+# torchvision 0.29 deprecates decode_jpeg for TorchCodec; the device route uses it until TorchCodec ships here.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.io.image")
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 
 
@@ -356,3 +360,212 @@ def test_pillows_decompression_bomb_guard_is_reported_as_too_large() -> None:
     # Assert
     assert caught.value.reason == "image_too_large"
     assert "decompression bomb" in caught.value.message
+
+
+def jpeg_with_size(width: int, height: int) -> bytes:
+    """A small valid JPEG whose SOF header is rewritten to declare width x height (only the header is read)."""
+    data = bytearray(encode(noise_image(16, 16), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_load_uint8_is_timms_geometry_as_contiguous_chw_uint8(preprocessor) -> None:
+    # Prepare
+    data = encode(noise_image(48, 36), "PNG")
+    geometry = create_transform(**preprocessor.data_config, is_training=False).transforms[:-2]
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    for step in geometry:
+        image = step(image)
+
+    # Execute
+    pixels = preprocessor.load_uint8(data)
+
+    # Assert
+    assert pixels.shape == (3, 32, 32)
+    assert (pixels.dtype, pixels.device.type, pixels.is_contiguous()) == (torch.uint8, "cpu", True)
+    assert torch.equal(pixels, torch.from_numpy(np.array(image)).permute(2, 0, 1))
+
+
+def test_normalize_is_timms_to_tensor_and_normalize_bit_for_bit() -> None:
+    # Prepare: ImageNet mean / std, whose float32 division rounds differently from a multiply by 1 / std.
+    preprocessor = ImagePreprocessor({"input_size": (3, 8, 8)})
+    batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, size=(4, 3, 8, 8), dtype=np.uint8))
+    to_tensor, normalize = create_transform(**preprocessor.data_config, is_training=False).transforms[-2:]
+
+    # Execute
+    normalised = preprocessor.normalize(batch)
+
+    # Assert
+    expected = torch.stack([normalize(to_tensor(image.permute(1, 2, 0).numpy())) for image in batch])
+    assert normalised.dtype == torch.float32
+    assert normalised.device == batch.device
+    assert torch.equal(normalised, expected)
+
+
+def test_normalize_caches_mean_and_std_per_device(preprocessor) -> None:
+    # Prepare
+    batch = torch.zeros((2, 3, 32, 32), dtype=torch.uint8)
+
+    # Execute
+    preprocessor.normalize(batch)
+    first = preprocessor._stats_on(batch.device)
+    preprocessor.normalize(batch)
+
+    # Assert
+    assert preprocessor._stats_on(batch.device) is first
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        torch.zeros((1, 3, 32, 32)),
+        torch.zeros((3, 32, 32), dtype=torch.uint8),
+        torch.zeros((1, 4, 32, 32), dtype=torch.uint8),
+    ],
+    ids=["float", "no-batch-dim", "four-channels"],
+)
+def test_normalize_refuses_what_is_not_a_uint8_rgb_batch(preprocessor, batch: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        preprocessor.normalize(batch)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_device_exif_orientation_matches_pillows_table(orientation: int) -> None:
+    # Prepare: a non-square, non-symmetric image, so every flip and rotation is distinguishable.
+    pixels = np.random.default_rng(orientation).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    tagged = Image.open(io.BytesIO(encode(Image.fromarray(pixels), "PNG", exif=exif.tobytes())))
+
+    # Execute
+    oriented = preprocess._apply_exif_orientation(torch.from_numpy(pixels).permute(2, 0, 1), orientation)
+
+    # Assert
+    expected = np.asarray(ImageOps.exif_transpose(tagged))
+    assert torch.equal(oriented.permute(1, 2, 0), torch.from_numpy(expected.copy()))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_load_on_device_applies_the_exif_orientation(orientation: int) -> None:
+    # Prepare: a config whose geometry is the identity for the upright 24x40 image, so only decode and rotation count.
+    stored = noise_image(40, 24, seed=orientation) if orientation == 3 else noise_image(24, 40, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    preprocessor = ImagePreprocessor({"input_size": (3, 24, 40), "crop_pct": 1.0, "crop_mode": "squash"})
+
+    # Execute
+    pixels = preprocessor.load_on_device(data, "cpu")
+
+    # Assert: libjpeg-turbo in torchvision and in Pillow, same bytes: equal to a level at most.
+    host = preprocessor.load_uint8(data)
+    assert pixels.shape == host.shape == (3, 24, 40)
+    assert (pixels.int() - host.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("image", "image_format"),
+    [
+        (noise_image(48, 36), "PNG"),
+        (noise_image(48, 36, mode="RGBA"), "WEBP"),
+        (noise_image(48, 36).convert("CMYK"), "JPEG"),  # Pillow's CMYK -> RGB, not libjpeg's
+    ],
+    ids=["png", "webp", "cmyk-jpeg"],
+)
+def test_load_on_device_takes_the_host_path_for_what_torchvision_would_colour_differently(
+    preprocessor, monkeypatch, image: Image.Image, image_format: str
+) -> None:
+    # Prepare
+    data = encode(image, image_format)
+    monkeypatch.setattr(preprocess, "_decode_jpeg", lambda *_: pytest.fail("torchvision decode was called"))
+
+    # Execute
+    pixels = preprocessor.load_on_device(data, "cpu")
+
+    # Assert
+    assert torch.equal(pixels, preprocessor.load_uint8(data))
+
+
+def test_load_on_device_takes_the_host_path_for_a_pillow_only_kernel(monkeypatch) -> None:
+    # Prepare: torch has no lanczos; the exact Pillow result beats an approximation.
+    preprocessor = ImagePreprocessor({"input_size": (3, 32, 32), "interpolation": "lanczos"})
+    data = encode(noise_image(48, 36), "JPEG")
+    monkeypatch.setattr(preprocess, "_decode_jpeg", lambda *_: pytest.fail("torchvision decode was called"))
+
+    # Execute
+    pixels = preprocessor.load_on_device(data, "cpu")
+
+    # Assert
+    assert torch.equal(pixels, preprocessor.load_uint8(data))
+
+
+def test_a_jpeg_torchvision_refuses_is_decoded_by_pillow(preprocessor, monkeypatch) -> None:
+    # Prepare: as if nvJPEG lacked this JPEG variant.
+    data = encode(noise_image(48, 36), "JPEG")
+    monkeypatch.setattr(preprocess, "_decode_jpeg", lambda *_: None)
+
+    # Execute
+    pixels = preprocessor.load_on_device(data, "cpu")
+
+    # Assert
+    assert torch.equal(pixels, preprocessor.load_uint8(data))
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (encode(noise_image(200, 150), "JPEG", quality=95)[:3000], "undecodable_image"),
+        (b"\xff\xd8\xff", "undecodable_image"),
+        (b"", "empty_image"),
+        (encode(noise_image(), "GIF"), "unsupported_format"),
+    ],
+    ids=["truncated-jpeg", "jpeg-magic-only", "empty", "gif"],
+)
+def test_load_on_device_gives_the_host_paths_error_reasons(preprocessor, data: bytes, reason: str) -> None:
+    with pytest.raises(ImageDecodeError) as caught:
+        preprocessor.load_on_device(data, "cpu")
+    assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("scrambled_from", "verdict"),
+    [(1 / 3, "undecodable_image"), (1 / 2, "decoded")],
+    ids=["premature-end-of-scan", "extraneous-bytes-only"],
+)
+def test_a_corrupt_jpeg_gets_the_same_verdict_on_both_paths(preprocessor, scrambled_from: float, verdict: str) -> None:
+    # Prepare: 200 scrambled bytes of entropy-coded data; libjpeg-turbo calls some corruptions fatal, some warnings.
+    data = bytearray(encode(noise_image(200, 150), "JPEG", quality=95))
+    start = int(len(data) * scrambled_from)
+    data[start : start + 200] = bytes(byte ^ 0x55 for byte in data[start : start + 200])
+
+    # Execute
+    verdicts = []
+    for load in (preprocessor.load_uint8, lambda image: preprocessor.load_on_device(image, "cpu")):
+        try:
+            load(bytes(data))
+            verdicts.append("decoded")
+        except ImageDecodeError as error:
+            verdicts.append(error.reason)
+
+    # Assert
+    assert verdicts == [verdict, verdict]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_load_on_device_refuses_a_huge_jpeg_from_its_header(preprocessor, monkeypatch) -> None:
+    # Prepare: a header declaring 10000x10000 = 100 MP; nothing may reach torchvision.
+    monkeypatch.setattr(preprocess, "_decode_jpeg", lambda *_: pytest.fail("torchvision decode was called"))
+
+    # Execute
+    with pytest.raises(ImageDecodeError) as caught:
+        preprocessor.load_on_device(jpeg_with_size(10_000, 10_000), "cpu")
+
+    # Assert
+    assert caught.value.reason == "image_too_large"
+    assert "10000x10000" in caught.value.message
+
+
+def test_load_on_device_refuses_non_bytes(preprocessor) -> None:
+    with pytest.raises(InvalidArgumentError, match="must be bytes"):
+        preprocessor.load_on_device("not bytes", "cpu")  # type: ignore[arg-type]
