@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # e.g. make demo DEMO_ARGS='--epochs 5 --workdir /tmp/demo' (flags of `mist demo --help`)
 DEMO_ARGS ?=
 
-.PHONY: setup tools system-deps proto proto-check test stress demo bench bench-quick lint clean
+.PHONY: setup tools system-deps proto proto-check test stress demo bench bench-quick bench-gpu lint clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,13 @@ bench: setup system-deps
 
 bench-quick: setup system-deps
 	$(PY) -m bench.run --quick
+
+# The accelerator benchmark: ViT-B/16 at bf16 and fp32 on CUDA (under 8 min), the micro ViT on a CPU; writes
+# bench/results/gpu.json and GPU.md. e.g. make bench-gpu BENCH_GPU_ARGS='--smoke --out /tmp/gpu'
+BENCH_GPU_ARGS ?=
+
+bench-gpu: setup system-deps
+	$(PY) -m bench.gpu $(BENCH_GPU_ARGS)
 
 lint: setup tools proto-check
 	$(PY) -m ruff check services tests scripts bench
