@@ -5,10 +5,12 @@ maximum queue delay, run through one blocking function in a worker thread, and e
 
     async with DynamicBatcher(forward, max_batch_size=32, max_queue_delay_ms=5.0, max_queue_items=256) as batcher:
         features = await batcher.submit(tensor)   # this item's result, or its exception
+        future = batcher.submit_nowait(tensor)    # the same without a coroutine: await or cancel the future later
 
-Scheduling: one batch runs at a time while the next one fills; it starts when full or when its oldest item has
-waited max_queue_delay_ms. Past max_queue_items waiting items, submit raises ResourceExhaustedError (the running
-batch does not count). A caller cancelled before its batch starts is dropped from it. An exception from run_batch
+Scheduling: up to max_concurrent_batches batches run at once (1 by default: one runs while the next one fills; 2
+lets an accelerator's pipeline decode the next batch while this one runs); a batch starts when full or when its
+oldest item has waited max_queue_delay_ms. Past max_queue_items waiting items, submit raises ResourceExhaustedError (the running
+batch does not count). A caller cancelled (or a future cancelled) before its batch starts is dropped from it. An exception from run_batch
 fails that batch's callers only; an Exception in a result slot, that item's caller only. After close(), submit
 raises UnavailableError; close(drain=True) runs what is queued without waiting for the delay, drain=False fails
 it. A batcher belongs to the event loop it started on.
@@ -65,6 +67,13 @@ class _Pending(Generic[T, R]):
         self.submitted_at = time.monotonic()
         self.taken = False  # moved into a batch (or failed by close): no longer counted as queued
 
+    def on_done(self, batcher: DynamicBatcher[T, R]) -> Callable[[asyncio.Future[R]], None]:
+        def done(future: asyncio.Future[R]) -> None:
+            if future.cancelled():
+                batcher._cancelled(self)
+
+        return done
+
 
 class DynamicBatcher(Generic[T, R]):
     """Collects items from many concurrent callers into batches for one blocking `run_batch` function."""
@@ -78,8 +87,10 @@ class DynamicBatcher(Generic[T, R]):
         max_queue_items: int,
         executor: Executor | None = None,
         on_batch: Callable[[BatchRecord], None] | None = None,
+        max_concurrent_batches: int = 1,
     ) -> None:
         check_int("max_batch_size", max_batch_size, minimum=1)
+        check_int("max_concurrent_batches", max_concurrent_batches, minimum=1)
         check_int("max_queue_items", max_queue_items, minimum=1)
         if max_queue_items < max_batch_size:
             raise InvalidArgumentError(
@@ -96,6 +107,7 @@ class DynamicBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_queue_delay_ms = float(max_queue_delay_ms)
         self.max_queue_items = max_queue_items
+        self.max_concurrent_batches = max_concurrent_batches
         self._on_batch = on_batch
         self._executor = executor
         self._owns_executor = executor is None
@@ -103,6 +115,8 @@ class DynamicBatcher(Generic[T, R]):
         self._live = 0  # queued items whose caller is still waiting (cancelled ones leave the deque lazily)
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()  # batches in their thread now
+        self._batch_slots: asyncio.Semaphore | None = None
         self._closing = False
         self._broken: UnavailableError | None = None
         self._counts = collections.Counter[str]()
@@ -117,9 +131,10 @@ class DynamicBatcher(Generic[T, R]):
             raise UnavailableError("the batcher is closed")
         loop = asyncio.get_running_loop()  # raises outside a loop, before anything is created
         if self._executor is None:
-            # One thread: batches never overlap, and torch sees a single caller thread.
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mist-batcher")
+            # One thread per concurrent batch (one by default: batches never overlap, torch sees one caller).
+            self._executor = ThreadPoolExecutor(self.max_concurrent_batches, thread_name_prefix="mist-batcher")
         self._wakeup = asyncio.Event()
+        self._batch_slots = asyncio.Semaphore(self.max_concurrent_batches)
         self._worker = loop.create_task(self._work(), name="mist-batcher")
 
     async def close(self, drain: bool = True) -> None:
@@ -145,6 +160,12 @@ class DynamicBatcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """Queue `item` and wait for its result (or its exception)."""
+        return await self.submit_nowait(item)
+
+    def submit_nowait(self, item: T) -> asyncio.Future[R]:
+        """Queue `item`; its future gets the result or the exception. Cancelling the future before its batch starts
+        drops the item (and frees its place in the queue); after, the batch runs it and the result is discarded.
+        Raises at once (no future) when the batcher is closed or broken, or the queue is full."""
         if self._broken is not None:
             raise UnavailableError(str(self._broken))
         if self._closing:
@@ -155,21 +176,22 @@ class DynamicBatcher(Generic[T, R]):
             raise ResourceExhaustedError(
                 f"the extractor queue is full ({self.max_queue_items} items waiting); retry with backoff"
             )
-        pending: _Pending[T, R] = _Pending(item, asyncio.get_running_loop().create_future())
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        pending: _Pending[T, R] = _Pending(item, future)
+        future.add_done_callback(pending.on_done(self))
         self._queue.append(pending)
         self._live += 1
         assert self._wakeup is not None
         self._wakeup.set()
-        try:
-            return await pending.future
-        except asyncio.CancelledError:
-            # Still queued: give its place back now (the entry leaves the deque lazily). Already taken: nothing to do.
-            if not pending.taken:
-                pending.taken = True
-                self._live -= 1
-                self._counts["cancelled"] += 1
-                self._compact_if_stale()
-            raise
+        return future
+
+    def _cancelled(self, pending: _Pending[T, R]) -> None:
+        # Still queued: give its place back now (the entry leaves the deque lazily). Already taken: nothing to do.
+        if not pending.taken:
+            pending.taken = True
+            self._live -= 1
+            self._counts["cancelled"] += 1
+            self._compact_if_stale()
 
     def _compact_if_stale(self) -> None:
         # Cancelled entries leave the deque when the worker reaches them; callers that come and go while one long
@@ -193,18 +215,34 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _work(self) -> None:
         # Whatever stops the worker (a bug, the loop cancelling it), no caller may be left waiting forever.
+        assert self._batch_slots is not None
         try:
             while True:
+                await self._batch_slots.acquire()  # before filling: a batch forms only when it can start
                 batch = await self._next_batch()
                 if batch is None:
-                    return
-                await self._run(batch)
+                    self._batch_slots.release()
+                    break
+                task = asyncio.ensure_future(self._run(batch))
+                self._running.add(task)
+                task.add_done_callback(self._batch_done)
+            if self._running:
+                await asyncio.wait(set(self._running))
         except asyncio.CancelledError:
+            for task in self._running:
+                task.cancel()
             self._stop(UnavailableError("the batcher was cancelled"))
             raise
         except Exception as error:
             logger.exception("batcher worker failed; no further items are accepted")
             self._stop(UnavailableError(f"the batcher stopped: {error!r}"))
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        assert self._batch_slots is not None
+        self._batch_slots.release()
+        if not task.cancelled() and task.exception() is not None:  # _run settles its callers; this is a bug
+            logger.error("batch failed outside run_batch", exc_info=task.exception())
 
     def _stop(self, error: UnavailableError) -> None:
         self._broken = error

@@ -1,4 +1,4 @@
-"""The extractor's core without gRPC: validate, then cache -> decode -> dynamic batch -> gather -> encode, in order.
+"""The extractor's core without gRPC: validate, then cache -> decode -> dynamic batch -> forward -> encode, in order.
 
     engine = ExtractionEngine(backbone, config, ExtractorMetrics(registry))
     await engine.start()
@@ -6,17 +6,22 @@
         ...
     await engine.close(drain=True)
 
-Each stream has a bounded window of images in progress; a request that fails validation ends its stream after
-the answers before it (InvalidArgumentError or FailedPreconditionError naming the item), while an image that
+Each stream has a bounded window of images in progress (stream.py); a request that fails validation ends its stream
+after the answers before it (InvalidArgumentError or FailedPreconditionError naming the item), while an image that
 cannot be decoded or encoded is a per-item error. A stream idle for --stream-idle-timeout-s ends with
 DeadlineExceededError.
 
+Work per batch, not per image. On the event loop, per image: validation and, for images up to 1 MiB, the sha256 and
+the cache lookup, so a cache hit is answered there without a thread hop; a miss is queued in the dynamic batcher as
+a future (no task). Per batch, in one batcher thread: decode to uint8 on the CPU (split over --decode-threads, one
+hand-off per thread, not per image), then under the forward lock: stack, copy the uint8 batch to the backbone's
+device, normalise, gather, quantize to int8 there (quantize.py) and copy only int8 values and scales back; then
+compress and build the answers (split over the same threads; zstd contexts are reused per thread). The batcher
+settles the batch's futures in one loop callback. On a GPU two batches are in flight, so the next one decodes while
+this one runs forward.
+
 Cache: an image is a hit only when every requested k is cached (one forward serves them all anyway); a hit skips
 decoding and the forward entirely. Keys: backbone name and fingerprint, sha256 of the image bytes, mode, k, codec.
-
-Threads: decoding, hashing and encoding run on `config.worker_threads` threads with one torch thread each (ToTensor
-with several intra-op threads per worker oversubscribes the cores and is many times slower); the forward runs on
-one thread with `config.forward_threads` torch threads. The event loop only moves messages.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,7 +42,6 @@ from services.common.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
-    MistError,
     ResourceExhaustedError,
 )
 from services.common.pb import extractor_pb2, feature_pb2
@@ -55,9 +60,15 @@ from services.extractor.config import ExtractorConfig
 from services.extractor.gather import gather
 from services.extractor.metrics import ExtractorMetrics
 from services.extractor.preprocess import ImageDecodeError, ImagePreprocessor
+from services.extractor.quantize import quantize_rows_i8
+from services.extractor.stream import OrderedStream
 
 _GRPC_INVALID_ARGUMENT = 3  # a grpc.StatusCode value in ItemError.code; this module does not import grpc
 _NO_K = 0  # the wire's k for every mode but mist
+# Images up to this size are hashed on the event loop (sha256 runs at about 2 GB/s: 0.5 ms at most), so a cache hit
+# needs no thread; larger ones are hashed in the batch thread, where a hit still skips the decode and the forward.
+_INLINE_HASH_MAX_BYTES = 1 << 20
+ExtractResponse = extractor_pb2.ExtractResponse
 
 
 @dataclass(frozen=True)
@@ -76,20 +87,24 @@ class WorkItem:
         return tuple(dict.fromkeys(self.ks))
 
 
+@dataclass
+class Job:
+    """One cache miss on its way through a batch: filled in by the stages, read by the next."""
+
+    item: WorkItem
+    digest: str  # sha256 hex of the image bytes; "" when the cache is off or the image was too large to hash inline
+    admitted_at: float  # time.perf_counter() when the request was admitted (image latency)
+    pixels: torch.Tensor | None = None  # uint8 [3, H, W] after decoding (on the device with --image-decode cuda)
+    features: dict[int, HostFeatures] = field(default_factory=dict)  # per distinct k, after the forward
+
+
 @dataclass(frozen=True)
-class BatchItem:
-    """What the forward thread needs for one image."""
+class HostFeatures:
+    """One image's features for one k, on the host: int8 values and scales for an i8 codec, float32 otherwise."""
 
-    image: torch.Tensor  # [3, H, W] float32, preprocessed
-    mode: GatherModeName
-    ks: tuple[int, ...]  # distinct; (0,) for the baselines
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    digest: str  # sha256 hex of the image bytes; "" when the cache is off
-    cached: list[feature_pb2.FeatureTensor] | None  # every requested k from the cache, or None
-    image: torch.Tensor | None  # the decoded image when not cached
+    floats: np.ndarray | None = None  # [T, D] float32
+    quantized: np.ndarray | None = None  # [T, D] int8
+    scales: np.ndarray | None = None  # [T] float32
 
 
 class ExtractionEngine:
@@ -104,28 +119,35 @@ class ExtractionEngine:
         self._preprocessor = ImagePreprocessor(
             backbone.data_config, max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels
         )
+        self._decode_on = torch.device(backbone.device) if config.image_decode == "cuda" else None
         self.cache = FeatureCache(config.cache_max_bytes)
-        # ToTensor / normalisation in several threads at once with several torch threads each oversubscribes
-        # the cores; each worker gets one, the forward thread gets the rest.
+        self._codecs: dict[CodecConfig, FeatureCodec] = {}
+        # Decoding and encoding threads get one torch thread each: several intra-op threads per worker oversubscribe
+        # the cores. The batch threads run the forward with the rest.
         self._workers = ThreadPoolExecutor(
             config.worker_threads,
             thread_name_prefix="mist-extractor-cpu",
             initializer=torch.set_num_threads,
             initargs=(1,),
         )
-        self._forward_thread = ThreadPoolExecutor(
-            1,
-            thread_name_prefix="mist-extractor-forward",
+        # Two batches in flight on an accelerator: one decodes or encodes on the CPU while the other runs forward.
+        # On a CPU both would compete for the same cores, so one.
+        concurrent_batches = 2 if backbone.device != "cpu" else 1
+        self._batch_threads = ThreadPoolExecutor(
+            concurrent_batches,
+            thread_name_prefix="mist-extractor-batch",
             initializer=torch.set_num_threads,
             initargs=(config.forward_threads,),
         )
-        self._batcher: DynamicBatcher[BatchItem, dict[int, np.ndarray]] = DynamicBatcher(
+        self._forward_lock = threading.Lock()  # one forward at a time on the device
+        self._batcher: DynamicBatcher[Job, ExtractResponse] = DynamicBatcher(
             self.run_batch,
             max_batch_size=config.max_batch_size,
             max_queue_delay_ms=config.max_queue_delay_ms,
             max_queue_items=config.queue_items,
-            executor=self._forward_thread,
+            executor=self._batch_threads,
             on_batch=metrics.observe_batch,
+            max_concurrent_batches=concurrent_batches,
         )
         self._info = self._backbone_info()
         self._streams = 0
@@ -142,7 +164,7 @@ class ExtractionEngine:
         """Run (drain=True) or fail what is queued, then release the threads."""
         await self._batcher.close(drain=drain)
         self._workers.shutdown(wait=False, cancel_futures=True)
-        self._forward_thread.shutdown(wait=False, cancel_futures=True)
+        self._batch_threads.shutdown(wait=False, cancel_futures=True)
 
     # ---- describe and validate ---------------------------------------------------------------------------------
 
@@ -210,89 +232,160 @@ class ExtractionEngine:
         validate_ks(ks, self._backbone.geometry.num_blocks)  # range and "at least one"; repeats are kept below
         return tuple(int(k) for k in ks)
 
-    # ---- one image ---------------------------------------------------------------------------------------------
+    # ---- one image on the event loop ---------------------------------------------------------------------------
 
-    async def extract(self, item: WorkItem) -> extractor_pb2.ExtractResponse:
-        """Answer one image: from the cache, or decode -> batch -> forward -> encode."""
-        loop = asyncio.get_running_loop()
-        try:
-            prepared = await loop.run_in_executor(self._workers, self._prepare, item)
-            if prepared.cached is not None:
-                self._metrics.cache_hits.inc()
-                return self._answer(item, prepared.cached, cache_hit=True)
-            if self.cache.enabled:
-                self._metrics.cache_misses.inc()
-            assert prepared.image is not None
-            arrays = await self._batcher.submit(BatchItem(prepared.image, item.mode, item.unique_ks))
-            features = await loop.run_in_executor(self._workers, self._encode, item, prepared.digest, arrays)
-        except ImageDecodeError as error:
-            return self._failed(item, error.to_item_error())
-        except _UnencodableError as error:
-            return self._failed(
-                item,
-                feature_pb2.ItemError(code=_GRPC_INVALID_ARGUMENT, reason="unencodable_features", message=str(error)),
-            )
-        return self._answer(item, features, cache_hit=False)
+    async def extract(self, item: WorkItem) -> ExtractResponse:
+        """Answer one image: from the cache, or through a batch."""
+        started = self._start(item)
+        return started if isinstance(started, ExtractResponse) else await started
 
-    def _prepare(self, item: WorkItem) -> _Prepared:
-        """Worker thread: hash, look every k up in the cache, decode only if one is missing."""
-        digest = image_sha256(item.image) if self.cache.enabled else ""
-        if digest:
-            found: dict[int, feature_pb2.FeatureTensor] = {}
-            for k in item.unique_ks:
-                data = self.cache.get(self._cache_key(item, digest, k))
-                if data is None:
-                    break  # one pass computes every k anyway: no point looking further
-                found[k] = feature_pb2.FeatureTensor.FromString(data)
-            else:
-                return _Prepared(digest, [found[k] for k in item.ks], None)
-        return _Prepared(digest, None, self._preprocessor.decode(item.image))
+    def _admit(self, request: extractor_pb2.ExtractRequest, index: int) -> ExtractResponse | asyncio.Future:
+        """Count, validate and start one request of a stream; raises the validation (or queue-full) error."""
+        self._metrics.image_bytes_received.inc(len(request.image))
+        started = self._start(self.validate(request, index))
+        self._metrics.items_in_flight.inc()
+        return started
 
-    def _encode(self, item: WorkItem, digest: str, arrays: dict[int, np.ndarray]) -> list[feature_pb2.FeatureTensor]:
-        """Worker thread: encode each distinct k once, store it in the cache, answer in request order."""
-        codec, mode = FeatureCodec(item.codec), mode_to_proto(item.mode)
-        encoded: dict[int, feature_pb2.FeatureTensor] = {}
+    def _start(self, item: WorkItem) -> ExtractResponse | asyncio.Future[ExtractResponse]:
+        """The answer now (a cache hit), or the batcher's future of it."""
+        admitted_at = time.perf_counter()
+        digest = ""
+        if self.cache.enabled and len(item.image) <= _INLINE_HASH_MAX_BYTES:
+            digest = image_sha256(item.image)
+            hit = self._cached_answer(item, digest, admitted_at)
+            if hit is not None:
+                return hit
+        return self._batcher.submit_nowait(Job(item, digest, admitted_at))
+
+    def _cached_answer(self, item: WorkItem, digest: str, admitted_at: float) -> ExtractResponse | None:
+        """Every requested k from the cache as an answer, or None (counted as a miss) when one is missing."""
+        found: dict[int, bytes] = {}
         for k in item.unique_ks:
-            try:
-                encoded[k] = codec.encode(arrays[k], backbone=self.backbone_id, mode=mode, k=k)
-            except InvalidArgumentError as error:  # e.g. values beyond float16's range: this image, not the stream
-                raise _UnencodableError(f"features of k={k} cannot be encoded as {item.codec.name}: {error}") from None
-            if digest:
-                self.cache.put(self._cache_key(item, digest, k), encoded[k].SerializeToString())
-        return [encoded[k] for k in item.ks]
+            data = self.cache.get(self._cache_key(item, digest, k))
+            if data is None:
+                self._metrics.cache_misses.inc()
+                return None  # one pass computes every k anyway: no point looking further
+            found[k] = data
+        response = ExtractResponse(item_id=item.item_id, cache_hit=True)
+        for k in item.ks:
+            response.features.add().MergeFromString(found[k])  # parsed straight into the answer, no extra copy
+        self._metrics.cache_hits.inc()
+        self._metrics.served(item.mode, item.codec.name, "ok", response.features)
+        self._metrics.image_latency.observe(time.perf_counter() - admitted_at)
+        return response
 
     def _cache_key(self, item: WorkItem, digest: str, k: int) -> CacheKey:
         return cache_key(self._cache_id, digest, item.mode, k, item.codec.name)
 
-    def _answer(
-        self, item: WorkItem, features: list[feature_pb2.FeatureTensor], cache_hit: bool
-    ) -> extractor_pb2.ExtractResponse:
-        self._metrics.served(item.mode, item.codec.name, "ok", features)
-        return extractor_pb2.ExtractResponse(item_id=item.item_id, features=features, cache_hit=cache_hit)
+    # ---- one batch (a batch thread) ----------------------------------------------------------------------------
 
-    def _failed(self, item: WorkItem, error: feature_pb2.ItemError) -> extractor_pb2.ExtractResponse:
-        self._metrics.served(item.mode, item.codec.name, error.reason)
-        return extractor_pb2.ExtractResponse(item_id=item.item_id, error=error)
+    def run_batch(self, jobs: list[Job]) -> list[ExtractResponse]:
+        """Decode, forward and encode a batch; one answer per job, in order (per-item errors inside answers)."""
+        answers: list[ExtractResponse | None] = [None] * len(jobs)
+        self._in_parallel(lambda i: self._decode(jobs[i], answers, i), range(len(jobs)))
+        todo = [job for job, answer in zip(jobs, answers, strict=True) if answer is None]
+        if todo:
+            with self._forward_lock:
+                self.forward(todo)
+            positions = [i for i, answer in enumerate(answers) if answer is None]
+            self._in_parallel(lambda i: self._encode(jobs[i], answers, i), positions)
+        return answers  # type: ignore[return-value]  # every slot is filled by now
 
-    # ---- one batch (the forward thread) ------------------------------------------------------------------------
+    def _in_parallel(self, work: Callable[[int], None], positions: Sequence[int]) -> None:
+        """`work(i)` for every position, split over the CPU threads: one hand-off per thread, this one works too."""
+        parts = min(self._config.worker_threads, len(positions))
+        if parts <= 1:
+            for i in positions:
+                work(i)
+            return
+        chunks = [positions[part::parts] for part in range(parts)]
+        futures = [self._workers.submit(_run_each, work, chunk) for chunk in chunks[1:]]
+        _run_each(work, chunks[0])
+        for future in futures:
+            future.result()
 
-    def run_batch(self, batch: list[BatchItem]) -> list[dict[int, np.ndarray]]:
-        """One forward pass per gather mode present, to the deepest k any image needs; split per image."""
-        results: list[dict[int, np.ndarray]] = [{} for _ in batch]
-        by_mode: dict[GatherModeName, list[int]] = collections.defaultdict(list)
-        for position, item in enumerate(batch):
-            by_mode[item.mode].append(position)
+    def _decode(self, job: Job, answers: list[ExtractResponse | None], i: int) -> None:
+        """A CPU thread: the late cache lookup of a large image, then decoding to uint8."""
+        item = job.item
+        if self.cache.enabled and not job.digest:
+            job.digest = image_sha256(item.image)
+            hit = self._cached_answer(item, job.digest, job.admitted_at)
+            if hit is not None:
+                answers[i] = hit
+                return
+        try:
+            if self._decode_on is not None:
+                job.pixels = self._preprocessor.load_on_device(item.image, self._decode_on)
+            else:
+                job.pixels = self._preprocessor.load_uint8(item.image)
+        except ImageDecodeError as error:
+            answers[i] = self._failed(job, error.to_item_error())
+
+    def forward(self, jobs: Sequence[Job]) -> None:
+        """One forward pass per gather mode present, to the deepest k any image needs; fills each job's features.
+
+        The float work (normalising, quantizing) runs on the backbone's device; what comes back to the host is int8
+        values and scales for images asking for an i8 codec, float32 for the others, one copy per k and kind.
+        """
         backbone = self._backbone
-        for mode, positions in by_mode.items():
-            images = torch.stack([batch[p].image for p in positions]).to(backbone.device)
-            ks = sorted({k for p in positions for k in batch[p].ks}) if mode == "mist" else []
+        by_mode: dict[GatherModeName, list[Job]] = collections.defaultdict(list)
+        for job in jobs:
+            by_mode[job.item.mode].append(job)
+        for mode, group in by_mode.items():
+            pixels = torch.stack([job.pixels for job in group])  # type: ignore[misc]
+            images = self._preprocessor.normalize(pixels.to(backbone.device, non_blocking=True))
+            ks = sorted({k for job in group for k in job.item.unique_ks}) if mode == "mist" else []
             with backbone.autocast():
                 gathered = gather(backbone.model, images, mode, ks)
-            on_host = {k: tensor.cpu().numpy() for k, tensor in gathered.items()}  # one copy per k, not per image
-            for row, p in enumerate(positions):
-                results[p] = {k: on_host[k][row] for k in batch[p].ks}
+            for k, tensor in gathered.items():
+                _to_host(tensor, [(row, job) for row, job in enumerate(group) if k in job.item.unique_ks], k)
             self._metrics.forward_passes.labels(mode).inc()
-        return results
+        for job in jobs:
+            job.pixels = None  # the batch's memory goes as soon as it is no longer needed
+
+    def _encode(self, job: Job, answers: list[ExtractResponse | None], i: int) -> None:
+        """A CPU thread: compress each distinct k once, store it in the cache, answer in request order."""
+        item = job.item
+        codec, mode = self._codec(item.codec), mode_to_proto(item.mode)
+        encoded: dict[int, feature_pb2.FeatureTensor] = {}
+        for k in item.unique_ks:
+            host = job.features[k]
+            try:
+                if host.quantized is not None:
+                    message = codec.encode_quantized(
+                        host.quantized, host.scales, backbone=self.backbone_id, mode=mode, k=k
+                    )
+                else:
+                    message = codec.encode(host.floats, backbone=self.backbone_id, mode=mode, k=k)
+            except InvalidArgumentError as error:  # e.g. values beyond float16's range: this image, not the stream
+                answers[i] = self._failed(
+                    job,
+                    feature_pb2.ItemError(
+                        code=_GRPC_INVALID_ARGUMENT,
+                        reason="unencodable_features",
+                        message=f"features of k={k} cannot be encoded as {item.codec.name}: {error}",
+                    ),
+                )
+                return
+            encoded[k] = message
+            if job.digest:
+                self.cache.put(self._cache_key(item, job.digest, k), message.SerializeToString())
+        job.features = {}
+        features = [encoded[k] for k in item.ks]
+        answers[i] = ExtractResponse(item_id=item.item_id, features=features, cache_hit=False)
+        self._metrics.served(item.mode, item.codec.name, "ok", features)
+        self._metrics.image_latency.observe(time.perf_counter() - job.admitted_at)
+
+    def _codec(self, config: CodecConfig) -> FeatureCodec:
+        codec = self._codecs.get(config)
+        if codec is None:  # a benign race between threads builds two equal codecs
+            codec = self._codecs[config] = FeatureCodec(config)
+        return codec
+
+    def _failed(self, job: Job, error: feature_pb2.ItemError) -> ExtractResponse:
+        self._metrics.served(job.item.mode, job.item.codec.name, error.reason)
+        self._metrics.image_latency.observe(time.perf_counter() - job.admitted_at)
+        return ExtractResponse(item_id=job.item.item_id, error=error)
 
     # ---- a whole stream ----------------------------------------------------------------------------------------
 
@@ -316,51 +409,25 @@ class ExtractionEngine:
     ) -> AsyncIterator[extractor_pb2.ExtractResponse]:
         """Answer a stream in order with at most `max_items_in_flight` of its images in progress.
 
-        While the window is full nothing more is read, so gRPC flow control pushes back on the sender; while the
-        consumer has not taken the next answer (a slow reader), nothing is read either. A request that fails
+        While the window is full nothing more is read, so gRPC flow control pushes back on the sender; answers the
+        consumer has not taken count in the window, so a slow reader slows its sender too. A request that fails
         validation stops the reading: the answers before it are still delivered, then its error ends the stream.
         With nothing in progress and no request for --stream-idle-timeout-s, the stream ends (DeadlineExceededError)
         so that a client which opens streams and sends nothing cannot hold the --max-streams slots.
         """
-        limit, idle_timeout = self._config.max_items_in_flight, self.idle_timeout_s
         with self._stream_slot():
-            reader = aiter(requests)
-            pending: collections.deque[asyncio.Task[extractor_pb2.ExtractResponse]] = collections.deque()
-            read: asyncio.Task[extractor_pb2.ExtractRequest] | None = None
-            reading, failure, admitted = True, None, 0
-            try:
-                while True:
-                    if read is None and reading and len(pending) < limit:
-                        read = asyncio.ensure_future(_next(reader))
-                    waiting = [task for task in (read, pending[0] if pending else None) if task is not None]
-                    if not waiting:
-                        break
-                    # Nothing in progress: only the client can move this stream, and it gets idle_timeout to do so.
-                    done, _ = await asyncio.wait(
-                        waiting, timeout=idle_timeout if not pending else None, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if not done:
-                        raise self.idle_error("request")
-                    if read is not None and read.done():
-                        finished, read = read, None
-                        try:
-                            pending.append(self._admit(finished.result(), admitted))
-                            admitted += 1
-                        except StopAsyncIteration:
-                            reading = False
-                        except MistError as error:
-                            reading, failure = False, error
-                    while pending and pending[0].done():
-                        self._metrics.items_in_flight.dec()
-                        yield pending.popleft().result()  # an exception (batcher closed, a bug) ends the stream
-                if failure is not None:
-                    raise failure
-            finally:  # done, failed or cancelled by the client: abandon what is still in progress
-                if read is not None:
-                    read.cancel()
-                for task in pending:
-                    task.cancel()
-                self._metrics.items_in_flight.dec(len(pending))
+            stream = OrderedStream(
+                requests,
+                self._admit,
+                window=self._config.max_items_in_flight,
+                idle_timeout_s=self.idle_timeout_s,
+                idle_error=lambda: self.idle_error("request"),
+                on_taken=self._metrics.items_in_flight.dec,
+                on_abandoned=self._metrics.items_in_flight.dec,
+            )
+            async with contextlib.aclosing(stream.answers()) as answers:
+                async for answer in answers:
+                    yield answer
 
     @property
     def idle_timeout_s(self) -> float | None:
@@ -380,25 +447,26 @@ class ExtractionEngine:
             f"(--stream-idle-timeout-s); open a new stream to send more images"
         )
 
-    def _admit(self, request: extractor_pb2.ExtractRequest, index: int) -> asyncio.Task[extractor_pb2.ExtractResponse]:
-        """Count, validate and start one request; raises the validation error."""
-        self._metrics.image_bytes_received.inc(len(request.image))
-        task = asyncio.ensure_future(self._timed(self.extract(self.validate(request, index))))
-        self._metrics.items_in_flight.inc()
-        return task
 
-    async def _timed(self, answer: Awaitable[extractor_pb2.ExtractResponse]) -> extractor_pb2.ExtractResponse:
-        """`answer`, its time observed before the task completes (a done callback could run after the answer
-        was already sent and counted)."""
-        started = time.perf_counter()
-        response = await answer
-        self._metrics.image_latency.observe(time.perf_counter() - started)
-        return response
+def _run_each(work: Callable[[int], None], positions: Sequence[int]) -> None:
+    for i in positions:
+        work(i)
 
 
-async def _next(reader: AsyncIterator[extractor_pb2.ExtractRequest]) -> extractor_pb2.ExtractRequest:
-    return await reader.__anext__()
-
-
-class _UnencodableError(InvalidArgumentError):
-    """Features of one image the requested codec cannot represent (a per-item error, not a stream error)."""
+def _to_host(tensor: torch.Tensor, wanting: Sequence[tuple[int, Job]], k: int) -> None:
+    """Copy the rows of one k's batch tensor that jobs want to the host: quantized on the device for i8 codecs (one
+    copy of int8 values and one of scales), float32 for the others; each job gets its own row."""
+    for quantize in (True, False):
+        chosen = [(row, job) for row, job in wanting if (job.item.codec.dtype == "i8") == quantize]
+        if not chosen:
+            continue
+        rows = tensor if len(chosen) == tensor.shape[0] else tensor[[row for row, _ in chosen]]
+        if quantize:
+            quantized, scales = quantize_rows_i8(rows)
+            quantized_host, scales_host = quantized.cpu().numpy(), scales.cpu().numpy()
+            for n, (_, job) in enumerate(chosen):
+                job.features[k] = HostFeatures(quantized=quantized_host[n], scales=scales_host[n])
+        else:
+            floats = rows.float().cpu().numpy()
+            for n, (_, job) in enumerate(chosen):
+                job.features[k] = HostFeatures(floats=floats[n])

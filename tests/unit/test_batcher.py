@@ -271,6 +271,60 @@ def test_cancelled_callers_free_their_queue_places() -> None:
     assert recorder.batches == [[0], [3]]
 
 
+def test_a_cancelled_future_from_submit_nowait_frees_its_place_and_is_dropped() -> None:
+    # Prepare: a held batch and a queue of one, filled by a future that is then cancelled.
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def scenario() -> tuple[int, int]:
+        async with DynamicBatcher(recorder, max_batch_size=1, max_queue_delay_ms=0, max_queue_items=1) as batcher:
+            running = batcher.submit_nowait(0)
+            await wait_until(recorder.started.is_set)
+            queued = batcher.submit_nowait(1)
+            with pytest.raises(ResourceExhaustedError):
+                batcher.submit_nowait(2)  # refused at once: no future is created
+            queued.cancel()
+            await asyncio.sleep(0)  # the done callback runs on the next loop turn
+            replacement = batcher.submit_nowait(3)
+            recorder.release.set()
+            return await running, await replacement
+
+    # Execute
+    results = run(scenario())
+
+    # Assert
+    assert results == (0, 6)
+    assert recorder.batches == [[0], [3]]
+
+
+def test_two_concurrent_batches_overlap_and_keep_each_callers_result() -> None:
+    # Prepare: the first batch is held until a second one has started beside it.
+    both_running = threading.Barrier(2, timeout=10)
+    seen: list[list[int]] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        seen.append(list(items))
+        both_running.wait()  # raises BrokenBarrierError (failing the test) if the batches never overlap
+        return [item * 10 for item in items]
+
+    async def scenario() -> list[int]:
+        batcher = DynamicBatcher(
+            run_batch, max_batch_size=2, max_queue_delay_ms=0, max_queue_items=8, max_concurrent_batches=2
+        )
+        async with batcher:
+            first = [batcher.submit_nowait(i) for i in (1, 2)]
+            await wait_until(lambda: len(seen) == 1)
+            second = [batcher.submit_nowait(i) for i in (3, 4)]
+            return list(await asyncio.gather(*first, *second))
+
+    # Execute
+    results = run(scenario())
+
+    # Assert
+    assert results == [10, 20, 30, 40]
+    assert sorted(seen) == [[1, 2], [3, 4]]
+
+
 def test_callers_coming_and_going_during_a_long_batch_do_not_grow_the_queue() -> None:
     # Prepare: one held batch; 200 callers each submit and go away while it runs.
     recorder = Recorder()
@@ -373,6 +427,7 @@ def test_a_failing_metrics_callback_does_not_break_the_batcher() -> None:
         dict(max_batch_size=8, max_queue_delay_ms=float("nan"), max_queue_items=8),
         dict(max_batch_size=8, max_queue_delay_ms=5, max_queue_items=4),
         dict(max_batch_size=2.0, max_queue_delay_ms=5, max_queue_items=8),
+        dict(max_batch_size=8, max_queue_delay_ms=5, max_queue_items=8, max_concurrent_batches=0),
     ],
 )
 def test_bad_settings_are_refused(settings: dict) -> None:

@@ -18,13 +18,12 @@ from services.common.errors import (
 )
 from services.common.pb import extractor_pb2, feature_pb2
 from services.common.serving.metrics import new_metrics_registry
-from services.common.wire.codec import CodecConfig, decode_feature
+from services.common.wire.codec import CodecConfig, FeatureCodec, decode_feature
 from services.common.wire.gather_modes import baseline_bytes_per_image
 from services.extractor.backbone import LoadedBackbone
 from services.extractor.config import ExtractorConfig
-from services.extractor.engine import BatchItem, ExtractionEngine, WorkItem
+from services.extractor.engine import ExtractionEngine, Job, WorkItem
 from services.extractor.metrics import ExtractorMetrics
-from services.extractor.preprocess import ImagePreprocessor
 from tests.helpers.extractor import extract_request, load_tiny_backbone, png_image, reference_features, tiny_config
 
 N_BLOCKS = 4  # the tiny ViT
@@ -133,28 +132,60 @@ def test_describe_reports_geometry_and_baseline_costs(backbone) -> None:
 # ---------------------------------------------------------------------------------------------- batches
 
 
+def batch_job(index: int, image: bytes, mode: str, ks: Sequence[int], codec: str) -> Job:
+    item = WorkItem(
+        index=index, item_id=f"img-{index}", image=image, mode=mode, ks=tuple(ks), codec=CodecConfig.parse(codec)
+    )
+    return Job(item, digest="", admitted_at=0.0)
+
+
 def test_a_batch_mixing_modes_runs_one_forward_per_mode_and_matches_gather(backbone) -> None:
-    # Prepare: three mist images with different ks (one pass to k=4 serves all) and two baselines.
+    # Prepare: three mist images with different ks (one pass to k=4 serves all) and two baselines, mixed codecs.
     images = [png_image(seed) for seed in range(5)]
-    preprocessor = ImagePreprocessor(backbone.data_config)
-    specs = [("mist", (1,)), ("mist", (2, 4)), ("cls", (0,)), ("mist", (3,)), ("partial", (0,))]
-    batch = [BatchItem(preprocessor.decode(image), mode, ks) for image, (mode, ks) in zip(images, specs, strict=True)]
+    specs = [
+        ("mist", (1,), "f32-none"),
+        ("mist", (2, 4), "i8-zstd"),
+        ("cls", (0,), "f32-none"),
+        ("mist", (3,), "i8-zstd"),
+        ("partial", (0,), "f16-zstd"),
+    ]
+    jobs = [batch_job(i, image, *spec) for i, (image, spec) in enumerate(zip(images, specs, strict=True))]
     registry = new_metrics_registry()
     engine = ExtractionEngine(backbone, tiny_config(), ExtractorMetrics(registry))
 
     # Execute
-    results = engine.run_batch(batch)
+    answers = engine.run_batch(jobs)
 
     # Assert
     assert sample(registry, "mist_extractor_forward_passes_total", mode="mist") == 1
     assert sample(registry, "mist_extractor_forward_passes_total", mode="cls") == 1
     assert sample(registry, "mist_extractor_forward_passes_total", mode="partial") == 1
-    for image, (mode, ks), result in zip(images, specs, results, strict=True):
+    for image, (mode, ks, codec), answer in zip(images, specs, answers, strict=True):
         expected = reference_features(backbone, image, mode, ks)
-        assert sorted(result) == sorted(expected)
-        for k, array in result.items():
-            np.testing.assert_allclose(array, expected[k], rtol=1e-4, atol=1e-5)
-    assert results[2][0].shape == (32,) and results[4][0].shape == (17, 32)
+        assert [feature.k for feature in answer.features] == list(ks)
+        for feature in answer.features:
+            decoded, reference = decode_feature(feature), expected[feature.k]
+            # i8: within one quantization step of the row (the reference is a batch of one: last-bit differences)
+            step = np.abs(reference).max(axis=-1, keepdims=True) / 127 * 1.01 if codec == "i8-zstd" else 2e-3
+            assert np.all(np.abs(decoded - reference) <= step + 1e-5)
+    assert list(answers[2].features[0].shape) == [32] and list(answers[4].features[0].shape) == [17, 32]
+
+
+def test_device_quantized_answers_are_the_bytes_the_codec_writes_for_the_same_floats(backbone) -> None:
+    # Prepare: the same image twice in one batch, once as float32 and once as i8: the same forward rows
+    image = png_image(7)
+    jobs = [batch_job(0, image, "mist", (2, 4), "f32-none"), batch_job(1, image, "mist", (4, 2), "i8-zstd")]
+    engine = ExtractionEngine(backbone, tiny_config(), ExtractorMetrics(new_metrics_registry()))
+
+    # Execute
+    floats, quantized = engine.run_batch(jobs)
+
+    # Assert
+    codec = FeatureCodec(CodecConfig.parse("i8-zstd"))
+    by_k = {feature.k: decode_feature(feature) for feature in floats.features}
+    for feature in quantized.features:
+        expected = codec.encode(by_k[feature.k], backbone=engine.backbone_id, mode=feature.mode, k=feature.k)
+        assert feature.SerializeToString() == expected.SerializeToString()
 
 
 # ---------------------------------------------------------------------------------------------- one image

@@ -214,11 +214,93 @@ class FeatureCodec:
             msg.backbone.CopyFrom(backbone)
         return msg
 
+    def encode_quantized(
+        self,
+        quantized: np.ndarray,
+        scales: np.ndarray,
+        *,
+        backbone: feature_pb2.BackboneId | None = None,
+        mode: int = feature_pb2.GATHER_MODE_MIST,
+        k: int = 0,
+    ) -> feature_pb2.FeatureTensor:
+        """Encode features already quantized to int8 elsewhere (the extractor does it on the backbone's device).
+
+        `quantized` is int8 with 1 to 4 dims, `scales` float32 with one value per row (the product of all dims but
+        the last), exactly what `quantize_i8` returns: the message is byte-identical to `encode` of the floats.
+        Only for an i8 codec; the values are checked (range, finite non-negative scales) since a bad quantizer
+        would otherwise put a tensor on the wire that decoders reject.
+        """
+        if self._config.dtype != "i8":
+            raise InvalidArgumentError(f"encode_quantized needs an i8 codec, this one is {self._config.name}")
+        if not _is_integer(mode) or mode not in _GATHER_MODES:
+            raise InvalidArgumentError(f"unknown gather mode {mode!r}: expected one of {sorted(_GATHER_MODES)}")
+        if not _is_integer(k) or not 0 <= k < 2**32:
+            raise InvalidArgumentError(f"k must be an integer in 0..2**32-1, got {k!r}")
+        plain, row_scales = _validated_quantized(quantized, scales)
+        msg = feature_pb2.FeatureTensor(
+            shape=plain.shape,
+            dtype=_DTYPE_TO_PROTO["i8"],
+            compression=_COMPRESSION_TO_PROTO[self._config.compression],
+            byte_shuffle=False,
+            crc32=_checksum(plain, row_scales),
+            mode=int(mode),
+            k=int(k),
+            scales=row_scales.tolist(),
+        )
+        msg.payload = self._compress(plain) if self._config.compression == "zstd" else plain.tobytes()
+        if backbone is not None:
+            msg.backbone.CopyFrom(backbone)
+        return msg
+
     def _compress(self, body: np.ndarray) -> bytes:
-        # zstd contexts are not thread-safe: one per call. Measured against reusing them (a pool, or one per
-        # thread), a fresh one cost no more CPU (5 % less) and it holds no memory between calls (a context is
-        # 2 MB at level 3, 19 MB at level 19). write_content_size lets decoders check sizes before allocating.
-        return zstandard.ZstdCompressor(level=self._config.zstd_level, write_content_size=True).compress(body)
+        return _compressor(self._config.zstd_level).compress(body)
+
+
+# zstd contexts are not thread-safe: one per thread, kept for the level that thread used last. Reusing it measured
+# 20 % less CPU than a fresh context per call for a [197, 768] i8 tensor at level 3 (0.15 against 0.19 ms); a
+# context is 2 MB at level 3 (19 MB at level 19), held once per encoding thread. write_content_size lets decoders
+# check sizes before allocating.
+_compressors = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    held = getattr(_compressors, "held", None)
+    if held is None or held[0] != level:
+        held = (level, zstandard.ZstdCompressor(level=level, write_content_size=True))
+        _compressors.held = held
+    return held[1]
+
+
+def quantize_i8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8 of a finite float array: (int8 array of the same shape, float32 scale per row)."""
+    return _quantize_i8(_validated_input(values))
+
+
+def _validated_quantized(quantized: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(quantized, np.ndarray) or quantized.dtype != np.int8:
+        raise InvalidArgumentError(f"quantized features must be an int8 numpy array, got {_describe(quantized)}")
+    if not 1 <= quantized.ndim <= MAX_DIMS or min(quantized.shape) < 1 or max(quantized.shape) >= 2**32:
+        raise InvalidArgumentError(
+            f"quantized features need 1 to {MAX_DIMS} dims, each in 1..2**32-1; got shape {list(quantized.shape)}"
+        )
+    rows = math.prod(quantized.shape[:-1])
+    if not isinstance(scales, np.ndarray) or scales.dtype != np.float32 or scales.size != rows:
+        raise InvalidArgumentError(
+            f"scales must be a float32 numpy array with one value per row ({rows}); got {_describe(scales)}"
+        )
+    row_scales = np.ascontiguousarray(scales.reshape(-1), dtype="<f4")
+    if not (np.isfinite(row_scales).all() and (row_scales >= 0).all()):
+        raise InvalidArgumentError("scales must be finite and >= 0 (a non-finite scale: the features held NaN or Inf)")
+    plain = np.ascontiguousarray(quantized)
+    if int(plain.min()) < -_I8_MAX:
+        raise InvalidArgumentError(f"quantized values must lie in [-{_I8_MAX}, {_I8_MAX}]; found -128")
+    return plain, row_scales
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} array of shape {list(value.shape)}"
+    return type(value).__name__
 
 
 def _validated_input(array: np.ndarray) -> np.ndarray:
