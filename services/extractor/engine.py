@@ -117,7 +117,10 @@ class ExtractionEngine:
         self.backbone_id = feature_pb2.BackboneId(name=backbone.name, weights_fingerprint=backbone.weights_fingerprint)
         self._cache_id = f"{backbone.name}@{backbone.weights_fingerprint}"
         self._preprocessor = ImagePreprocessor(
-            backbone.data_config, max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels
+            backbone.data_config,
+            max_image_bytes=config.max_image_bytes,
+            max_image_pixels=config.max_image_pixels,
+            resize=config.resize,
         )
         self._decode_on = torch.device(backbone.device) if config.image_decode == "cuda" else None
         self.cache = FeatureCache(config.cache_max_bytes)

@@ -77,7 +77,7 @@ def reference_features(
     backbone: LoadedBackbone, image: bytes, mode: GatherModeName, ks: Sequence[int] = ()
 ) -> dict[int, np.ndarray]:
     """What the service must send for one image, computed here with the same preprocessing and gather."""
-    tensor = ImagePreprocessor(backbone.data_config).decode(image)
+    tensor = ImagePreprocessor(backbone.data_config, resize=ExtractorConfig.resize).decode(image)  # the server's
     with backbone.autocast():
         out = gather(backbone.model, tensor[None], mode, ks if mode == "mist" else ())
     return {k: value[0].numpy() for k, value in out.items()}

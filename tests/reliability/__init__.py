@@ -28,6 +28,7 @@ from services.common.config import ServerConfig
 from services.common.serving.metrics import GrpcMetrics, metric_prefix, new_metrics_registry
 from services.common.serving.server import ServiceSetup, create_server
 from services.extractor.backbone import LoadedBackbone
+from services.extractor.config import ExtractorConfig
 from services.extractor.gather import gather
 from services.extractor.preprocess import ImagePreprocessor
 
@@ -124,7 +125,7 @@ def reference_gathers(
     One torch thread meanwhile: on a shared 2-core machine several threads per process measured 25x slower
     (170 ms instead of 7 ms per image), and the servers under test need the cores.
     """
-    preprocessor = ImagePreprocessor(backbone.data_config)
+    preprocessor = ImagePreprocessor(backbone.data_config, resize=ExtractorConfig.resize)  # as the server does
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
