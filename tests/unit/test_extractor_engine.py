@@ -4,10 +4,13 @@ in-order streams with a bounded window, the stream limit, and the extractor's co
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from services.common.config import ConfigError, parse_config
 from services.common.errors import (
@@ -20,10 +23,13 @@ from services.common.pb import extractor_pb2, feature_pb2
 from services.common.serving.metrics import new_metrics_registry
 from services.common.wire.codec import CodecConfig, FeatureCodec, decode_feature
 from services.common.wire.gather_modes import baseline_bytes_per_image
-from services.extractor.backbone import LoadedBackbone
+from services.extractor.backbone import LoadedBackbone, load_backbone
 from services.extractor.config import ExtractorConfig
 from services.extractor.engine import ExtractionEngine, Job, WorkItem
+from services.extractor.gather import gather
 from services.extractor.metrics import ExtractorMetrics
+from services.extractor.preprocess import ImagePreprocessor
+from tests.conftest import TINY_VIT_KWARGS
 from tests.helpers.extractor import extract_request, load_tiny_backbone, png_image, reference_features, tiny_config
 
 N_BLOCKS = 4  # the tiny ViT
@@ -186,6 +192,56 @@ def test_device_quantized_answers_are_the_bytes_the_codec_writes_for_the_same_fl
     for feature in quantized.features:
         expected = codec.encode(by_k[feature.k], backbone=engine.backbone_id, mode=feature.mode, k=feature.k)
         assert feature.SerializeToString() == expected.SerializeToString()
+
+
+def jpeg_image(seed: int, size: int = 48) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png_image(seed, size))).convert("RGB").save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def test_the_device_decode_route_answers_jpegs_close_to_timm_and_other_formats_exactly(backbone) -> None:
+    # Prepare: --image-decode cuda sends JPEGs through load_on_device; on this CPU-only machine the same route runs
+    # with torchvision's CPU decoder (the config refuses cuda decoding without a GPU, so it is switched on here).
+    engine = ExtractionEngine(backbone, tiny_config(resize="pillow"), ExtractorMetrics(new_metrics_registry()))
+    engine._decode_on = torch.device("cpu")
+    images = [jpeg_image(90), png_image(91)]
+    jobs = [batch_job(i, image, "mist", (4,), "f32-none") for i, image in enumerate(images)]
+
+    # Execute
+    jpeg_answer, png_answer = engine.run_batch(jobs)
+
+    # Assert: the JPEG within the device path's tolerance of timm; the PNG takes the host path, exactly
+    pillow = ImagePreprocessor(backbone.data_config, resize="pillow")
+
+    def timm_features(image: bytes) -> np.ndarray:
+        with torch.inference_mode():
+            return gather(backbone.model, pillow.decode(image)[None], "mist", (4,))[4][0].numpy()
+
+    jpeg_features, png_features = decode_feature(jpeg_answer.features[0]), decode_feature(png_answer.features[0])
+    np.testing.assert_allclose(png_features, timm_features(images[1]), rtol=1e-4, atol=1e-5)
+    relative = np.abs(jpeg_features - timm_features(images[0])).max() / np.abs(timm_features(images[0])).max()
+    assert 0 < relative < 0.05
+
+
+def test_bf16_precision_serves_features_close_to_fp32() -> None:
+    # Prepare: the same tiny weights at two precisions
+    fp32 = load_tiny_backbone()
+    bf16 = load_backbone(fp32.name, precision="bf16", model_kwargs=TINY_VIT_KWARGS)
+    jobs = lambda: [batch_job(i, png_image(100 + i), "mist", (1, 4), "f32-none") for i in range(3)]  # noqa: E731
+
+    # Execute
+    answers = {
+        name: ExtractionEngine(loaded, tiny_config(), ExtractorMetrics(new_metrics_registry())).run_batch(jobs())
+        for name, loaded in (("fp32", fp32), ("bf16", bf16))
+    }
+
+    # Assert: float32 on the wire either way, differing by bfloat16's rounding (8 bits of mantissa), not more
+    for reference, reduced in zip(answers["fp32"], answers["bf16"], strict=True):
+        for a, b in zip(reference.features, reduced.features, strict=True):
+            exact, approximate = decode_feature(a), decode_feature(b)
+            relative = np.abs(exact - approximate).max() / np.abs(exact).max()
+            assert 0 < relative < 0.05, relative
 
 
 # ---------------------------------------------------------------------------------------------- one image
