@@ -15,14 +15,19 @@ image actually sent vs LST/LAST" is computed from them:
     # cache hit ratio (items)
     rate(mist_extractor_cache_hits_total[5m])
       / (rate(mist_extractor_cache_hits_total[5m]) + rate(mist_extractor_cache_misses_total[5m]))
+
+Every metric is a plain Counter, Histogram or Gauge (each Gauge with its `multiprocess_mode`), so that with
+`--workers N` the supervisor's /metrics adds up the workers' values; the cache's figures are copied from
+FeatureCache.stats() after each answered image and at each scrape of a single process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from services.common.pb import feature_pb2
@@ -46,6 +51,11 @@ class ExtractorMetrics:
 
     def __init__(self, registry: CollectorRegistry, prefix: str = PREFIX) -> None:
         p = prefix
+        self._cache: FeatureCache | None = None
+        self._cache_lock = threading.Lock()
+        self._evictions_seen = 0
+        # Registered before the cache metrics, so a scrape refreshes them before it reads them.
+        registry.register(_RefreshOnScrape(self.refresh_cache))
         self.images_served = Counter(
             f"{p}_images_served_total",
             "Images answered, by gather mode, codec and status ('ok' or the per-item error reason)",
@@ -117,22 +127,70 @@ class ExtractorMetrics:
             ["waiting_for"],
             registry=registry,
         )
-        self.streams_in_flight = Gauge(f"{p}_streams_in_flight", "Extract streams open now", registry=registry)
+        # multiprocess_mode: how the supervisor of --workers N combines the workers' values (live ones only
+        # for "live*": a dead worker's streams and cache are gone). Ignored by a single process.
+        self.streams_in_flight = Gauge(
+            f"{p}_streams_in_flight", "Extract streams open now", registry=registry, multiprocess_mode="livesum"
+        )
         self.items_in_flight = Gauge(
-            f"{p}_items_in_flight", "Images read from streams and not yet answered", registry=registry
+            f"{p}_items_in_flight",
+            "Images read from streams and not yet answered",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.baseline_bytes_per_image = Gauge(
             f"{p}_baseline_bytes_per_image",
             "Float32 bytes per image each method would send for the loaded backbone",
             ["method"],
             registry=registry,
+            multiprocess_mode="max",  # the same constant in every worker
         )
-        self._registry = registry
-        self._prefix = prefix
+        # Each worker has a cache of its own: the node holds the sum, bounded by the sum of the bounds.
+        self.cache_evictions = Counter(
+            f"{p}_cache_evictions", "Cache entries dropped to make room (LRU)", registry=registry
+        )
+        self.cache_bytes = Gauge(
+            f"{p}_cache_bytes",
+            "Encoded feature bytes held in the cache",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.cache_entries = Gauge(
+            f"{p}_cache_entries",
+            "Features held in the cache (one per image, mode, k, codec)",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.cache_max_bytes = Gauge(
+            f"{p}_cache_max_bytes",
+            "The cache's size bound (0: disabled)",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
 
     def watch_cache(self, cache: FeatureCache) -> None:
-        """Export the cache's evictions and size, read from the cache itself at every scrape."""
-        self._registry.register(_CacheCollector(cache, self._prefix))
+        """Export `cache`'s evictions and size (copied from its stats() by refresh_cache)."""
+        with self._cache_lock:
+            self._cache = cache
+            self._evictions_seen = 0
+        self.refresh_cache()
+
+    def refresh_cache(self) -> None:
+        """Copy the watched cache's stats into the cache metrics: after each answered image (the cache only changes
+        before one is answered) and at each scrape of a single process. Cheap: one locked snapshot."""
+        with self._cache_lock:
+            if self._cache is None:
+                return
+            stats = self._cache.stats()
+            evicted = stats.evictions - self._evictions_seen
+            if evicted < 0:  # the cache was cleared and counts from 0 again
+                evicted = stats.evictions
+            if evicted:
+                self.cache_evictions.inc(evicted)
+            self._evictions_seen = stats.evictions
+            self.cache_bytes.set(stats.bytes)
+            self.cache_entries.set(stats.entries)
+            self.cache_max_bytes.set(stats.max_bytes)
 
     def set_baselines(self, bytes_per_image: Mapping[str, int]) -> None:
         """One gauge value per method: {"lst": ..., "last": ..., "partial": ..., "cls": ..., "mist_f32": ...}."""
@@ -156,23 +214,18 @@ class ExtractorMetrics:
         if sent:
             self.feature_bytes_sent.labels(mode, codec).inc(sent)
             self.feature_float32_bytes.labels(mode, codec).inc(stands_for)
+        self.refresh_cache()
 
 
-class _CacheCollector(Collector):
-    """mist_extractor_cache_{evictions_total, bytes, entries, max_bytes} from FeatureCache.stats()."""
+class _RefreshOnScrape(Collector):
+    """Exports nothing: runs `refresh` when a registry is collected, before the collectors registered after it."""
 
-    def __init__(self, cache: FeatureCache, prefix: str) -> None:
-        self._cache = cache
-        self._prefix = prefix
+    def __init__(self, refresh: Callable[[], None]) -> None:
+        self._refresh = refresh
+
+    def describe(self) -> list[Metric]:
+        return []  # so that registering it does not call collect()
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._cache.stats()
-        p = self._prefix
-        yield CounterMetricFamily(
-            f"{p}_cache_evictions", "Cache entries dropped to make room (LRU)", value=stats.evictions
-        )
-        yield GaugeMetricFamily(f"{p}_cache_bytes", "Encoded feature bytes held in the cache", value=stats.bytes)
-        yield GaugeMetricFamily(
-            f"{p}_cache_entries", "Features held in the cache (one per image, mode, k, codec)", value=stats.entries
-        )
-        yield GaugeMetricFamily(f"{p}_cache_max_bytes", "The cache's size bound (0: disabled)", value=stats.max_bytes)
+        self._refresh()
+        return iter(())

@@ -1,5 +1,6 @@
 """The `mist-extractor` entry point: load the backbone once, start the engine, serve Extract and Describe through the
-shared server factory (health, reflection, /metrics, TLS, auth, SIGTERM drain).
+shared server factory (health, reflection, /metrics, TLS, auth, SIGTERM drain); with --workers N, N such processes
+on one port under a supervisor (services/common/serving/supervisor.py).
 
     python -m services.extractor.server --listen 127.0.0.1:50051 --metrics-listen 127.0.0.1:9101 \\
         --backbone vit_tiny_patch16_224 --model-kwargs '{"img_size":32,"patch_size":8,"embed_dim":32,"depth":4,"num_heads":2}'
@@ -7,6 +8,8 @@ shared server factory (health, reflection, /metrics, TLS, auth, SIGTERM drain).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
 import logging
 import sys
@@ -15,9 +18,11 @@ from collections.abc import Sequence
 import torch
 from prometheus_client import CollectorRegistry
 
-from services.common.serving.server import ServiceSetup, run_service
+from services.common.config import load_config
+from services.common.serving.server import ServiceSetup, serve
+from services.common.serving.supervisor import supervise
 from services.extractor.backbone import LoadedBackbone, load_backbone
-from services.extractor.config import ExtractorConfig
+from services.extractor.config import ExtractorConfig, available_cpus
 from services.extractor.engine import ExtractionEngine
 from services.extractor.metrics import ExtractorMetrics
 from services.extractor.servicer import add_extractor
@@ -69,9 +74,19 @@ async def build(
     )
 
 
+def worker_config(config: ExtractorConfig) -> ExtractorConfig:
+    """The config of each of --workers N processes: "every CPU" for torch (--torch-threads 0) becomes a 1/N share."""
+    if config.torch_threads:
+        return config
+    return dataclasses.replace(config, torch_threads=max(1, available_cpus() // config.workers))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`mist-extractor`: flags and MIST_* variables -> a running server until SIGTERM."""
-    return run_service(ExtractorConfig, build, service_name=SERVICE_NAME, argv=argv)
+    """`mist-extractor`: flags and MIST_* variables -> a running server (or --workers of them) until SIGTERM."""
+    config = load_config(ExtractorConfig, argv, prog=SERVICE_NAME)
+    if config.workers > 1:
+        return supervise(worker_config(config), build, service_name=SERVICE_NAME, workers=config.workers)
+    return asyncio.run(serve(config, build, service_name=SERVICE_NAME))
 
 
 if __name__ == "__main__":

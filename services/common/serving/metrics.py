@@ -7,7 +7,9 @@ of the server's own (process, platform and GC metrics included), served over HTT
     stop, metrics_port = start_metrics_server("0.0.0.0:9102", registry)   # "" or "off": serves nothing, port None
 
 A registry per server lets several servers share one process (tests do). An address that cannot be bound raises
-BindError, which names the flag.
+BindError, which names the flag. Metrics are plain Counters, Histograms and Gauges with a `multiprocess_mode`, so
+that the supervisor of several worker processes (supervisor.py) adds them up from prometheus-client's
+multiprocess files: no custom Collector or `Gauge.set_function` here, their values would stay in each worker.
 """
 
 from __future__ import annotations
@@ -54,8 +56,13 @@ class GrpcMetrics:
             registry=registry,
             buckets=(0.001, 0.005, 0.025, 0.1, 0.25, 1, 2.5, 10, 30, 120, 600),
         )
+        # With several worker processes (supervisor.py) the exported value is the sum over the live ones.
         self.in_flight = Gauge(
-            f"{prefix}_grpc_requests_in_flight", "gRPC calls being handled", ["method"], registry=registry
+            f"{prefix}_grpc_requests_in_flight",
+            "gRPC calls being handled",
+            ["method"],
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.interceptor = _MetricsInterceptor(self)
 

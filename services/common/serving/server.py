@@ -150,8 +150,8 @@ async def shutdown(
 # ---------------------------------------------------------------------------------------------- the factory
 
 
-def server_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """Every channel argument of a mist server, in one place."""
+def server_options(config: ServerConfig, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """Every channel argument of a mist server, in one place; `reuse_port` for the workers of a supervisor."""
     options = [
         # Explicit limits both ways instead of gRPC's 4 MiB receive / unlimited send (see ServerConfig).
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -168,8 +168,9 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         # HTTP/2 streams per connection: one device cannot take every handler slot.
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         # Linux grpc sets SO_REUSEPORT by default, so a second server on a busy port "binds" silently;
-        # we want the clear bind error instead.
-        ("grpc.so_reuseport", 0),
+        # we want the clear bind error instead. A supervisor's workers share their port on purpose (the
+        # supervisor checked it is free), and the kernel spreads connections over them (supervisor.py).
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     if config.max_connection_age_s > 0:
         # Recycle connections so clients of a headless Service re-resolve and reach new replicas.
@@ -221,11 +222,13 @@ async def create_server(
     token_validator: TokenValidator | None = None,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     metrics: GrpcMetrics | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int, HealthHandle]:
     """Build, bind and start a server: services + health + reflection, TLS/mTLS, auth, metrics, drain gate.
 
     Auth uses `token_validator`, else the tokens in `config.auth_tokens_file`, else is off. Interceptors run
-    metrics (outermost, so refused calls are counted), drain gate, auth, then `extra_interceptors`.
+    metrics (outermost, so refused calls are counted), drain gate, auth, then `extra_interceptors`. `reuse_port`:
+    share the address with other processes (SO_REUSEPORT), as a supervisor's workers do.
     """
     if token_validator is None and config.auth_tokens_file:
         token_validator = StaticTokenValidator(load_tokens_file(config.auth_tokens_file))
@@ -235,7 +238,7 @@ async def create_server(
     if token_validator is not None:
         interceptors.append(AuthInterceptor(token_validator))
     interceptors += extra_interceptors
-    server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(config, reuse_port=reuse_port))
     names = list(add_services(server))
     servicer = grpc_health.aio.HealthServicer()  # "" (the whole server) starts SERVING
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
@@ -292,7 +295,7 @@ class _Running:
     metrics_port: int | None
 
 
-async def _start(config: ServerConfig, build: BuildFn, service_name: str) -> _Running:
+async def _start(config: ServerConfig, build: BuildFn, service_name: str, reuse_port: bool) -> _Running:
     registry = new_metrics_registry()
     setup = await build(config, registry)
     server = None
@@ -303,6 +306,7 @@ async def _start(config: ServerConfig, build: BuildFn, service_name: str) -> _Ru
             token_validator=setup.token_validator,
             extra_interceptors=setup.extra_interceptors,
             metrics=GrpcMetrics(registry, metric_prefix(service_name)),
+            reuse_port=reuse_port,
         )
         stop_metrics, metrics_port = start_metrics_server(config.metrics_listen, registry)
     except BaseException:  # release what build() acquired (a model, a DB pool) before failing
@@ -314,24 +318,34 @@ async def _start(config: ServerConfig, build: BuildFn, service_name: str) -> _Ru
     return _Running(setup, server, port, health, stop_metrics, metrics_port)
 
 
-def _listening_line(service_name: str, config: ServerConfig, running: _Running) -> str:
-    where = f"{split_host_port(config.listen)[0]}:{running.port}"
-    if running.metrics_port is None:
+def listening_line(service_name: str, config: ServerConfig, port: int, metrics_port: int | None) -> str:
+    """The first log line of a server: "<service> listening on HOST:PORT (metrics on HOST:PORT)" or "(metrics off)"."""
+    where = f"{split_host_port(config.listen)[0]}:{port}"
+    if metrics_port is None:
         return f"{service_name} listening on {where} (metrics off)"
     return (
-        f"{service_name} listening on {where} (metrics on {split_host_port(config.metrics_listen)[0]}:"
-        f"{running.metrics_port})"
+        f"{service_name} listening on {where} (metrics on {split_host_port(config.metrics_listen)[0]}:{metrics_port})"
     )
 
 
 async def serve(
-    config: ServerConfig, build: BuildFn, *, service_name: str, stop_event: asyncio.Event | None = None
+    config: ServerConfig,
+    build: BuildFn,
+    *,
+    service_name: str,
+    stop_event: asyncio.Event | None = None,
+    reuse_port: bool = False,
+    announce: Callable[[int], str] | None = None,
 ) -> int:
-    """Run a service until SIGTERM/SIGINT (or `stop_event`), then drain; returns the process exit code."""
+    """Run a service until SIGTERM/SIGINT (or `stop_event`), then drain; returns the process exit code.
+
+    A supervisor's worker passes `reuse_port` and `announce`: called (on a thread) with the bound port once the
+    server runs, it returns the worker's first log line, after the supervisor printed its own "listening on" line.
+    """
     configure_logging(config.log_level, config.log_format)
     held = hold_logs()  # build() may log; the "listening on" line must still come first
     try:
-        running = await _start(config, build, service_name)
+        running = await _start(config, build, service_name, reuse_port)
     except (MistError, OSError) as e:
         held.release()
         log.error("%s failed to start: %s", service_name, e)
@@ -339,7 +353,11 @@ async def serve(
     except BaseException:
         held.release()
         raise
-    held.release(_listening_line(service_name, config, running), logger=__name__)
+    if announce is not None:
+        first_line = await asyncio.to_thread(announce, running.port)
+    else:
+        first_line = listening_line(service_name, config, running.port, running.metrics_port)
+    held.release(first_line, logger=__name__)
     log.info("effective config: %s", redacted(config))
     stop, force = stop_event or asyncio.Event(), asyncio.Event()
     installed = _install_signal_handlers(stop, force, config.grace_s)
