@@ -261,12 +261,12 @@ class ExtractionEngine:
         return self._batcher.submit_nowait(Job(item, digest, admitted_at))
 
     def _cached_answer(self, item: WorkItem, digest: str, admitted_at: float) -> ExtractResponse | None:
-        """Every requested k from the cache as an answer, or None (counted as a miss) when one is missing."""
+        """Every requested k from the cache as an answer, or None when one is missing (a miss is counted once the
+        image has decoded: the metric counts images that needed a forward pass)."""
         found: dict[int, bytes] = {}
         for k in item.unique_ks:
             data = self.cache.get(self._cache_key(item, digest, k))
             if data is None:
-                self._metrics.cache_misses.inc()
                 return None  # one pass computes every k anyway: no point looking further
             found[k] = data
         response = ExtractResponse(item_id=item.item_id, cache_hit=True)
@@ -323,6 +323,9 @@ class ExtractionEngine:
                 job.pixels = self._preprocessor.load_uint8(item.image)
         except ImageDecodeError as error:
             answers[i] = self._failed(job, error.to_item_error())
+            return
+        if self.cache.enabled:
+            self._metrics.cache_misses.inc()
 
     def forward(self, jobs: Sequence[Job]) -> None:
         """One forward pass per gather mode present, to the deepest k any image needs; fills each job's features.
