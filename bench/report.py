@@ -45,7 +45,7 @@ def write_report(
         lines += ["## Targets", "", "| section | target | measured | result |", "|---|---|---:|---|"]
         lines += [
             f"| {t['section']} | {t.get('name', '')} {t.get('target', '')} | {t.get('measured', '')} | "
-            f"{'PASS' if t.get('passed') else '**FAIL**'} |"
+            f"{_verdict(t.get('passed'))} |"
             for t in targets
         ] + [""]
     details = results["details"]
@@ -61,6 +61,13 @@ def write_report(
     path = out_dir / REPORT_NAME
     path.write_text("\n".join(lines))
     return path
+
+
+def _verdict(passed: bool | None) -> str:
+    """None: the section could not measure the target here (its `measured` says why)."""
+    if passed is None:
+        return "not measured"
+    return "PASS" if passed else "**FAIL**"
 
 
 def _section_body(detail: Mapping[str, Any], text: str) -> list[str]:

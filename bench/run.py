@@ -57,6 +57,9 @@ SECTIONS: tuple[SectionSpec, ...] = (
     ),
     SectionSpec("edge", "5. Edge: memory, time, parameters, MACs", "bench.edge", False, False),
     SectionSpec("scaling", "6. Scaling", "bench.scaling", False, True),
+    SectionSpec(
+        "serving", "7. Serving path: own cost per image against a bare gRPC echo", "bench.serving", False, True
+    ),
 )
 SECTION_NAMES = tuple(spec.name for spec in SECTIONS)
 _DETAIL_KEYS = ("method", "targets")  # moved from a section's object into details, never left in the numbers
