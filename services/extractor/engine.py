@@ -55,7 +55,7 @@ from services.common.wire.gather_modes import (
 )
 from services.extractor.backbone import LoadedBackbone
 from services.extractor.batcher import DynamicBatcher
-from services.extractor.cache import CacheKey, FeatureCache, cache_key, image_sha256
+from services.extractor.cache import CacheKey, FeatureCache, image_sha256
 from services.extractor.config import ExtractorConfig
 from services.extractor.gather import gather
 from services.extractor.metrics import ExtractorMetrics
@@ -68,6 +68,9 @@ _NO_K = 0  # the wire's k for every mode but mist
 # Images up to this size are hashed on the event loop (sha256 runs at about 2 GB/s: 0.5 ms at most), so a cache hit
 # needs no thread; larger ones are hashed in the batch thread, where a hit still skips the decode and the forward.
 _INLINE_HASH_MAX_BYTES = 1 << 20
+# Work worth another thread: about 0.5 ms of decoding (a few 224 px JPEGs) or compressing (a few ViT-B tensors).
+_BYTES_PER_THREAD = 128 << 10
+_MAX_REMEMBERED_CODECS = 256  # distinct codec specs remembered by validate (2 x 4 x 22 x 2 valid ones exist)
 ExtractResponse = extractor_pb2.ExtractResponse
 
 
@@ -125,6 +128,7 @@ class ExtractionEngine:
         self._decode_on = torch.device(backbone.device) if config.image_decode == "cuda" else None
         self.cache = FeatureCache(config.cache_max_bytes)
         self._codecs: dict[CodecConfig, FeatureCodec] = {}
+        self._codec_configs: dict[tuple[int, int, int, bool], CodecConfig] = {}
         # Decoding and encoding threads get one torch thread each: several intra-op threads per worker oversubscribe
         # the cores. The batch threads run the forward with the rest.
         self._workers = ThreadPoolExecutor(
@@ -210,12 +214,22 @@ class ExtractionEngine:
             self._check_expected_backbone(request.expect_backbone)
             mode = mode_from_proto(request.mode)
             ks = self._checked_ks(mode, request.ks)
-            codec = CodecConfig.from_proto(request.codec)
+            codec = self._codec_config(request.codec)
         except FailedPreconditionError as error:
             raise FailedPreconditionError(f"{where}: {error}") from None
         except InvalidArgumentError as error:
             raise InvalidArgumentError(f"{where}: {error}") from None
         return WorkItem(index=index, item_id=request.item_id, image=request.image, mode=mode, ks=ks, codec=codec)
+
+    def _codec_config(self, spec: feature_pb2.CodecSpec) -> CodecConfig:
+        """CodecConfig.from_proto, remembered per distinct spec (a stream repeats the same one for every image)."""
+        key = (spec.dtype, spec.compression, spec.zstd_level, spec.no_byte_shuffle)
+        config = self._codec_configs.get(key)
+        if config is None:
+            config = CodecConfig.from_proto(spec)  # raises for a bad spec: nothing is remembered then
+            if len(self._codec_configs) < _MAX_REMEMBERED_CODECS:
+                self._codec_configs[key] = config
+        return config
 
     def _check_expected_backbone(self, expected: feature_pb2.BackboneId) -> None:
         ours = self.backbone_id
@@ -278,25 +292,30 @@ class ExtractionEngine:
         return response
 
     def _cache_key(self, item: WorkItem, digest: str, k: int) -> CacheKey:
-        return cache_key(self._cache_id, digest, item.mode, k, item.codec.name)
+        # Built directly, not through cache_key(): every part comes from a validated item and a sha256 hex digest.
+        return CacheKey(self._cache_id, digest, item.mode, k, item.codec.name)
 
     # ---- one batch (a batch thread) ----------------------------------------------------------------------------
 
     def run_batch(self, jobs: list[Job]) -> list[ExtractResponse]:
         """Decode, forward and encode a batch; one answer per job, in order (per-item errors inside answers)."""
         answers: list[ExtractResponse | None] = [None] * len(jobs)
-        self._in_parallel(lambda i: self._decode(jobs[i], answers, i), range(len(jobs)))
+        image_bytes = sum(len(job.item.image) for job in jobs)
+        self._in_parallel(lambda i: self._decode(jobs[i], answers, i), range(len(jobs)), image_bytes)
         todo = [job for job, answer in zip(jobs, answers, strict=True) if answer is None]
         if todo:
             with self._forward_lock:
-                self.forward(todo)
+                feature_bytes = self.forward(todo)
             positions = [i for i, answer in enumerate(answers) if answer is None]
-            self._in_parallel(lambda i: self._encode(jobs[i], answers, i), positions)
+            self._in_parallel(lambda i: self._encode(jobs[i], answers, i), positions, feature_bytes)
         return answers  # type: ignore[return-value]  # every slot is filled by now
 
-    def _in_parallel(self, work: Callable[[int], None], positions: Sequence[int]) -> None:
-        """`work(i)` for every position, split over the CPU threads: one hand-off per thread, this one works too."""
-        parts = min(self._config.worker_threads, len(positions))
+    def _in_parallel(self, work: Callable[[int], None], positions: Sequence[int], work_bytes: int) -> None:
+        """`work(i)` for every position, split over the CPU threads: one hand-off per thread, this one works too.
+
+        Small batches stay on this thread: decoding a 32 px PNG or compressing a tiny model's features is mostly
+        Python holding the GIL, so a second thread adds hand-offs and GIL trades but no parallel work."""
+        parts = min(self._config.worker_threads, len(positions), 1 + work_bytes // _BYTES_PER_THREAD)
         if parts <= 1:
             for i in positions:
                 work(i)
@@ -327,13 +346,14 @@ class ExtractionEngine:
         if self.cache.enabled:
             self._metrics.cache_misses.inc()
 
-    def forward(self, jobs: Sequence[Job]) -> None:
-        """One forward pass per gather mode present, to the deepest k any image needs; fills each job's features.
+    def forward(self, jobs: Sequence[Job]) -> int:
+        """One forward pass per gather mode present, to the deepest k any image needs; fills each job's features and
+        returns how many bytes of features came to the host.
 
         The float work (normalising, quantizing) runs on the backbone's device; what comes back to the host is int8
         values and scales for images asking for an i8 codec, float32 for the others, one copy per k and kind.
         """
-        backbone = self._backbone
+        backbone, host_bytes = self._backbone, 0
         by_mode: dict[GatherModeName, list[Job]] = collections.defaultdict(list)
         for job in jobs:
             by_mode[job.item.mode].append(job)
@@ -344,10 +364,12 @@ class ExtractionEngine:
             with backbone.autocast():
                 gathered = gather(backbone.model, images, mode, ks)
             for k, tensor in gathered.items():
-                _to_host(tensor, [(row, job) for row, job in enumerate(group) if k in job.item.unique_ks], k)
+                wanting = [(row, job) for row, job in enumerate(group) if k in job.item.unique_ks]
+                host_bytes += _to_host(tensor, wanting, k)
             self._metrics.forward_passes.labels(mode).inc()
         for job in jobs:
             job.pixels = None  # the batch's memory goes as soon as it is no longer needed
+        return host_bytes
 
     def _encode(self, job: Job, answers: list[ExtractResponse | None], i: int) -> None:
         """A CPU thread: compress each distinct k once, store it in the cache, answer in request order."""
@@ -459,9 +481,10 @@ def _run_each(work: Callable[[int], None], positions: Sequence[int]) -> None:
         work(i)
 
 
-def _to_host(tensor: torch.Tensor, wanting: Sequence[tuple[int, Job]], k: int) -> None:
+def _to_host(tensor: torch.Tensor, wanting: Sequence[tuple[int, Job]], k: int) -> int:
     """Copy the rows of one k's batch tensor that jobs want to the host: quantized on the device for i8 codecs (one
-    copy of int8 values and one of scales), float32 for the others; each job gets its own row."""
+    copy of int8 values and one of scales), float32 for the others; each job gets its own row. Returns the bytes."""
+    copied = 0
     for quantize in (True, False):
         chosen = [(row, job) for row, job in wanting if (job.item.codec.dtype == "i8") == quantize]
         if not chosen:
@@ -470,9 +493,12 @@ def _to_host(tensor: torch.Tensor, wanting: Sequence[tuple[int, Job]], k: int) -
         if quantize:
             quantized, scales = quantize_rows_i8(rows)
             quantized_host, scales_host = quantized.cpu().numpy(), scales.cpu().numpy()
+            copied += quantized_host.nbytes + scales_host.nbytes
             for n, (_, job) in enumerate(chosen):
                 job.features[k] = HostFeatures(quantized=quantized_host[n], scales=scales_host[n])
         else:
             floats = rows.float().cpu().numpy()
+            copied += floats.nbytes
             for n, (_, job) in enumerate(chosen):
                 job.features[k] = HostFeatures(floats=floats[n])
+    return copied

@@ -18,13 +18,15 @@ image actually sent vs LST/LAST" is computed from them:
 
 Every metric is a plain Counter, Histogram or Gauge (each Gauge with its `multiprocess_mode`), so that with
 `--workers N` the supervisor's /metrics adds up the workers' values; the cache's figures are copied from
-FeatureCache.stats() after each answered image and at each scrape of a single process.
+FeatureCache.stats() after each answered image under --workers N, and at each scrape of a single process.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
@@ -53,6 +55,10 @@ class ExtractorMetrics:
         p = prefix
         self._cache: FeatureCache | None = None
         self._cache_lock = threading.Lock()
+        # Under --workers N (prometheus multiprocess mode) a scrape cannot reach a worker's cache, so each answered
+        # image copies the cache's stats; a single process copies them at each scrape only.
+        self._refresh_per_image = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        self._served_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}  # labelled children, per key
         self._evictions_seen = 0
         # Registered before the cache metrics, so a scrape refreshes them before it reads them.
         registry.register(_RefreshOnScrape(self.refresh_cache))
@@ -206,15 +212,25 @@ class ExtractorMetrics:
 
     def served(self, mode: str, codec: str, status: str, features: Iterable[feature_pb2.FeatureTensor] = ()) -> None:
         """One answered image: its status ('ok' or an error reason) and the features it carried."""
-        self.images_served.labels(mode, codec, status).inc()
+        key = (mode, codec, status)
+        children = self._served_children.get(key)
+        if children is None:  # labels() takes a lock and builds a tuple per call: once per key is enough
+            children = self._served_children[key] = (
+                self.images_served.labels(mode, codec, status),
+                self.feature_bytes_sent.labels(mode, codec),
+                self.feature_float32_bytes.labels(mode, codec),
+            )
+        images, bytes_sent, float32_bytes = children
+        images.inc()
         sent = stands_for = 0
         for feature in features:
             sent += encoded_nbytes(feature)
             stands_for += float32_nbytes(feature)
         if sent:
-            self.feature_bytes_sent.labels(mode, codec).inc(sent)
-            self.feature_float32_bytes.labels(mode, codec).inc(stands_for)
-        self.refresh_cache()
+            bytes_sent.inc(sent)
+            float32_bytes.inc(stands_for)
+        if self._refresh_per_image:
+            self.refresh_cache()
 
 
 class _RefreshOnScrape(Collector):

@@ -6,6 +6,7 @@ trusts nothing in the message: every field is checked and memory stays bounded b
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import threading
@@ -130,7 +131,7 @@ class CodecConfig:
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"bad codec name {text!r}: {exc}; expected {_VALID_NAMES}") from None
 
-    @property
+    @functools.cached_property  # read per image on the extractor's hot path (cache keys, metrics)
     def name(self) -> str:
         """The canonical name: `CodecConfig.parse(config.name) == config`."""
         parts = [self.dtype, self.compression]
