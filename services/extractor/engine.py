@@ -495,7 +495,8 @@ def _to_host(tensor: torch.Tensor, wanting: Sequence[tuple[int, Job]], k: int) -
             quantized_host, scales_host = quantized.cpu().numpy(), scales.cpu().numpy()
             copied += quantized_host.nbytes + scales_host.nbytes
             for n, (_, job) in enumerate(chosen):
-                job.features[k] = HostFeatures(quantized=quantized_host[n], scales=scales_host[n])
+                # [n, ...] keeps a 0-d array (not a numpy scalar) for one-vector modes such as cls
+                job.features[k] = HostFeatures(quantized=quantized_host[n, ...], scales=scales_host[n, ...])
         else:
             floats = rows.float().cpu().numpy()
             copied += floats.nbytes

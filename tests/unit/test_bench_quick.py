@@ -51,10 +51,19 @@ FAKE_ACCURACY = {
 }
 
 
+FAKE_SERVING = {
+    "rows": [],
+    "method": "free forward against an echo",
+    "targets": [{"name": "server CPU per image", "target": "<= 2.0 ms", "measured": "1.5 ms", "passed": True}],
+}
+
+
 @pytest.fixture()
 def fake_other_sections(monkeypatch: pytest.MonkeyPatch) -> None:
-    """accuracy returns rows; edge fails: the run must record the failure and carry on."""
+    """accuracy returns rows; edge fails: the run must record the failure and carry on. serving (run for real by
+    tests/unit/test_bench_serving.py) is a stand-in here, to keep this run short."""
     monkeypatch.setitem(sys.modules, "bench.accuracy", _fake_section("bench.accuracy", result=FAKE_ACCURACY))
+    monkeypatch.setitem(sys.modules, "bench.serving", _fake_section("bench.serving", result=FAKE_SERVING))
     monkeypatch.setitem(
         sys.modules, "bench.edge", _fake_section("bench.edge", error=RuntimeError("edge probe crashed on purpose"))
     )
@@ -71,7 +80,7 @@ def test_smoke_run_writes_every_key_with_measured_values(tmp_path: Path, fake_ot
     # Assert: one section failed (edge, on purpose), so the exit status says so, and everything else is there
     assert code == 1
     results = json.loads((tmp_path / "latest.json").read_text())
-    for key in ("transfer", "accuracy", "extractor", "edge", "link", "scaling", "date", "machine", "commit"):
+    for key in ("transfer", "accuracy", "extractor", "edge", "link", "scaling", "serving", "date", "machine", "commit"):
         assert key in results, key
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", results["date"])
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", results["commit"])
@@ -86,7 +95,7 @@ def test_smoke_run_writes_every_key_with_measured_values(tmp_path: Path, fake_ot
     assert "edge probe crashed on purpose" in results["details"]["edge"]["error"]
     # the 0.15 MiB transfer target is about ViT-B/16: not claimed for the micro ViT
     assert results["details"]["transfer"]["meta"]["paper_comparable"] is False
-    assert {t["section"] for t in results["targets"]} == {"accuracy", "extractor"}
+    assert {t["section"] for t in results["targets"]} == {"accuracy", "extractor", "serving"}
     report = (tmp_path / "REPORT.md").read_text()
     assert "## 1. Transfer per image" in report and "## 6. Scaling" in report
     assert "**Failed:** RuntimeError: edge probe crashed on purpose" in report
@@ -221,7 +230,7 @@ def test_unknown_section_name_is_a_usage_error(capsys: pytest.CaptureFixture[str
         run.main(["--only", "transfer,speed"])
     assert exit_info.value.code == 2
     assert (
-        "unknown section(s) speed; choose from transfer, accuracy, link, extractor, edge, scaling"
+        "unknown section(s) speed; choose from transfer, accuracy, link, extractor, edge, scaling, serving"
         in capsys.readouterr().err
     )
 
