@@ -8,7 +8,9 @@ inside its namespace and must start fast.
 from __future__ import annotations
 
 import os
+import signal
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -94,6 +96,22 @@ def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(dropped) and k.lower() not in proxies}
     env.update(HF_HUB_OFFLINE="1", TIMM_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     return env
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM (a server drains), SIGKILL after `grace_s`, then reap. Safe to call twice."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
+    """A SIGTERM handler: turn the signal into KeyboardInterrupt, so that `finally` blocks stop what was started."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # ---------------------------------------------------------------------------------------------- timed streams

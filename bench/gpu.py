@@ -42,6 +42,7 @@ from bench.common import (
     available_cpus,
     detect_device,
     device_description,
+    raise_interrupt,
     run_streams,
     summarize,
 )
@@ -691,10 +692,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] | None = None) -> int:
     args = _parse_args(argv)
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -705,7 +702,7 @@ def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] | None
     )
     args.out.mkdir(parents=True, exist_ok=True)
     say(f"bench.gpu: {kind} profile on {device}, {settings.backbone.display}, budget {settings.budget_s:g} s")
-    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)  # finally blocks stop servers on SIGTERM too
+    previous_handler = signal.signal(signal.SIGTERM, raise_interrupt)  # finally blocks stop servers on SIGTERM too
     try:
         results = run(settings, kind, device, say)
     except KeyboardInterrupt:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bench.common import PROFILES, ROOT, BenchSkipped, Profile, available_cpus
+from bench.common import PROFILES, ROOT, BenchSkipped, Profile, available_cpus, raise_interrupt
 from bench.report import write_report
 
 DEFAULT_OUT = ROOT / "bench" / "results"
@@ -313,16 +313,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] | None = None) -> int:
     args = _parse_args(argv)
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)  # finally blocks run on SIGTERM too
+    previous_handler = signal.signal(signal.SIGTERM, raise_interrupt)  # finally blocks run on SIGTERM too
     try:
         return _run(args, out_dir, say)
     except KeyboardInterrupt:

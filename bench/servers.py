@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from bench.common import ROOT, BackboneSpec, BenchError, Profile, child_env
+from bench.common import ROOT, BackboneSpec, BenchError, Profile, child_env, stop_process
 
 # "mist-extractor listening on HOST:PORT (metrics on HOST:PORT)" or "(metrics off)": the server's first log line.
 _LISTENING = re.compile(r"listening on (\S+):(\d+) \(metrics (?:on (\S+):(\d+)|off)\)")
@@ -120,13 +119,7 @@ class ServerProcess:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
+        stop_process(proc, grace_s)
         if self._reader is not None:
             self._reader.join(5)
 

@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from bench.common import ROOT, BenchError, child_env
+from bench.common import ROOT, BenchError, child_env, stop_process
 from services.common.pb import extractor_pb2, feature_pb2
 from services.extractor.transfer import synthetic_png_images
 
@@ -213,13 +212,7 @@ class _Child:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
+        stop_process(proc, grace_s)
         for stream in (proc.stdin, proc.stdout):
             if stream is not None:
                 stream.close()
