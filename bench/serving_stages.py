@@ -20,6 +20,7 @@ import torch
 from services.common.pb import extractor_pb2, feature_pb2
 from services.common.wire.codec import DEFAULT_CODEC, FeatureCodec, decode_feature
 from services.extractor.cache import FeatureCache, cache_key, image_sha256
+from services.extractor.config import ExtractorConfig
 from services.extractor.preprocess import ImagePreprocessor
 
 BATCH = 32  # the server's default --max-batch-size: normalize and quantize run per batch
@@ -55,7 +56,8 @@ def preprocessor_for(info: extractor_pb2.BackboneInfo) -> ImagePreprocessor:
             "std": tuple(config.std),
             "crop_pct": config.crop_pct,
             "crop_mode": config.crop_mode,
-        }
+        },
+        resize=ExtractorConfig.resize,  # the server runs with its defaults
     )
 
 

@@ -144,7 +144,7 @@ class ExtractionEngine:
             concurrent_batches,
             thread_name_prefix="mist-extractor-batch",
             initializer=_own_torch_threads,
-            initargs=(config.forward_threads,),
+            initargs=(1,),  # forward() raises it to --torch-threads around the forward itself
         )
         self._forward_lock = threading.Lock()  # one forward at a time on the device
         self._batcher: DynamicBatcher[Job, ExtractResponse] = DynamicBatcher(
@@ -305,9 +305,6 @@ class ExtractionEngine:
         todo = [job for job, answer in zip(jobs, answers, strict=True) if answer is None]
         if todo:
             with self._forward_lock:
-                # Again per batch: a CPU thread starting later sets torch's process-wide count to 1, which the
-                # forward's matrix products follow (measured: ViT-B/16 at half speed on 2 cores).
-                torch.set_num_threads(self._config.forward_threads)
                 feature_bytes = self.forward(todo)
             positions = [i for i, answer in enumerate(answers) if answer is None]
             self._in_parallel(lambda i: self._encode(jobs[i], answers, i), positions, feature_bytes)
@@ -364,8 +361,16 @@ class ExtractionEngine:
             pixels = torch.stack([job.pixels for job in group])  # type: ignore[misc]
             images = self._preprocessor.normalize(pixels.to(backbone.device, non_blocking=True))
             ks = sorted({k for job in group for k in job.item.unique_ks}) if mode == "mist" else []
-            with backbone.autocast():
-                gathered = gather(backbone.model, images, mode, ks)
+            # The forward's thread count only around the forward: set per batch, since a CPU thread starting later
+            # sets torch's process-wide count to 1, which the matrix products follow (measured: ViT-B/16 at half
+            # speed on 2 cores); and 1 again after it, since the small ops around it lose more to OpenMP's
+            # spinning teams than they gain (measured: 0.6 ms more CPU per image with a free forward).
+            torch.set_num_threads(self._config.forward_threads)
+            try:
+                with backbone.autocast():
+                    gathered = gather(backbone.model, images, mode, ks)
+            finally:
+                torch.set_num_threads(1)
             for k, tensor in gathered.items():
                 wanting = [(row, job) for row, job in enumerate(group) if k in job.item.unique_ks]
                 host_bytes += _to_host(tensor, wanting, k)
@@ -484,7 +489,7 @@ def _own_torch_threads(count: int) -> None:
 
     torch.set_num_threads sets the calling thread's OpenMP count and a process-wide value, and a thread's first
     parallel op re-reads the process-wide value (torch initialises each thread lazily): the op comes first, so that
-    the forward's later per-batch setting does not give the CPU threads its count too.
+    the forward's per-batch setting does not give the CPU threads its count too.
     """
     torch.ones(2).add_(1)  # this thread's lazy initialisation, from whatever the process-wide value is now
     torch.set_num_threads(count)
