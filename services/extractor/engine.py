@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
@@ -85,7 +86,7 @@ class WorkItem:
     ks: tuple[int, ...]  # mist: each requested k in request order (repeats kept); other modes: (0,)
     codec: CodecConfig  # how to encode the features
 
-    @property
+    @functools.cached_property  # read per k and per stage on the hot path
     def unique_ks(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys(self.ks))
 

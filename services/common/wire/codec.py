@@ -192,10 +192,7 @@ class FeatureCodec:
         k: int = 0,
     ) -> feature_pb2.FeatureTensor:
         """Encode a finite float array with 1 to 4 dims (e.g. [197, 768]) into one self-describing message."""
-        if not _is_integer(mode) or mode not in _GATHER_MODES:
-            raise InvalidArgumentError(f"unknown gather mode {mode!r}: expected one of {sorted(_GATHER_MODES)}")
-        if not _is_integer(k) or not 0 <= k < 2**32:
-            raise InvalidArgumentError(f"k must be an integer in 0..2**32-1, got {k!r}")
+        _check_mode_and_k(mode, k)
         values = _validated_input(array)
         plain, scales = _to_stored(values, self._config.dtype)
         msg = feature_pb2.FeatureTensor(
@@ -233,10 +230,7 @@ class FeatureCodec:
         """
         if self._config.dtype != "i8":
             raise InvalidArgumentError(f"encode_quantized needs an i8 codec, this one is {self._config.name}")
-        if not _is_integer(mode) or mode not in _GATHER_MODES:
-            raise InvalidArgumentError(f"unknown gather mode {mode!r}: expected one of {sorted(_GATHER_MODES)}")
-        if not _is_integer(k) or not 0 <= k < 2**32:
-            raise InvalidArgumentError(f"k must be an integer in 0..2**32-1, got {k!r}")
+        _check_mode_and_k(mode, k)
         plain, row_scales = _validated_quantized(quantized, scales)
         msg = feature_pb2.FeatureTensor(
             shape=plain.shape,
@@ -302,6 +296,13 @@ def _describe(value: object) -> str:
     if isinstance(value, np.ndarray):
         return f"{value.dtype} array of shape {list(value.shape)}"
     return type(value).__name__
+
+
+def _check_mode_and_k(mode: int, k: int) -> None:
+    if not _is_integer(mode) or mode not in _GATHER_MODES:
+        raise InvalidArgumentError(f"unknown gather mode {mode!r}: expected one of {sorted(_GATHER_MODES)}")
+    if not _is_integer(k) or not 0 <= k < 2**32:
+        raise InvalidArgumentError(f"k must be an integer in 0..2**32-1, got {k!r}")
 
 
 def _validated_input(array: np.ndarray) -> np.ndarray:
