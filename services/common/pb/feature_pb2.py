@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mist/v1/feature.proto\x12\x07mist.v1\"\x82\x01\n\tCodecSpec\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.mist.v1.DType\x12)\n\x0b\x63ompression\x18\x02 \x01(\x0e\x32\x14.mist.v1.Compression\x12\x12\n\nzstd_level\x18\x03 \x01(\x05\x12\x17\n\x0fno_byte_shuffle\x18\x04 \x01(\x08\"7\n\nBackboneId\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x02 \x01(\t\"\x83\x02\n\rFeatureTensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x1d\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0e.mist.v1.DType\x12)\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x14.mist.v1.Compression\x12\x14\n\x0c\x62yte_shuffle\x18\x04 \x01(\x08\x12\x0e\n\x06scales\x18\x05 \x03(\x02\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x07 \x01(\r\x12%\n\x08\x62\x61\x63kbone\x18\x08 \x01(\x0b\x32\x13.mist.v1.BackboneId\x12!\n\x04mode\x18\t \x01(\x0e\x32\x13.mist.v1.GatherMode\x12\t\n\x01k\x18\n \x01(\r\":\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x88\x01\n\x11\x45\x64geNetworkConfig\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\r\n\x05heads\x18\x03 \x01(\r\x12\x0f\n\x07pooling\x18\x04 \x01(\t\x12\x0c\n\x04\x64ims\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x01(\r\x12\x13\n\x0bnum_classes\x18\x07 \x01(\r*\x98\x01\n\nGatherMode\x12\x1b\n\x17GATHER_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10GATHER_MODE_MIST\x10\x01\x12\x13\n\x0fGATHER_MODE_LST\x10\x02\x12\x14\n\x10GATHER_MODE_LAST\x10\x03\x12\x17\n\x13GATHER_MODE_PARTIAL\x10\x04\x12\x13\n\x0fGATHER_MODE_CLS\x10\x05*Z\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0e\n\nDTYPE_BF16\x10\x03\x12\x0c\n\x08\x44TYPE_I8\x10\x04*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mist/v1/feature.proto\x12\x07mist.v1\"\x82\x01\n\tCodecSpec\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.mist.v1.DType\x12)\n\x0b\x63ompression\x18\x02 \x01(\x0e\x32\x14.mist.v1.Compression\x12\x12\n\nzstd_level\x18\x03 \x01(\x05\x12\x17\n\x0fno_byte_shuffle\x18\x04 \x01(\x08\"7\n\nBackboneId\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x02 \x01(\t\"\xc8\x02\n\rFeatureTensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x1d\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0e.mist.v1.DType\x12)\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x14.mist.v1.Compression\x12\x14\n\x0c\x62yte_shuffle\x18\x04 \x01(\x08\x12\x0e\n\x06scales\x18\x05 \x03(\x02\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x07 \x01(\r\x12%\n\x08\x62\x61\x63kbone\x18\x08 \x01(\x0b\x32\x13.mist.v1.BackboneId\x12!\n\x04mode\x18\t \x01(\x0e\x32\x13.mist.v1.GatherMode\x12\t\n\x01k\x18\n \x01(\r\x12\x12\n\ngroup_size\x18\x0b \x01(\r\x12\x17\n\x0foutlier_columns\x18\x0c \x03(\r\x12\x16\n\x0eoutlier_scales\x18\r \x03(\x02\":\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x88\x01\n\x11\x45\x64geNetworkConfig\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\r\n\x05heads\x18\x03 \x01(\r\x12\x0f\n\x07pooling\x18\x04 \x01(\t\x12\x0c\n\x04\x64ims\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x01(\r\x12\x13\n\x0bnum_classes\x18\x07 \x01(\r*\x98\x01\n\nGatherMode\x12\x1b\n\x17GATHER_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10GATHER_MODE_MIST\x10\x01\x12\x13\n\x0fGATHER_MODE_LST\x10\x02\x12\x14\n\x10GATHER_MODE_LAST\x10\x03\x12\x17\n\x13GATHER_MODE_PARTIAL\x10\x04\x12\x13\n\x0fGATHER_MODE_CLS\x10\x05*w\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0e\n\nDTYPE_BF16\x10\x03\x12\x0c\n\x08\x44TYPE_I8\x10\x04\x12\r\n\tDTYPE_I8O\x10\x05\x12\x0c\n\x08\x44TYPE_I4\x10\x06*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mist.v1.feature_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GATHERMODE']._serialized_start=686
-  _globals['_GATHERMODE']._serialized_end=838
-  _globals['_DTYPE']._serialized_start=840
-  _globals['_DTYPE']._serialized_end=930
-  _globals['_COMPRESSION']._serialized_start=932
-  _globals['_COMPRESSION']._serialized_end=1018
+  _globals['_GATHERMODE']._serialized_start=755
+  _globals['_GATHERMODE']._serialized_end=907
+  _globals['_DTYPE']._serialized_start=909
+  _globals['_DTYPE']._serialized_end=1028
+  _globals['_COMPRESSION']._serialized_start=1030
+  _globals['_COMPRESSION']._serialized_end=1116
   _globals['_CODECSPEC']._serialized_start=35
   _globals['_CODECSPEC']._serialized_end=165
   _globals['_BACKBONEID']._serialized_start=167
   _globals['_BACKBONEID']._serialized_end=222
   _globals['_FEATURETENSOR']._serialized_start=225
-  _globals['_FEATURETENSOR']._serialized_end=484
-  _globals['_ITEMERROR']._serialized_start=486
-  _globals['_ITEMERROR']._serialized_end=544
-  _globals['_EDGENETWORKCONFIG']._serialized_start=547
-  _globals['_EDGENETWORKCONFIG']._serialized_end=683
+  _globals['_FEATURETENSOR']._serialized_end=553
+  _globals['_ITEMERROR']._serialized_start=555
+  _globals['_ITEMERROR']._serialized_end=613
+  _globals['_EDGENETWORKCONFIG']._serialized_start=616
+  _globals['_EDGENETWORKCONFIG']._serialized_end=752
 # @@protoc_insertion_point(module_scope)

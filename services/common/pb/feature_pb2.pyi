@@ -24,6 +24,8 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_F16: _ClassVar[DType]
     DTYPE_BF16: _ClassVar[DType]
     DTYPE_I8: _ClassVar[DType]
+    DTYPE_I8O: _ClassVar[DType]
+    DTYPE_I4: _ClassVar[DType]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -41,6 +43,8 @@ DTYPE_F32: DType
 DTYPE_F16: DType
 DTYPE_BF16: DType
 DTYPE_I8: DType
+DTYPE_I8O: DType
+DTYPE_I4: DType
 COMPRESSION_UNSPECIFIED: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
@@ -66,7 +70,7 @@ class BackboneId(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ...) -> None: ...
 
 class FeatureTensor(_message.Message):
-    __slots__ = ("shape", "dtype", "compression", "byte_shuffle", "scales", "payload", "crc32", "backbone", "mode", "k")
+    __slots__ = ("shape", "dtype", "compression", "byte_shuffle", "scales", "payload", "crc32", "backbone", "mode", "k", "group_size", "outlier_columns", "outlier_scales")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +81,9 @@ class FeatureTensor(_message.Message):
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_SCALES_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
     compression: Compression
@@ -87,7 +94,10 @@ class FeatureTensor(_message.Message):
     backbone: BackboneId
     mode: GatherMode
     k: int
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., byte_shuffle: _Optional[bool] = ..., scales: _Optional[_Iterable[float]] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ..., backbone: _Optional[_Union[BackboneId, _Mapping]] = ..., mode: _Optional[_Union[GatherMode, str]] = ..., k: _Optional[int] = ...) -> None: ...
+    group_size: int
+    outlier_columns: _containers.RepeatedScalarFieldContainer[int]
+    outlier_scales: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., byte_shuffle: _Optional[bool] = ..., scales: _Optional[_Iterable[float]] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ..., backbone: _Optional[_Union[BackboneId, _Mapping]] = ..., mode: _Optional[_Union[GatherMode, str]] = ..., k: _Optional[int] = ..., group_size: _Optional[int] = ..., outlier_columns: _Optional[_Iterable[int]] = ..., outlier_scales: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "reason", "message")

@@ -1,7 +1,8 @@
 """Wire codec for gathered features: a float array <-> one `feature_pb2.FeatureTensor` message.
 
-The extractor encodes (f32 / f16 / bf16 / per-row i8, byte shuffle, zstd); the edge tuner decodes. Decoding
-trusts nothing in the message: every field is checked and memory stays bounded by the declared shape.
+The extractor encodes (f32 / f16 / bf16 / per-row i8 / i8 with outlier columns / 4-bit per group, byte shuffle,
+zstd); the edge tuner decodes. Decoding trusts nothing in the message: every field is checked and memory stays
+bounded by the declared shape. Layouts: docs/reference/wire-format.md.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import zstandard
 from services.common.errors import DataLossError, InvalidArgumentError
 from services.common.pb import feature_pb2
 
-DTypeName = Literal["f32", "f16", "bf16", "i8"]
+DTypeName = Literal["f32", "f16", "bf16", "i8", "i8o", "i4"]
 CompressionName = Literal["none", "zstd"]
 DTYPES: tuple[DTypeName, ...] = get_args(DTypeName)
 COMPRESSIONS: tuple[CompressionName, ...] = get_args(CompressionName)
+# The default element type, also for a CodecSpec that leaves dtype unset: per-row int8 that stays accurate on the
+# outlier channels and massive activations of pretrained ViTs (docs/explanation/transfer.md, "Codec choice").
+DEFAULT_DTYPE: DTypeName = "i8o"
 
 # zstd's own default. Features gain from entropy coding, not matches: levels 9 and 19 shrink i8/f16 features by
 # under 1 % (measured) at 2x and 100x the CPU.
@@ -44,7 +48,25 @@ _F16_OVERFLOW = 65520.0  # halfway to the next power of two: from here on, round
 _I8_MAX = 127
 # Rows whose max |x| is below this are stored as zeros: a smaller scale (max / 127) would be subnormal in
 # float32 and its reciprocal would overflow. The absolute error of such a row is below 1.5e-36.
-_I8_MIN_ROW_MAX = float(np.finfo(np.float32).tiny) * _I8_MAX
+_F32_TINY = float(np.finfo(np.float32).tiny)
+_I8_MIN_ROW_MAX = _F32_TINY * _I8_MAX
+# Outlier columns (i8o, i4): a column of the last dim is carried apart, as int16 with its own float32 scale, when
+# one of its values exceeds this many times the mean |x| of that value's row. Pretrained ViTs have a few channels
+# 20-100x the rest in every token and rare single activations far beyond that; Gaussian-like features never reach
+# 12x their row's mean |x| (about 10 sigma), so on them no column is flagged and i8o is exactly i8.
+OUTLIER_RATIO = 12.0
+# At most 1/16 of the columns are carried apart (the most extreme ones): a bound on the bytes they can add.
+OUTLIER_COLUMN_SHARE = 16
+_I16_MAX = 32767
+_I16_MIN_COLUMN_MAX = float(np.finfo(np.float32).tiny) * _I16_MAX
+# i4: symmetric levels -7..7 stored as the nibble q + 8 (so nibble 0 is never written), one bfloat16 scale per
+# group of I4_GROUP_SIZE values along the last dim (rounded up, so no value clips), two values per byte.
+_I4_MAX = 7
+I4_GROUP_SIZE = 32
+_I4_MIN_GROUP_MAX = float(np.finfo(np.float32).tiny) * _I4_MAX
+_QUANTIZED_DTYPES = frozenset({"i8", "i8o", "i4"})  # one byte or less per element: no byte shuffle
+_OUTLIER_DTYPES = frozenset({"i8o", "i4"})
+_ROW_SCALED_DTYPES = frozenset({"i8", "i8o"})  # one float32 scale per row in `scales`
 
 # How each dtype's elements are stored in the (decompressed, unshuffled) payload: little-endian always.
 _STORED_NUMPY_DTYPE: dict[DTypeName, np.dtype] = {
@@ -52,6 +74,8 @@ _STORED_NUMPY_DTYPE: dict[DTypeName, np.dtype] = {
     "f16": np.dtype("<f2"),
     "bf16": np.dtype("<u2"),  # numpy has no bfloat16: the raw upper 16 bits of a float32
     "i8": np.dtype("i1"),
+    "i8o": np.dtype("i1"),  # then the outlier columns as <i2, column after column
+    "i4": np.dtype("u1"),  # bfloat16 group scales, then packed nibbles, then the outlier columns as <i2
 }
 # Unsigned little-endian words of each element size, for byte shuffling by shifts.
 _WORD_DTYPE: dict[int, np.dtype] = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
@@ -63,11 +87,11 @@ _COMPRESSION_TO_PROTO: dict[CompressionName, int] = {
 _COMPRESSION_FROM_PROTO: dict[int, CompressionName] = {value: name for name, value in _COMPRESSION_TO_PROTO.items()}
 _GATHER_MODES = frozenset(feature_pb2.GatherMode.values())
 
-_NAME_PATTERN = re.compile(r"^(f32|f16|bf16|i8)(?:-(none|zstd)(?:-(\d{1,2}))?)?(-noshuffle)?$")
+_NAME_PATTERN = re.compile(r"^(f32|f16|bf16|i8o|i8|i4)(?:-(none|zstd)(?:-(\d{1,2}))?)?(-noshuffle)?$")
 _VALID_NAMES = (
-    '"<dtype>[-<compression>[-<level>]][-noshuffle]" with dtype f32|f16|bf16|i8, compression none|zstd '
+    '"<dtype>[-<compression>[-<level>]][-noshuffle]" with dtype f32|f16|bf16|i8|i8o|i4, compression none|zstd '
     f"(default zstd), level {MIN_ZSTD_LEVEL}..{MAX_ZSTD_LEVEL} (zstd only, default {DEFAULT_ZSTD_LEVEL}); "
-    'e.g. "i8-zstd", "f16-zstd-9", "f32-none", "f16", "bf16-zstd-noshuffle"'
+    'e.g. "i8o-zstd", "i4-zstd", "f16-zstd-9", "f32-none", "f16", "bf16-zstd-noshuffle"'
 )
 
 
@@ -83,11 +107,22 @@ class FeatureDecodeError(DataLossError):
         self.field = field
 
 
+class UnsupportedFeatureError(InvalidArgumentError):
+    """A FeatureTensor in a dtype this decoder does not know (a newer encoder's): INVALID_ARGUMENT, not DATA_LOSS.
+
+    Nothing in such a message can be checked or read, so it is refused before its payload is touched.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"unsupported FeatureTensor: {field}: {problem}")
+        self.field = field
+
+
 @dataclass(frozen=True)
 class CodecConfig:
     """How features are encoded. Settings that do nothing are normalised so equal encodings compare equal."""
 
-    dtype: DTypeName = "i8"  # element type on the wire; i8 = int8 with one float32 scale per row
+    dtype: DTypeName = DEFAULT_DTYPE  # element type on the wire; i8o = per-row int8 plus int16 outlier columns
     compression: CompressionName = "zstd"  # zstd or none (none only makes sense on a fast local link)
     zstd_level: int = DEFAULT_ZSTD_LEVEL  # 1..22; reset to the default when compression is none
     byte_shuffle: bool = True  # group float bytes by significance before zstd; False for i8 and for none
@@ -105,7 +140,7 @@ class CodecConfig:
                 f"zstd level must be an integer in {MIN_ZSTD_LEVEL}..{MAX_ZSTD_LEVEL}, got {level!r}"
             )
         # Shuffling 1-byte elements is the identity and shuffling without compression buys nothing.
-        if self.dtype == "i8" or self.compression == "none":
+        if self.dtype in _QUANTIZED_DTYPES or self.compression == "none":
             object.__setattr__(self, "byte_shuffle", False)
         if self.compression == "none":
             object.__setattr__(self, "zstd_level", DEFAULT_ZSTD_LEVEL)
@@ -137,14 +172,14 @@ class CodecConfig:
         parts = [self.dtype, self.compression]
         if self.compression == "zstd" and self.zstd_level != DEFAULT_ZSTD_LEVEL:
             parts.append(str(self.zstd_level))
-        if self.compression == "zstd" and self.dtype != "i8" and not self.byte_shuffle:
+        if self.compression == "zstd" and self.dtype not in _QUANTIZED_DTYPES and not self.byte_shuffle:
             parts.append("noshuffle")
         return "-".join(parts)
 
     @classmethod
     def from_proto(cls, spec: feature_pb2.CodecSpec) -> CodecConfig:
-        """Server-side view of a client's CodecSpec: unset fields take the defaults (i8, zstd, level 3)."""
-        dtype = "i8" if spec.dtype == feature_pb2.DTYPE_UNSPECIFIED else _DTYPE_FROM_PROTO.get(spec.dtype)
+        """Server-side view of a client's CodecSpec: unset fields take the defaults (i8o, zstd, level 3)."""
+        dtype = DEFAULT_DTYPE if spec.dtype == feature_pb2.DTYPE_UNSPECIFIED else _DTYPE_FROM_PROTO.get(spec.dtype)
         if dtype is None:
             raise InvalidArgumentError(f"unknown CodecSpec.dtype enum value {spec.dtype}")
         compression = (
@@ -159,7 +194,7 @@ class CodecConfig:
 
     def to_proto(self) -> feature_pb2.CodecSpec:
         """The explicit CodecSpec for this config (no_byte_shuffle only where shuffling applies)."""
-        shuffle_applies = self.dtype != "i8" and self.compression == "zstd"
+        shuffle_applies = self.dtype not in _QUANTIZED_DTYPES and self.compression == "zstd"
         return feature_pb2.CodecSpec(
             dtype=_DTYPE_TO_PROTO[self.dtype],
             compression=_COMPRESSION_TO_PROTO[self.compression],
@@ -170,7 +205,21 @@ class CodecConfig:
 
 DEFAULT_CODEC = CodecConfig()
 # The codecs the benchmark compares, by canonical name.
-ALL_CODECS: tuple[str, ...] = ("f32-none", "f32-zstd", "f16-none", "f16-zstd", "bf16-zstd", "i8-none", "i8-zstd")
+ALL_CODECS: tuple[str, ...] = (
+    "f32-none", "f32-zstd", "f16-none", "f16-zstd", "bf16-zstd", "i8-none", "i8-zstd", "i8o-zstd", "i4-zstd",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What an encoder puts in a message besides the header: the payload before shuffling and compression
+    (1-D or typed elements), and the dtype-specific side fields."""
+
+    plain: np.ndarray  # elements in their stored little-endian type (i8o, i4: the whole payload as uint8)
+    scales: np.ndarray | None = None  # i8, i8o: float32 per row
+    outlier_columns: np.ndarray | None = None  # i8o, i4: uint32, increasing
+    outlier_scales: np.ndarray | None = None  # i8o, i4: float32 per outlier column
+    group_size: int = 0  # i4: values per scale along the last dim
 
 
 class FeatureCodec:
@@ -194,55 +243,70 @@ class FeatureCodec:
         """Encode a finite float array with 1 to 4 dims (e.g. [197, 768]) into one self-describing message."""
         _check_mode_and_k(mode, k)
         values = _validated_input(array)
-        plain, scales = _to_stored(values, self._config.dtype)
-        msg = feature_pb2.FeatureTensor(
-            shape=values.shape,
-            dtype=_DTYPE_TO_PROTO[self._config.dtype],
-            compression=_COMPRESSION_TO_PROTO[self._config.compression],
-            byte_shuffle=self._config.byte_shuffle,
-            crc32=_checksum(plain, scales),
-            mode=int(mode),
-            k=int(k),
-        )
-        if scales is not None:
-            msg.scales.extend(scales.tolist())
-        body = _shuffled(plain) if self._config.byte_shuffle else plain
-        msg.payload = self._compress(body) if self._config.compression == "zstd" else body.tobytes()
-        if backbone is not None:
-            msg.backbone.CopyFrom(backbone)
-        return msg
+        return self._message(values.shape, _to_stored(values, self._config.dtype), backbone, mode, k)
 
     def encode_quantized(
         self,
         quantized: np.ndarray,
         scales: np.ndarray,
         *,
+        outlier_columns: np.ndarray | None = None,
+        outlier_values: np.ndarray | None = None,
         backbone: feature_pb2.BackboneId | None = None,
         mode: int = feature_pb2.GATHER_MODE_MIST,
         k: int = 0,
     ) -> feature_pb2.FeatureTensor:
         """Encode features already quantized to int8 elsewhere (the extractor does it on the backbone's device).
 
-        `quantized` is int8 with 1 to 4 dims, `scales` float32 with one value per row (the product of all dims but
-        the last), exactly what `quantize_i8` returns: the message is byte-identical to `encode` of the floats.
-        Only for an i8 codec; the values are checked (range, finite non-negative scales) since a bad quantizer
-        would otherwise put a tensor on the wire that decoders reject.
+        For i8: `quantized` is int8 with 1 to 4 dims, `scales` float32 with one value per row (the product of all
+        dims but the last), exactly what `quantize_i8` returns. For i8o, also `outlier_columns` (integer indices
+        into the last dim, increasing, as `find_outlier_columns` returns) and `outlier_values` (float32, the
+        original values of those columns, shape [rows, columns]), with `quantized` and `scales` computed with
+        those columns set to zero. The message is byte-identical to `encode` of the floats when the columns are
+        the ones `encode` finds. Only for i8 and i8o codecs; the values are checked (range, finite non-negative
+        scales, zeros in the outlier columns) since a bad quantizer would otherwise put a tensor on the wire that
+        decoders reject.
         """
-        if self._config.dtype != "i8":
-            raise InvalidArgumentError(f"encode_quantized needs an i8 codec, this one is {self._config.name}")
+        dtype = self._config.dtype
+        if dtype not in _ROW_SCALED_DTYPES:
+            raise InvalidArgumentError(f"encode_quantized needs an i8 or i8o codec, this one is {self._config.name}")
         _check_mode_and_k(mode, k)
         plain, row_scales = _validated_quantized(quantized, scales)
+        if dtype == "i8":
+            if outlier_columns is not None or outlier_values is not None:
+                raise InvalidArgumentError("outlier columns are an i8o feature; this codec is i8")
+            stored = _Stored(plain, row_scales)
+        else:
+            columns, values = _validated_outliers(plain, outlier_columns, outlier_values)
+            stored = _i8o_stored(plain, row_scales, columns, values)
+        return self._message(plain.shape, stored, backbone, mode, k)
+
+    def _message(
+        self,
+        shape: tuple[int, ...],
+        stored: _Stored,
+        backbone: feature_pb2.BackboneId | None,
+        mode: int,
+        k: int,
+    ) -> feature_pb2.FeatureTensor:
+        config = self._config
         msg = feature_pb2.FeatureTensor(
-            shape=plain.shape,
-            dtype=_DTYPE_TO_PROTO["i8"],
-            compression=_COMPRESSION_TO_PROTO[self._config.compression],
-            byte_shuffle=False,
-            crc32=_checksum(plain, row_scales),
+            shape=shape,
+            dtype=_DTYPE_TO_PROTO[config.dtype],
+            compression=_COMPRESSION_TO_PROTO[config.compression],
+            byte_shuffle=config.byte_shuffle,
+            crc32=_checksum(stored.plain, stored.scales, stored.outlier_columns, stored.outlier_scales),
             mode=int(mode),
             k=int(k),
-            scales=row_scales.tolist(),
+            group_size=stored.group_size,
         )
-        msg.payload = self._compress(plain) if self._config.compression == "zstd" else plain.tobytes()
+        if stored.scales is not None:
+            msg.scales.extend(stored.scales.tolist())
+        if stored.outlier_columns is not None and len(stored.outlier_columns):
+            msg.outlier_columns.extend(stored.outlier_columns.tolist())
+            msg.outlier_scales.extend(stored.outlier_scales.tolist())
+        body = _shuffled(stored.plain) if config.byte_shuffle else stored.plain
+        msg.payload = self._compress(body) if config.compression == "zstd" else body.tobytes()
         if backbone is not None:
             msg.backbone.CopyFrom(backbone)
         return msg
@@ -271,6 +335,33 @@ def quantize_i8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _quantize_i8(_validated_input(values))
 
 
+def find_outlier_columns(values: np.ndarray) -> np.ndarray:
+    """The columns (indices into the last dim, uint32, increasing) that i8o and i4 carry apart as int16.
+
+    A column is an outlier column when one of its values exceeds OUTLIER_RATIO (12) times the mean |x| of that
+    value's row; at most `dims // OUTLIER_COLUMN_SHARE` columns are taken, those with the largest ratio.
+    """
+    rows = _validated_input(values)
+    return _outlier_columns(rows.reshape(-1, rows.shape[-1]))
+
+
+def _outlier_columns(rows: np.ndarray) -> np.ndarray:
+    cap = rows.shape[1] // OUTLIER_COLUMN_SHARE
+    if cap == 0:
+        return np.empty(0, dtype=np.uint32)
+    magnitude = np.abs(rows)
+    row_mean = magnitude.mean(axis=1, dtype=np.float32)
+    # Rows whose mean is below float32's smallest normal count as all-zero (1 / mean would overflow); a ratio is
+    # at most `dims` (the max of a row is at most its sum), so it stays finite.
+    inverse = np.divide(np.float32(1), row_mean, out=np.zeros_like(row_mean), where=row_mean >= _F32_TINY)
+    magnitude *= inverse[:, None]
+    ratio = magnitude.max(axis=0)
+    columns = np.flatnonzero(ratio > np.float32(OUTLIER_RATIO))
+    if len(columns) > cap:
+        columns = np.sort(columns[np.argsort(-ratio[columns], kind="stable")[:cap]])
+    return columns.astype(np.uint32)
+
+
 def _validated_quantized(quantized: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(quantized, np.ndarray) or quantized.dtype != np.int8:
         raise InvalidArgumentError(f"quantized features must be an int8 numpy array, got {_describe(quantized)}")
@@ -290,6 +381,32 @@ def _validated_quantized(quantized: np.ndarray, scales: np.ndarray) -> tuple[np.
     if int(plain.min()) < -_I8_MAX:
         raise InvalidArgumentError(f"quantized values must lie in [-{_I8_MAX}, {_I8_MAX}]; found -128")
     return plain, row_scales
+
+
+def _validated_outliers(
+    plain: np.ndarray, columns: np.ndarray | None, values: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uint32 columns, float32 [rows, columns] values) for encode_quantized's i8o input, checked."""
+    dims, rows = plain.shape[-1], plain.size // plain.shape[-1]
+    if columns is None and values is None:
+        return np.empty(0, dtype=np.uint32), np.empty((rows, 0), dtype=np.float32)
+    if not isinstance(columns, np.ndarray) or columns.ndim != 1 or columns.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"outlier_columns must be a 1-D integer numpy array, got {_describe(columns)}")
+    if len(columns) > dims // OUTLIER_COLUMN_SHARE:
+        raise InvalidArgumentError(
+            f"at most {dims // OUTLIER_COLUMN_SHARE} outlier columns for {dims} dims, got {len(columns)}"
+        )
+    if len(columns) and (int(columns[0]) < 0 or int(columns[-1]) >= dims or (np.diff(columns) <= 0).any()):
+        raise InvalidArgumentError(f"outlier_columns must be increasing indices in 0..{dims - 1}")
+    if not isinstance(values, np.ndarray) or values.dtype != np.float32 or values.shape != (rows, len(columns)):
+        raise InvalidArgumentError(
+            f"outlier_values must be a float32 numpy array of shape [{rows}, {len(columns)}], got {_describe(values)}"
+        )
+    if not np.isfinite(values).all():
+        raise InvalidArgumentError("outlier_values hold NaN or Inf")
+    if len(columns) and plain.reshape(rows, dims)[:, columns].any():
+        raise InvalidArgumentError("quantized values must be 0 in the outlier columns")
+    return columns.astype(np.uint32), values
 
 
 def _describe(value: object) -> str:
@@ -327,21 +444,81 @@ def _validated_input(array: np.ndarray) -> np.ndarray:
     return values
 
 
-def _to_stored(values: np.ndarray, dtype: DTypeName) -> tuple[np.ndarray, np.ndarray | None]:
-    """(elements in their stored little-endian type, per-row scales for i8 else None)."""
+def _to_stored(values: np.ndarray, dtype: DTypeName) -> _Stored:
+    """The elements in their stored little-endian type and the dtype's side fields."""
     if dtype == "f32":
-        return values, None
+        return _Stored(values)
     if dtype == "f16":
         # |x| >= 65520 rounds to inf in float16; checking the float32 extremes is 20x cheaper than isinf on halves.
         biggest = max(float(values.max()), -float(values.min()))
         if biggest >= _F16_OVERFLOW:
             raise InvalidArgumentError(
-                f"features reach |x| = {biggest:.6g}, beyond float16's range (±{F16_MAX:g}): use bf16 or i8"
+                f"features reach |x| = {biggest:.6g}, beyond float16's range (±{F16_MAX:g}): use bf16 or i8o"
             )
-        return values.astype("<f2"), None
+        return _Stored(values.astype("<f2"))
     if dtype == "bf16":
-        return _float32_to_bf16_bits(values), None
-    return _quantize_i8(values)
+        return _Stored(_float32_to_bf16_bits(values))
+    if dtype == "i8":
+        return _Stored(*_quantize_i8(values))
+    rows = values.reshape(-1, values.shape[-1])
+    columns = _outlier_columns(rows)
+    outliers = rows[:, columns]
+    if len(columns):
+        rows = rows.copy()
+        rows[:, columns] = 0
+    if dtype == "i8o":
+        quantized, scales = _quantize_i8(rows)
+        return _i8o_stored(quantized, scales, columns, outliers)
+    return _i4_stored(rows, columns, outliers)
+
+
+def _i8o_stored(quantized: np.ndarray, scales: np.ndarray, columns: np.ndarray, outliers: np.ndarray) -> _Stored:
+    """i8o payload: the int8 elements (zeros in the outlier columns), then the outlier columns as int16."""
+    column_values, column_scales = _quantize_columns_i16(outliers)
+    plain = np.concatenate([quantized.reshape(-1).view(np.uint8), column_values.reshape(-1).view(np.uint8)])
+    return _Stored(plain, scales, columns, column_scales)
+
+
+def _i4_stored(rows: np.ndarray, columns: np.ndarray, outliers: np.ndarray) -> _Stored:
+    """i4 payload: bfloat16 group scales, then the nibbles, two per byte (even index low), then int16 outliers."""
+    count, dims = rows.shape
+    groups = -(-dims // I4_GROUP_SIZE)
+    padded = np.zeros((count, groups * I4_GROUP_SIZE), dtype=np.float32)
+    padded[:, :dims] = rows
+    grouped = padded.reshape(count, groups, I4_GROUP_SIZE)
+    group_max = np.maximum(grouped.max(axis=2), -grouped.min(axis=2))
+    exact = np.where(group_max >= _I4_MIN_GROUP_MAX, group_max / np.float32(_I4_MAX), np.float32(0))
+    scale_bits = _float32_to_bf16_bits_up(exact.astype(np.float32))
+    scales = (scale_bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    inverse = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=scales > 0)
+    quantized = np.rint(grouped * inverse[:, :, None])
+    np.clip(quantized, -_I4_MAX, _I4_MAX, out=quantized)
+    nibbles = (quantized.reshape(count, -1)[:, :dims].astype(np.int8) + np.int8(8)).astype(np.uint8).reshape(-1)
+    if len(nibbles) % 2:
+        nibbles = np.append(nibbles, np.uint8(0))  # the pad nibble: always 0
+    packed = nibbles[0::2] | (nibbles[1::2] << np.uint8(4))
+    column_values, column_scales = _quantize_columns_i16(outliers)
+    plain = np.concatenate([scale_bits.reshape(-1).view(np.uint8), packed, column_values.reshape(-1).view(np.uint8)])
+    return _Stored(plain, None, columns, column_scales, I4_GROUP_SIZE)
+
+
+def _quantize_columns_i16(outliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-column int16 of [rows, columns] floats: (<i2 values column after column, float32 scales)."""
+    column_max = np.abs(outliers).max(axis=0) if outliers.size else np.empty(0, dtype=np.float32)
+    scales = np.where(column_max >= _I16_MIN_COLUMN_MAX, column_max / np.float32(_I16_MAX), np.float32(0))
+    scales = scales.astype(np.float32)
+    inverse = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=scales > 0)
+    quantized = np.rint(outliers.T * inverse[:, None])
+    np.clip(quantized, -_I16_MAX, _I16_MAX, out=quantized)
+    return np.ascontiguousarray(quantized, dtype="<i2"), scales
+
+
+def _float32_to_bf16_bits_up(values: np.ndarray) -> np.ndarray:
+    """The upper 16 bits of each finite non-negative float32, rounded up: the bfloat16 at least as large."""
+    bits = values.view(np.uint32)
+    upper = bits >> np.uint32(16)
+    upper += (bits & np.uint32(0xFFFF)) != 0
+    return upper.astype("<u2")
 
 
 def _float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
@@ -389,14 +566,24 @@ def _unshuffled(data: np.ndarray, itemsize: int) -> np.ndarray:
     return words.view(np.uint8)
 
 
-def _checksum(plain: np.ndarray | bytes, scales: np.ndarray | None) -> int:
-    """CRC-32 of the plain element bytes followed by the i8 scales as little-endian float32.
+def _checksum(
+    plain: np.ndarray | bytes,
+    scales: np.ndarray | None,
+    outlier_columns: np.ndarray | None = None,
+    outlier_scales: np.ndarray | None = None,
+) -> int:
+    """CRC-32 of the plain payload bytes followed by the row scales as little-endian float32, the outlier columns as
+    little-endian uint32 and their scales as little-endian float32 (each only where the dtype has it).
 
-    Covering the scales too means a corrupted scale (still finite and >= 0) is caught as well.
+    Covering the side fields too means a corrupted scale or column index (still plausible) is caught as well;
+    for f32/f16/bf16/i8 the sum is what it was before i8o and i4 existed.
     """
     crc = zlib.crc32(plain)
     if scales is not None:
         crc = zlib.crc32(np.ascontiguousarray(scales, dtype="<f4").tobytes(), crc)
+    if outlier_columns is not None and len(outlier_columns):
+        crc = zlib.crc32(np.ascontiguousarray(outlier_columns, dtype="<u4").tobytes(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(outlier_scales, dtype="<f4").tobytes(), crc)
     return crc
 
 
@@ -411,21 +598,34 @@ def decode_feature(msg: feature_pb2.FeatureTensor, *, max_elements: int = DEFAUL
     """Decode a message into a new, writable float32 array of `tuple(msg.shape)`.
 
     Raises FeatureDecodeError (DATA_LOSS) for any message that is not exactly what an encoder would write,
-    without ever allocating more than the declared shape (at most `max_elements` elements) needs.
+    without ever allocating more than the declared shape (at most `max_elements` elements) needs, and
+    UnsupportedFeatureError (INVALID_ARGUMENT) for a dtype this decoder does not know.
     """
     if not _is_integer(max_elements) or max_elements < 1:
         raise InvalidArgumentError(f"max_elements must be a positive integer, got {max_elements!r}")
     shape = _checked_shape(msg, max_elements)
     dtype = _checked_dtype(msg)
     scales = _checked_scales(msg, dtype, shape)
+    columns, column_scales = _checked_outliers(msg, dtype, shape)
+    group_size = _checked_group_size(msg, dtype)
+    if msg.byte_shuffle and dtype in _OUTLIER_DTYPES:
+        raise FeatureDecodeError("byte_shuffle", f"set for dtype {dtype}, which is never shuffled")
     stored = _STORED_NUMPY_DTYPE[dtype]
-    data = np.frombuffer(_plain_payload_bytes(msg, math.prod(shape) * stored.itemsize), dtype=np.uint8)
+    expected = _payload_nbytes(dtype, shape, len(columns), group_size)
+    data = np.frombuffer(_plain_payload_bytes(msg, expected), dtype=np.uint8)
     if msg.byte_shuffle and stored.itemsize > 1:
         data = _unshuffled(data, stored.itemsize)
-    crc = _checksum(data, scales)
+    crc = _checksum(data, scales, columns, column_scales)
     if crc != msg.crc32:
         raise FeatureDecodeError("crc32", f"payload checksum is {crc:#010x}, the message says {msg.crc32:#010x}")
-    values = _widened(data.view(stored), dtype, scales).reshape(shape)
+    rows, dims = math.prod(shape[:-1]), shape[-1]
+    if dtype == "i8o":
+        values = _widened_i8o(data, rows, dims, scales, columns, column_scales)
+    elif dtype == "i4":
+        values = _widened_i4(data, rows, dims, group_size, columns, column_scales)
+    else:
+        values = _widened(data.view(stored), dtype, scales)
+    values = values.reshape(shape)
     if not np.isfinite(values).all():
         raise FeatureDecodeError("payload", "decodes to NaN or Inf values, which no encoder writes")
     return values
@@ -446,15 +646,18 @@ def _checked_shape(msg: feature_pb2.FeatureTensor, max_elements: int) -> tuple[i
 def _checked_dtype(msg: feature_pb2.FeatureTensor) -> DTypeName:
     dtype = _DTYPE_FROM_PROTO.get(msg.dtype)
     if dtype is None:
-        raise FeatureDecodeError(
-            "dtype", f"expected one of {sorted(_DTYPE_FROM_PROTO)} (f32/f16/bf16/i8), got {msg.dtype}"
+        known = ", ".join(f"{value} ({name})" for value, name in sorted(_DTYPE_FROM_PROTO.items()))
+        raise UnsupportedFeatureError(
+            "dtype",
+            f"{msg.dtype} is not a dtype this decoder reads ({known}): the message comes from a newer encoder or "
+            "was altered; ask the extractor for a codec this side knows (e.g. --codec i8-zstd)",
         )
     return dtype
 
 
 def _checked_scales(msg: feature_pb2.FeatureTensor, dtype: DTypeName, shape: tuple[int, ...]) -> np.ndarray | None:
     count = len(msg.scales)
-    if dtype != "i8":
+    if dtype not in _ROW_SCALED_DTYPES:
         if count:
             raise FeatureDecodeError("scales", f"expected none for dtype {dtype}, got {count}")
         return None
@@ -465,6 +668,51 @@ def _checked_scales(msg: feature_pb2.FeatureTensor, dtype: DTypeName, shape: tup
     if not (np.isfinite(scales).all() and (scales >= 0).all()):
         raise FeatureDecodeError("scales", "expected finite values >= 0, got a negative, NaN or Inf scale")
     return scales
+
+
+def _checked_outliers(
+    msg: feature_pb2.FeatureTensor, dtype: DTypeName, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uint32 outlier columns, float32 scales), both empty for dtypes without them."""
+    count, scale_count = len(msg.outlier_columns), len(msg.outlier_scales)
+    if dtype not in _OUTLIER_DTYPES:
+        if count or scale_count:
+            raise FeatureDecodeError("outlier_columns", f"expected none for dtype {dtype}, got {count}")
+        return np.empty(0, dtype=np.uint32), np.empty(0, dtype=np.float32)
+    dims = shape[-1]
+    if count > dims:
+        raise FeatureDecodeError("outlier_columns", f"{count} columns for a last dim of {dims}")
+    if scale_count != count:
+        raise FeatureDecodeError("outlier_scales", f"expected one per outlier column ({count}), got {scale_count}")
+    columns = np.asarray(msg.outlier_columns, dtype=np.uint32)
+    if count and (int(columns[-1]) >= dims or (np.diff(columns.astype(np.int64)) <= 0).any()):
+        raise FeatureDecodeError("outlier_columns", f"expected strictly increasing indices in 0..{dims - 1}")
+    scales = np.asarray(msg.outlier_scales, dtype=np.float32)
+    if not (np.isfinite(scales).all() and (scales >= 0).all()):
+        raise FeatureDecodeError("outlier_scales", "expected finite values >= 0, got a negative, NaN or Inf scale")
+    return columns, scales
+
+
+def _checked_group_size(msg: feature_pb2.FeatureTensor, dtype: DTypeName) -> int:
+    group_size = int(msg.group_size)
+    if dtype != "i4":
+        if group_size:
+            raise FeatureDecodeError("group_size", f"expected 0 for dtype {dtype}, got {group_size}")
+        return 0
+    if group_size < 1:
+        raise FeatureDecodeError("group_size", "expected at least 1 for dtype i4, got 0")
+    return group_size
+
+
+def _payload_nbytes(dtype: DTypeName, shape: tuple[int, ...], columns: int, group_size: int) -> int:
+    """The decompressed payload's exact size: at most 3 bytes per element plus 2 per row and group (i4)."""
+    elements = math.prod(shape)
+    rows, dims = elements // shape[-1], shape[-1]
+    if dtype == "i8o":
+        return elements + 2 * rows * columns
+    if dtype == "i4":
+        return 2 * rows * -(-dims // group_size) + (elements + 1) // 2 + 2 * rows * columns
+    return elements * _STORED_NUMPY_DTYPE[dtype].itemsize
 
 
 def _plain_payload_bytes(msg: feature_pb2.FeatureTensor, expected: int) -> bytes:
@@ -526,6 +774,64 @@ def _widened(stored: np.ndarray, dtype: DTypeName, scales: np.ndarray | None) ->
             return (stored.reshape(len(scales), -1).astype(np.float32) * scales[:, None]).reshape(-1)
     # A copy unless the array is already a fresh float32 one (frombuffer over bytes is read-only).
     return stored.astype(np.float32, copy=not stored.flags.writeable)
+
+
+def _widened_outliers(values: np.ndarray, data: np.ndarray, rows: int, columns: np.ndarray, scales: np.ndarray) -> None:
+    """Write the int16 outlier columns held by `data` (column after column) into `values` [rows, dims]."""
+    if not len(columns):
+        return
+    stored = data.view("<i2").reshape(len(columns), rows)
+    if int(stored.min()) < -_I16_MAX:
+        raise FeatureDecodeError(
+            "payload", f"an outlier value of -32768, outside the written [-{_I16_MAX}, {_I16_MAX}]"
+        )
+    with np.errstate(over="ignore"):  # a huge scale overflows: caught by the finiteness check
+        values[:, columns] = (stored.astype(np.float32) * scales[:, None]).T
+
+
+def _widened_i8o(
+    data: np.ndarray, rows: int, dims: int, scales: np.ndarray, columns: np.ndarray, column_scales: np.ndarray
+) -> np.ndarray:
+    elements = rows * dims
+    quantized = data[:elements].view(np.int8).reshape(rows, dims)
+    if len(columns) and quantized[:, columns].any():
+        raise FeatureDecodeError("payload", "int8 values in an outlier column, where the encoder writes zeros")
+    with np.errstate(over="ignore"):
+        values = quantized.astype(np.float32) * scales[:, None]
+    _widened_outliers(values, data[elements:], rows, columns, column_scales)
+    return values
+
+
+def _widened_i4(
+    data: np.ndarray, rows: int, dims: int, group_size: int, columns: np.ndarray, column_scales: np.ndarray
+) -> np.ndarray:
+    groups = -(-dims // group_size)
+    scale_end = 2 * rows * groups
+    scale_bits = data[:scale_end].view("<u2")
+    # bfloat16 scales: sign bit clear and exponent not all ones (finite, >= 0)
+    if ((scale_bits & np.uint16(0x8000)) | ((scale_bits & np.uint16(0x7F80)) == np.uint16(0x7F80))).any():
+        raise FeatureDecodeError("payload", "a group scale is negative, NaN or Inf")
+    group_scales = (scale_bits.astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(rows, groups)
+    elements = rows * dims
+    packed = data[scale_end : scale_end + (elements + 1) // 2]
+    nibbles = np.empty(2 * len(packed), dtype=np.uint8)
+    nibbles[0::2] = packed & np.uint8(0x0F)
+    nibbles[1::2] = packed >> np.uint8(4)
+    if elements % 2 and nibbles[-1]:
+        raise FeatureDecodeError("payload", "the pad nibble after the last value is not 0")
+    nibbles = nibbles[:elements]
+    if not nibbles.all():
+        raise FeatureDecodeError("payload", "a 4-bit value of nibble 0, which no encoder writes (levels are 1..15)")
+    quantized = nibbles.reshape(rows, dims).view(np.int8) - np.int8(8)
+    if len(columns) and quantized[:, columns].any():
+        raise FeatureDecodeError("payload", "4-bit values in an outlier column, where the encoder writes zeros")
+    padded = np.zeros((rows, groups * group_size), dtype=np.float32)
+    padded[:, :dims] = quantized
+    with np.errstate(over="ignore"):
+        values = (padded.reshape(rows, groups, group_size) * group_scales[:, :, None]).reshape(rows, -1)[:, :dims]
+    values = np.ascontiguousarray(values)
+    _widened_outliers(values, data[scale_end + (elements + 1) // 2 :], rows, columns, column_scales)
+    return values
 
 
 def encoded_nbytes(msg: feature_pb2.FeatureTensor) -> int:
