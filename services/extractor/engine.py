@@ -61,7 +61,7 @@ from services.extractor.config import ExtractorConfig
 from services.extractor.gather import gather
 from services.extractor.metrics import ExtractorMetrics
 from services.extractor.preprocess import ImageDecodeError, ImagePreprocessor
-from services.extractor.quantize import quantize_rows_i8
+from services.extractor.quantize import quantize_images_i8o, quantize_rows_i8
 from services.extractor.stream import OrderedStream
 
 _GRPC_INVALID_ARGUMENT = 3  # a grpc.StatusCode value in ItemError.code; this module does not import grpc
@@ -104,11 +104,14 @@ class Job:
 
 @dataclass(frozen=True)
 class HostFeatures:
-    """One image's features for one k, on the host: int8 values and scales for an i8 codec, float32 otherwise."""
+    """One image's features for one k, on the host: int8 values and scales for i8 and i8o codecs (and the outlier
+    columns for i8o), float32 otherwise."""
 
     floats: np.ndarray | None = None  # [T, D] float32
     quantized: np.ndarray | None = None  # [T, D] int8
     scales: np.ndarray | None = None  # [T] float32
+    outlier_columns: np.ndarray | None = None  # i8o: [columns] int64
+    outlier_values: np.ndarray | None = None  # i8o: [T, columns] float32
 
 
 class ExtractionEngine:
@@ -390,7 +393,13 @@ class ExtractionEngine:
             try:
                 if host.quantized is not None:
                     message = codec.encode_quantized(
-                        host.quantized, host.scales, backbone=self.backbone_id, mode=mode, k=k
+                        host.quantized,
+                        host.scales,
+                        outlier_columns=host.outlier_columns,
+                        outlier_values=host.outlier_values,
+                        backbone=self.backbone_id,
+                        mode=mode,
+                        k=k,
                     )
                 else:
                     message = codec.encode(host.floats, backbone=self.backbone_id, mode=mode, k=k)
@@ -502,15 +511,23 @@ def _run_each(work: Callable[[int], None], positions: Sequence[int]) -> None:
 
 
 def _to_host(tensor: torch.Tensor, wanting: Sequence[tuple[int, Job]], k: int) -> int:
-    """Copy the rows of one k's batch tensor that jobs want to the host: quantized on the device for i8 codecs (one
-    copy of int8 values and one of scales), float32 for the others; each job gets its own row. Returns the bytes."""
+    """Copy the rows of one k's batch tensor that jobs want to the host: quantized on the device for i8 and i8o
+    codecs (int8 values, scales and, for i8o, the few outlier columns), float32 for the others; each job gets its
+    own row. Returns the bytes."""
     copied = 0
-    for quantize in (True, False):
-        chosen = [(row, job) for row, job in wanting if (job.item.codec.dtype == "i8") == quantize]
+    for kind in ("i8", "i8o", "float"):
+        chosen = [(row, job) for row, job in wanting if _host_kind(job.item.codec.dtype) == kind]
         if not chosen:
             continue
         rows = tensor if len(chosen) == tensor.shape[0] else tensor[[row for row, _ in chosen]]
-        if quantize:
+        if kind == "i8o":
+            batch = quantize_images_i8o(rows).to_host()
+            copied += batch.nbytes()
+            for (_, job), (quantized, scales, columns, values) in zip(chosen, batch.split(), strict=True):
+                job.features[k] = HostFeatures(
+                    quantized=quantized, scales=scales, outlier_columns=columns, outlier_values=values
+                )
+        elif kind == "i8":
             quantized, scales = quantize_rows_i8(rows)
             quantized_host, scales_host = quantized.cpu().numpy(), scales.cpu().numpy()
             copied += quantized_host.nbytes + scales_host.nbytes
@@ -523,3 +540,8 @@ def _to_host(tensor: torch.Tensor, wanting: Sequence[tuple[int, Job]], k: int) -
             for n, (_, job) in enumerate(chosen):
                 job.features[k] = HostFeatures(floats=floats[n])
     return copied
+
+
+def _host_kind(dtype: str) -> str:
+    """How a codec's features leave the device: "i8" or "i8o" quantized there, "float" as float32."""
+    return dtype if dtype in ("i8", "i8o") else "float"

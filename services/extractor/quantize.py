@@ -1,8 +1,10 @@
-"""The i8 codec's quantization, run with torch on the backbone's device, so only int8 values and one scale per row
+"""The i8 and i8o codecs' quantization, run with torch on the backbone's device, so only int8 values and one scale per row
 cross to the host (a quarter of the float32 bytes) and the CPU is left with compression.
 
     quantized, scales = quantize_rows_i8(features)   # float [..., D] on any device -> int8 [..., D], float32 [...]
     codec.encode_quantized(quantized[i].numpy(), scales[i].numpy(), ...)   # services/common/wire/codec.py
+    batch = quantize_images_i8o(features).to_host()  # i8o: the same plus each image's outlier columns
+    q, s, columns, values = batch.split()[i]; codec.encode_quantized(q, s, outlier_columns=columns, outlier_values=values)
 
 The arithmetic is the codec's, operation for operation in float32 (scale = max|x| / 127, rows below the smallest
 normal scale stored as zeros, q = round-half-to-even(x * (1 / scale)) clipped to +-127), so the message is
@@ -11,6 +13,9 @@ byte-identical to `FeatureCodec.encode` of the same floats; tests compare the by
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from services.common.errors import InvalidArgumentError
@@ -54,3 +59,85 @@ def _quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inverse = torch.where(scales > 0, torch.div(1.0, scales), 0.0)
     scaled = values * inverse.unsqueeze(-1)
     return scaled.round_().clamp_(-_I8_MAX, _I8_MAX).to(torch.int8), scales
+
+
+# The codec's outlier-column rule (services/common/wire/codec.py): a column of an image's features is carried apart
+# when one of its values exceeds this many times its row's mean |x|, at most dims // _OUTLIER_COLUMN_SHARE of them.
+_OUTLIER_RATIO = 12.0
+_OUTLIER_COLUMN_SHARE = 16
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True)
+class QuantizedI8O:
+    """A batch quantized for the i8o codec; `outliers(i)` gives image i's columns and their float32 values."""
+
+    quantized: torch.Tensor  # int8 [B, ..., D], zeros in each image's outlier columns
+    scales: torch.Tensor  # float32 [B, ...], one per row
+    flags: torch.Tensor  # bool [B, D]: the outlier columns of each image
+    values: torch.Tensor  # float32 [columns of all images together, rows per image], image after image
+
+    _FIELDS = ("quantized", "scales", "flags", "values")
+
+    def to_host(self) -> QuantizedI8O:
+        """The same on the CPU (one copy each: int8 values, scales, flags and the few outlier values)."""
+        return QuantizedI8O(self.quantized.cpu(), self.scales.cpu(), self.flags.cpu(), self.values.cpu())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.quantized, self.scales, self.flags, self.values))
+
+    def split(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per image, numpy (quantized, scales, outlier columns as int64, outlier values [rows, columns]); host only."""
+        quantized, scales = self.quantized.numpy(), self.scales.numpy()
+        flags, values = self.flags.numpy(), self.values.numpy()
+        parts, start = [], 0
+        for image in range(flags.shape[0]):
+            columns = np.flatnonzero(flags[image])
+            end = start + len(columns)
+            # [image, ...] keeps a 0-d array (not a numpy scalar) for one-vector modes such as cls
+            parts.append(
+                (quantized[image, ...], scales[image, ...], columns, np.ascontiguousarray(values[start:end].T))
+            )
+            start = end
+        return parts
+
+
+def quantize_images_i8o(features: torch.Tensor) -> QuantizedI8O:
+    """The i8o codec's quantization of a batch [B, ..., D] (image i is features[i]), on the features' device.
+
+    Per image: the outlier columns as the codec finds them, those columns set to zero, then per-row int8 exactly as
+    `quantize_rows_i8`. The detection sums in float32 in torch's order, so at a ratio within rounding of the
+    threshold a column may be chosen differently than by `FeatureCodec.encode` (both encodings are valid).
+    """
+    if not isinstance(features, torch.Tensor) or not features.is_floating_point() or features.dim() < 2:
+        raise InvalidArgumentError(f"features must be a float tensor [B, ..., D]; got {features!r:.80}")
+    values = features.float()
+    batch, dims = values.shape[0], values.shape[-1]
+    if values.device.type == "cpu" and batch > 1 and values.numel() * 4 > _CPU_CHUNK_BYTES:
+        step = max(1, _CPU_CHUNK_BYTES // (4 * values[0].numel()))  # fresh whole-batch temporaries cost page faults
+        parts = [quantize_images_i8o(values[start : start + step]) for start in range(0, batch, step)]
+        return QuantizedI8O(*(torch.cat([getattr(part, name) for part in parts]) for name in QuantizedI8O._FIELDS))
+    flat = values.reshape(batch, -1, dims)
+    flags = _outlier_flags(flat)
+    ordinary = flat.masked_fill(flags.unsqueeze(1), 0.0) if bool(flags.any()) else flat
+    quantized, scales = quantize_rows_i8(ordinary)
+    outliers = flat.transpose(1, 2)[flags]  # [columns, rows], image after image, columns increasing
+    return QuantizedI8O(quantized.reshape(values.shape), scales.reshape(values.shape[:-1]), flags, outliers)
+
+
+def _outlier_flags(flat: torch.Tensor) -> torch.Tensor:
+    batch, _, dims = flat.shape
+    cap = dims // _OUTLIER_COLUMN_SHARE
+    if cap == 0:
+        return torch.zeros(batch, dims, dtype=torch.bool, device=flat.device)
+    magnitude = flat.abs()
+    row_mean = magnitude.mean(dim=-1, keepdim=True)
+    inverse = torch.where(row_mean >= _TINY, torch.div(1.0, row_mean), 0.0)
+    ratio = (magnitude * inverse).amax(dim=1)  # [B, D]
+    flags = ratio > _OUTLIER_RATIO
+    over = (flags.sum(dim=1) > cap).nonzero().flatten().tolist()
+    for image in over:  # rare: keep the `cap` largest ratios (ties: the lower column, as the codec's stable sort)
+        order = torch.argsort(-ratio[image], stable=True)[:cap]
+        flags[image] = False
+        flags[image, order] = True
+    return flags
