@@ -138,7 +138,7 @@ def run_streams(
     *,
     mode: str = "mist",
     ks: Sequence[int] = (),
-    codec: str = "i8-zstd",
+    codec: str = "i8o-zstd",
     window: int = 32,
     connect_timeout_s: float = 60.0,
 ) -> StreamRun:

@@ -4,7 +4,7 @@ LAST, MIST float32 and MIST with the default codec. Needs root; skips, saying wh
 
     python -m bench.run --only link
     python -m bench.link client --target HOST:PORT --image-dir DIR --device VETH \\
-        --jobs '[{"mode": "mist", "codec": "i8-zstd", "images": 40}]'
+        --jobs '[{"mode": "mist", "codec": "i8o-zstd", "images": 40}]'
         (the client side, run by the section inside the client namespace; prints one JSON line)
 """
 
@@ -53,7 +53,7 @@ JOBS: tuple[LinkJob, ...] = (
     LinkJob("lst", "f32-none", "LST (float32)"),
     LinkJob("last", "f32-none", "LAST (float32)"),
     LinkJob("mist", "f32-none", "MIST float32"),
-    LinkJob("mist", "i8-zstd", "MIST default codec"),
+    LinkJob("mist", "i8o-zstd", "MIST default codec"),
 )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from bench.common import MIB
 
 REPORT_NAME = "REPORT.md"
-DEFAULT_CODEC_NAME = "i8-zstd"  # services.common.wire.codec.DEFAULT_CODEC.name, without importing numpy here
+DEFAULT_CODEC_NAME = "i8o-zstd"  # services.common.wire.codec.DEFAULT_CODEC.name, without importing numpy here
 
 
 def write_report(

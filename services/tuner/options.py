@@ -18,7 +18,7 @@ from services.common.errors import InvalidArgumentError
 from services.common.wire.codec import CodecConfig
 from services.common.wire.edge_spec import Pooling
 
-DEFAULT_CODEC_NAME = "i8-zstd"  # 4x smaller than float32 at 1/254 of a row's max error (docs: the codecs)
+DEFAULT_CODEC_NAME = "i8o-zstd"  # 4x smaller than float32, 1/254 of a row's max, outlier channels kept (docs: codecs)
 DEFAULT_RANK = 16  # the paper's r for D = 768; capped at D for narrow backbones
 # What a tune writes into a version's safetensors metadata, and predict reads back (before tags and metrics).
 METADATA_K, METADATA_CODEC, METADATA_CLASSES = "mist.k", "mist.codec", "mist.class_names"
@@ -113,7 +113,7 @@ class TuneOptions(ConfigBase):
     )
     codec: str | None = setting(
         None,
-        help="feature codec, e.g. i8-zstd, f16-zstd, f32-none",
+        help="feature codec, e.g. i8o-zstd, i4-zstd, i8-zstd, f16-zstd, f32-none",
         shown=f"the task's, else {DEFAULT_CODEC_NAME}",
         parser=_check_codec,
         metavar="NAME",

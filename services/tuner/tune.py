@@ -10,7 +10,7 @@ Decisions (README "mist tune"):
   goes into the version's metrics (`k`), tags and safetensors metadata (`mist.k`), and predict uses it. A task
   created by a tune gets the k chosen for its first version; its `k` is only a default after that.
 - The codec is a property of the transfer, not of the weights: a tune uses --codec, else the task's codec, else
-  i8-zstd, and records it the same way (`mist.codec`); predict fetches features with the version's codec.
+  i8o-zstd, and records it the same way (`mist.codec`); predict fetches features with the version's codec.
 - An existing task must match what this tune would create: class names in order, backbone name and weights
   fingerprint, the MIST gather, the features' [T, D] and every edge-network setting given explicitly (the ones not
   given are taken from the task). Anything else is a FailedPreconditionError naming the difference.

@@ -6,7 +6,7 @@ Imports grpc, protobuf and services.common only (no torch, no timm, nothing of s
     with ExtractorClient("127.0.0.1:50051") as client:
         info = client.describe()
         items = (ImageItem(path.name, path.read_bytes()) for path in paths)
-        for result in client.extract(items, mode="mist", ks=(3, 6), codec="i8-zstd"):
+        for result in client.extract(items, mode="mist", ks=(3, 6), codec="i8o-zstd"):
             features = [decode_feature(f) for f in result.features] if result.ok else result.error.reason
 
 Resuming: results arrive in order, so the images without a result are always the last ones sent. When the stream
@@ -32,7 +32,7 @@ from services.common.clients.channel import create_channel, domain_error
 from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.errors import DataLossError, InvalidArgumentError, UnavailableError
 from services.common.pb import extractor_pb2, extractor_pb2_grpc, feature_pb2
-from services.common.wire.codec import CodecConfig
+from services.common.wire.codec import DEFAULT_CODEC, CodecConfig
 from services.common.wire.gather_modes import BackboneId, GatherModeName, check_mode, mode_to_proto
 
 DEFAULT_MAX_IN_FLIGHT = 32  # the server's default window: enough to fill its batches from one stream
@@ -232,7 +232,7 @@ class ExtractorClient:
         *,
         mode: GatherModeName = "mist",
         ks: Sequence[int] = (),
-        codec: str | CodecConfig = "i8-zstd",
+        codec: str | CodecConfig = DEFAULT_CODEC,
         expect_backbone: BackboneId | feature_pb2.BackboneId | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> Iterator[ExtractResult]:
