@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import codec_study
 from bench.vit_outliers import InjectedFeatures, inject_vit_outliers
 from services.common.errors import InvalidArgumentError
 from services.common.pb import feature_pb2
@@ -124,6 +126,10 @@ def run(quick: bool, out_dir: Path, *, config: AccuracyConfig | None = None) -> 
             replace(gathered, features=injected.features), config, family="outliers", injected=injected
         )
         section = _section(rows, gathered, config, injected)
+        # The schemes the codec choice was made from, on the same features (error and bytes; no training).
+        section["candidates"] = codec_study.study(
+            gathered.features, prefix_tokens=gathered.prefix_tokens, seed=config.outlier_seed
+        )
     finally:
         torch.set_num_threads(threads)
     section["seconds"] = time.perf_counter() - started
@@ -313,6 +319,7 @@ def _section(
         "backbone": gathered.description,
         "backbone_pretrained": False,
         "dataset": {"classes": len(gathered.dataset.class_names), **counts, "seed": config.dataset_seed},
+        "feature_shape": [tokens, dims],
         "outliers": {
             "seed": config.outlier_seed,
             "outlier_channels": injected.outlier_channels.tolist(),
@@ -380,6 +387,15 @@ def markdown(section: Mapping[str, Any]) -> str:
                 f"{row['f32_model_agreement'] * 100:.1f} % |"
             )
     lines += ["", "(= x): decodes to exactly the features of codec x, so its runs are x's."]
+    if section.get("candidates"):
+        float32_bytes = 4 * math.prod(section["feature_shape"])
+        lines += [
+            "",
+            "**Candidate schemes** on the same features (the measurements the default was chosen by; "
+            "bench/codec_study.py):",
+            "",
+            codec_study.markdown(section["candidates"], float32_bytes).rstrip(),
+        ]
     if section.get("method"):
         lines += ["", f"*Method.* {section['method']}"]
     return "\n".join(lines) + "\n"
