@@ -20,6 +20,7 @@ from bench import netns, run
 from bench.common import VIT_MICRO, BenchError, BenchSkipped, percentile, summarize
 from bench.proxy import ByteCountingProxy
 from bench.servers import ServerProcess
+from services.common.wire.codec import ALL_CODECS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MICRO_TOKENS, MICRO_DIMS, MICRO_BLOCKS = 17, 32, 4  # bench.common.VIT_MICRO's geometry
@@ -107,9 +108,9 @@ def test_smoke_run_writes_every_key_with_measured_values(tmp_path: Path, fake_ot
 
 
 def _check_transfer(rows: list[dict]) -> None:
-    assert len(rows) == 5 * 7
+    assert len(rows) == 5 * len(ALL_CODECS)
     assert {row["method"] for row in rows} == {"lst", "last", "partial", "cls", "mist"}
-    assert [(row["method"], row["codec"]) for row in rows if row["is_default"]] == [("mist", "i8-zstd")]
+    assert [(row["method"], row["codec"]) for row in rows if row["is_default"]] == [("mist", "i8o-zstd")]
     by_cell = {(row["method"], row["codec"]): row for row in rows}
     raw_map = MICRO_TOKENS * MICRO_DIMS * 4
     # float32 without compression: the raw bytes plus a small header (shape, crc, backbone id)
@@ -153,7 +154,7 @@ def _check_link(rows: list[dict], detail: dict) -> None:
         ("lst", "f32-none"),
         ("last", "f32-none"),
         ("mist", "f32-none"),
-        ("mist", "i8-zstd"),
+        ("mist", "i8o-zstd"),
     ]
     for row in rows:
         assert row["rate_mbit"] == 10 and row["images"] >= 2 and row["seconds"] > 0

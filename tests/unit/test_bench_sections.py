@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import accuracy, edge, edge_probe
+from bench import accuracy, codec_study, edge, edge_probe
 from services.common.errors import InvalidArgumentError
 from services.common.wire.codec import DEFAULT_CODEC
 from services.common.wire.edge_spec import EdgeNetworkConfig, macs_per_image, parameter_breakdown
@@ -162,7 +162,9 @@ def test_accuracy_markdown_has_a_row_per_codec(accuracy_section: dict) -> None:
     text = accuracy.markdown(accuracy_section)
 
     # Assert: one table row per codec, the default codec in bold, shared runs named, the method stated.
-    assert sum(line.startswith("| ") and "KiB/img" not in line for line in text.splitlines()) == 10
+    tables, candidates = text.split("**Candidate schemes**")
+    assert sum(line.startswith("| ") and "KiB/img" not in line for line in tables.splitlines()) == 10
+    assert sum(line.startswith("| ") for line in candidates.splitlines()) == 1 + len(codec_study.CANDIDATES)
     assert "**plain features**" in text and "**outliers features**" in text
     assert f"| **{DEFAULT_CODEC.name}**" in text and "| f32-zstd (= f32-none) |" in text
     assert "*Method.*" in text

@@ -104,7 +104,7 @@ def test_a_valid_request_keeps_repeated_ks_and_defaults_unset_fields(backbone) -
 
     item = engine.validate(request, 0)
 
-    assert (item.mode, item.ks, item.unique_ks, item.codec.name) == ("mist", (3, 1, 3), (3, 1), "i8-zstd")
+    assert (item.mode, item.ks, item.unique_ks, item.codec.name) == ("mist", (3, 1, 3), (3, 1), "i8o-zstd")
     baseline = engine.validate(extractor_pb2.ExtractRequest(mode=feature_pb2.GATHER_MODE_LST), 1)
     assert (baseline.mode, baseline.ks) == ("lst", (0,))
 

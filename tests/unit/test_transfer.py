@@ -35,7 +35,7 @@ def test_every_mode_and_codec_is_measured_on_real_messages(tiny_backbone):
         assert baselines[key] < raw.bytes_per_image < baselines[key] + 200
         assert raw.max_relative_error == 0.0
     default = [row for row in rows if row.is_default]
-    assert [(row.method, row.codec) for row in default] == [("mist", "i8-zstd")]
+    assert [(row.method, row.codec) for row in default] == [("mist", "i8o-zstd")]
     assert (
         default[0].bytes_per_image
         < by_cell[("mist", "f16-none")].bytes_per_image
