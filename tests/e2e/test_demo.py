@@ -108,7 +108,7 @@ def test_make_demo_tunes_promotes_predicts_reports_and_stops_every_server(tmp_pa
     assert re.search(r"^task shapes: version 1 \(parent -, task created\), k=\d chosen on validation$", text, re.M)
     assert "  alias production: - -> 1" in lines
     # ... predictions by alias, here and through the worker, which agrees on every image
-    right = next(line for line in lines if re.search(r"\] \d+ of 8 right with version 1 \(k=\d, i8-zstd\)", line))
+    right = next(line for line in lines if re.search(r"\] \d+ of 8 right with version 1 \(k=\d, i8o-zstd\)", line))
     assert right.endswith("the worker, running the same code, agrees on every image"), right
     # ... the held-out accuracy, clearly above the 1/8 chance
     accuracy = re.search(r"held-out test accuracy (\d\.\d+) on 160 images, chance 0\.125 \((\d+\.\d)x chance\)", text)

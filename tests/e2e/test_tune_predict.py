@@ -85,14 +85,14 @@ def test_tune_with_auto_k_beats_chance_and_pushes_metrics_lineage_and_alias(tune
     assert version.metrics["bytes_per_image"] < version.metrics["mist_f32_bytes_per_image"] == 17 * 32 * 4
     assert version.parent_version == 0 and version.tuner.startswith("mist/")
     assert version.dataset_fingerprint == load_dataset(data).fingerprint()
-    assert version.tags["k"] == str(tuned["k"]) and version.tags["codec"] == "i8-zstd"
+    assert version.tags["k"] == str(tuned["k"]) and version.tags["codec"] == "i8o-zstd"
     assert np.array(details["test"]["confusion_matrix"]).sum(axis=1).tolist() == [10, 10, 10, 10]
     assert set(details["test"]["per_class_accuracy"]) == set(E2E_CLASSES)
     assert details["k_selection"]["chosen_k"] == tuned["k"]
     # ... and the weights carry their k and codec for predict
     assert pulled.task.k == tuned["k"] and list(pulled.task.class_names) == sorted(E2E_CLASSES)
     _, metadata = from_safetensors_bytes(pulled.blob)
-    assert metadata["mist.k"] == str(tuned["k"]) and metadata["mist.codec"] == "i8-zstd"
+    assert metadata["mist.k"] == str(tuned["k"]) and metadata["mist.codec"] == "i8o-zstd"
 
 
 def test_second_tune_with_fixed_k_names_its_parent_and_moves_the_alias(tuned, stack, data):

@@ -18,7 +18,7 @@ from services.common.clients.channel import create_aio_channel, create_channel, 
 from services.common.clients.extractor import ExtractorClient, ImageItem
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import extractor_pb2, extractor_pb2_grpc, feature_pb2
-from services.common.wire.codec import decode_feature
+from services.common.wire.codec import DEFAULT_CODEC, decode_feature
 from services.common.wire.gather_modes import baseline_bytes_per_image, last_block_indices
 from services.extractor.backbone import LoadedBackbone
 from tests.helpers.extractor import (
@@ -96,10 +96,10 @@ def assert_still_serves(server: ExtractorServer, backbone: LoadedBackbone, seed:
 def test_a_stream_with_mixed_k_and_codecs_returns_every_result_in_order_equal_to_gather(server, backbone) -> None:
     # Prepare
     ks_cycle = [(1,), (2, 4), (4, 1, 2), (3,)]
-    codec_cycle = ["f32-none", "f16-zstd", "i8-zstd", "bf16-zstd", "f32-zstd"]
-    images = [png_image(100 + i) for i in range(12)]
+    codec_cycle = ["f32-none", "f16-zstd", "i8-zstd", "bf16-zstd", "f32-zstd", "i8o-zstd", "i4-zstd"]
+    images = [png_image(100 + i) for i in range(14)]
     requests = [
-        extract_request(f"img-{i}", image, ks=ks_cycle[i % 4], codec=codec_cycle[i % 5])
+        extract_request(f"img-{i}", image, ks=ks_cycle[i % 4], codec=codec_cycle[i % 7])
         for i, image in enumerate(images)
     ]
 
@@ -107,9 +107,9 @@ def test_a_stream_with_mixed_k_and_codecs_returns_every_result_in_order_equal_to
     responses = asyncio.run(extract_all(server.target, requests))
 
     # Assert
-    assert [r.item_id for r in responses] == [f"img-{i}" for i in range(12)]
+    assert [r.item_id for r in responses] == [f"img-{i}" for i in range(14)]
     for i, (image, response) in enumerate(zip(images, responses, strict=True)):
-        ks, codec = ks_cycle[i % 4], codec_cycle[i % 5]
+        ks, codec = ks_cycle[i % 4], codec_cycle[i % 7]
         expected = reference_features(backbone, image, "mist", ks)
         assert [f.k for f in response.features] == list(ks) and not response.HasField("error")
         for feature in response.features:
@@ -117,9 +117,12 @@ def test_a_stream_with_mixed_k_and_codecs_returns_every_result_in_order_equal_to
             decoded, reference = decode_feature(feature), expected[feature.k]
             if codec.startswith("f32"):
                 np.testing.assert_allclose(decoded, reference, rtol=1e-4, atol=1e-5)
-            elif codec == "i8-zstd":  # per-row scale max|x| / 127: rounding error at most half a step
+            elif codec in ("i8-zstd", "i8o-zstd"):  # per-row scale max|x| / 127: error at most half a step
                 bound = np.abs(reference).max(axis=-1, keepdims=True) / 254 * 1.01 + 1e-5
                 assert (np.abs(decoded - reference) <= bound).all()
+            elif codec == "i4-zstd":  # per 32-value group, scale >= max|x| / 7: at most half a step
+                bound = np.abs(reference).max(axis=-1, keepdims=True) / 14 * 1.01 + 1e-5
+                assert (np.abs(decoded - reference) <= bound).all() and feature.group_size == 32
             else:  # f16 keeps 11 significant bits, bf16 8
                 np.testing.assert_allclose(decoded, reference, rtol=2**-7, atol=1e-3)
 
@@ -476,7 +479,7 @@ def test_the_client_library_resumes_after_a_restart_without_resending_answered_i
 
     # Assert
     assert [r.item_id for r in results] == [item.item_id for item in items] and all(r.ok for r in results)
-    served_by_second = second.metric("mist_extractor_images_served_total", mode="mist", codec="i8-zstd", status="ok")
+    served_by_second = second.metric("mist_extractor_images_served_total", mode="mist", codec=DEFAULT_CODEC.name, status="ok")
     assert 20 - 4 <= served_by_second <= 20  # the 10 answered images were not sent again
     expected = reference_features(backbone, items[29].image, "mist", (4,))[4]
     bound = np.abs(expected).max(axis=-1, keepdims=True) / 254 * 1.01 + 1e-5
