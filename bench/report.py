@@ -135,10 +135,11 @@ def _transfer_headline(results: Mapping[str, Any]) -> list[tuple[str, str, str]]
 def _accuracy_headline(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     out = []
     for row in results["accuracy"]:
+        family = f", {row['family']} features" if row.get("family") else ""
         if row.get("codec") == DEFAULT_CODEC_NAME and "paired_delta_mean" in row:
             out.append(
                 (
-                    "accuracy, default codec vs float32 (paired)",
+                    f"accuracy, default codec vs float32 (paired){family}",
                     f"{row['paired_delta_mean'] * 100:+.2f} points",
                     f"std {row.get('paired_delta_std', 0.0) * 100:.2f} over {_count(row.get('seeds'))} seeds; "
                     "target: at most 0.5 points lower",
@@ -147,7 +148,7 @@ def _accuracy_headline(results: Mapping[str, Any]) -> list[tuple[str, str, str]]
         elif row.get("codec") in (DEFAULT_CODEC_NAME, "f32-none", "f32"):
             out.append(
                 (
-                    f"accuracy section, codec {row['codec']}",
+                    f"accuracy section, codec {row['codec']}{family}",
                     f"{row['mean']:.4g} ± {row['std']:.2g}",
                     f"{_count(row.get('seeds'))} seeds; see section 2 for what is averaged",
                 )
