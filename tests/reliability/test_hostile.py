@@ -581,13 +581,15 @@ def test_safetensors_lying_about_sizes_pushed_to_the_registry_are_refused_and_st
 # ---------------------------------------------------------------------------------------------- atheris
 
 # Coverage-guided fuzzing in a child process (libFuzzer aborts the process on a finding): only the documented
-# errors may escape. The corpus starts from valid encodings, so mutations reach the deep checks.
+# errors may escape (for the decoder: FeatureDecodeError, and UnsupportedFeatureError for an unknown dtype). The
+# corpus starts from valid encodings of every dtype (i8o and i4 with outlier columns), so mutations reach the deep
+# checks.
 _FUZZ_HARNESS = """
 import sys
 import atheris
 with atheris.instrument_imports():
     from google.protobuf.message import DecodeError
-    from services.common.wire.codec import FeatureDecodeError, decode_feature
+    from services.common.wire.codec import FeatureDecodeError, UnsupportedFeatureError, decode_feature
     from services.common.errors import InvalidArgumentError
     from services.common.pb import feature_pb2
     from services.common.wire.weights import parse_safetensors
@@ -599,7 +601,7 @@ def decoder(data):
         return
     try:
         decode_feature(message)
-    except FeatureDecodeError:
+    except (FeatureDecodeError, UnsupportedFeatureError):
         pass
 
 def safetensors(data):
@@ -624,6 +626,15 @@ def seed_corpus(target: str, directory: Path) -> None:
     for name in ("f32-none", "f16-zstd", "bf16-zstd", "i8-zstd", "i8-none", "f32-zstd-noshuffle"):
         array = rng.standard_normal((17, 32)).astype(np.float32)
         message = FeatureCodec(CodecConfig.parse(name)).encode(array, backbone=TINY_ID, mode=1, k=2)
+        (directory / name).write_bytes(message.SerializeToString())
+    # i8o and i4 with outlier columns (a channel in every token, one massive activation), and an odd element count
+    # (an i4 pad nibble): messages where every field of the new dtypes is set
+    for name in ("i8o-zstd", "i8o-none", "i4-zstd", "i4-none"):
+        array = rng.standard_normal((17, 33)).astype(np.float32)
+        array[:, 5] += 60
+        array[3, 20] = -500
+        message = FeatureCodec(CodecConfig.parse(name)).encode(array, backbone=TINY_ID, mode=1, k=2)
+        assert list(message.outlier_columns) == [5, 20], name
         (directory / name).write_bytes(message.SerializeToString())
 
 
