@@ -1198,14 +1198,8 @@ def test_every_bad_i8o_and_i4_field_raises_feature_decode_error_naming_it(mutati
     assert NEW_DTYPE_PROBLEMS.get(mutation, "") in str(error)
 
 
-# Bug in services/common/wire/codec.py, _widened_i4: it pads every row to groups * group_size floats, and group_size
-# comes from the message (any value >= 1 passes _checked_group_size). For D <= group_size the payload and checksum are
-# the same whatever group_size says, so a 27-byte [1, 8] message with group_size 2**26 makes the decoder allocate
-# 512 MiB (measured), and 2**32 - 1 asks for 2 x 16 GiB: memory no longer bounded by the declared shape.
-HUGE_GROUP_BUG = "codec bug: i4 decoding allocates rows x group_size floats, group_size taken from the message"
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=HUGE_GROUP_BUG)
+# group_size comes from the message: for D <= group_size any value leaves the payload valid, and decoding must
+# still allocate by the declared shape, not by group_size.
 def test_an_i4_group_size_beyond_the_last_dim_costs_no_extra_memory():
     # Prepare: a valid [1, 8] i4 message (one group per row); any group_size >= 8 leaves its payload valid
     msg = encode("i4-none", np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 8))
@@ -1238,7 +1232,20 @@ def test_a_message_repacked_by_the_spec_decodes_unchanged(name):
     np.testing.assert_array_equal(decode_feature(msg), decode_feature(original))
 
 
-@pytest.mark.parametrize("dtype", [feature_pb2.DTYPE_UNSPECIFIED, 7, 99, 2**31 - 1, -1])
+def test_an_unset_dtype_is_data_loss_not_a_newer_encoder():
+    # Prepare: every encoder sets dtype, so a message without one is damaged
+    msg = small_message()
+    msg.dtype = feature_pb2.DTYPE_UNSPECIFIED
+
+    # Execute
+    with pytest.raises(FeatureDecodeError) as caught:
+        decode_feature(msg)
+
+    # Assert
+    assert caught.value.field == "dtype" and "unset" in str(caught.value)
+
+
+@pytest.mark.parametrize("dtype", [7, 99, 2**31 - 1, -1])
 def test_an_unknown_dtype_is_unsupported_not_data_loss(dtype):
     # Prepare: nothing else in the message can be read, so nothing else may matter
     msg = small_message()

@@ -246,22 +246,16 @@ def test_encode_quantized_i8o_refuses_inconsistent_outliers(change, problem: str
         I8O.encode_quantized(quantized, scales, outlier_columns=columns, outlier_values=values)
 
 
-# Bug in services/common/wire/codec.py, _validated_outliers: `np.diff(columns) <= 0` wraps around for an unsigned
-# dtype (find_outlier_columns itself returns uint32), so decreasing unsigned columns pass the check and the message
-# carries outlier_columns [20, 5], which every decoder refuses (DATA_LOSS at the tuner); a uint64 index >= 2**32 ahead
-# of a smaller one reaches numpy indexing and raises IndexError. strict: these fail loudly once the codec is fixed.
-UNSIGNED_DIFF_BUG = "codec bug: np.diff of unsigned outlier_columns wraps around (see the comment above)"
-
-
+# Unsigned indices that go backwards must be refused too: a diff of unsigned values wraps around.
 @pytest.mark.parametrize(
     "column_dtype",
     [
         np.int64,
         np.int32,
         np.int16,
-        pytest.param(np.uint32, marks=pytest.mark.xfail(strict=True, reason=UNSIGNED_DIFF_BUG)),
-        pytest.param(np.uint64, marks=pytest.mark.xfail(strict=True, reason=UNSIGNED_DIFF_BUG)),
-        pytest.param(np.uint16, marks=pytest.mark.xfail(strict=True, reason=UNSIGNED_DIFF_BUG)),
+        np.uint32,
+        np.uint64,
+        np.uint16,
     ],
 )
 def test_encode_quantized_i8o_refuses_decreasing_columns_of_any_integer_dtype(column_dtype) -> None:
@@ -273,7 +267,6 @@ def test_encode_quantized_i8o_refuses_decreasing_columns_of_any_integer_dtype(co
         )
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=UNSIGNED_DIFF_BUG)
 def test_encode_quantized_i8o_refuses_a_huge_unsigned_column_ahead_of_a_valid_one() -> None:
     quantized, scales, _, values = _i8o_case()
 

@@ -396,7 +396,11 @@ def _validated_outliers(
         raise InvalidArgumentError(
             f"at most {dims // OUTLIER_COLUMN_SHARE} outlier columns for {dims} dims, got {len(columns)}"
         )
-    if len(columns) and (int(columns[0]) < 0 or int(columns[-1]) >= dims or (np.diff(columns) <= 0).any()):
+    # Every index checked, in a signed type: a diff of unsigned indices that go backwards wraps to a huge number.
+    if (columns < 0).any() or (columns >= dims).any():
+        raise InvalidArgumentError(f"outlier_columns must be increasing indices in 0..{dims - 1}")
+    columns = columns.astype(np.int64)
+    if (np.diff(columns) <= 0).any():
         raise InvalidArgumentError(f"outlier_columns must be increasing indices in 0..{dims - 1}")
     if not isinstance(values, np.ndarray) or values.dtype != np.float32 or values.shape != (rows, len(columns)):
         raise InvalidArgumentError(
@@ -645,6 +649,8 @@ def _checked_shape(msg: feature_pb2.FeatureTensor, max_elements: int) -> tuple[i
 
 def _checked_dtype(msg: feature_pb2.FeatureTensor) -> DTypeName:
     dtype = _DTYPE_FROM_PROTO.get(msg.dtype)
+    if dtype is None and msg.dtype == feature_pb2.DTYPE_UNSPECIFIED:  # every encoder sets it: a damaged message
+        raise FeatureDecodeError("dtype", "unset (DTYPE_UNSPECIFIED), which no encoder writes")
     if dtype is None:
         known = ", ".join(f"{value} ({name})" for value, name in sorted(_DTYPE_FROM_PROTO.items()))
         raise UnsupportedFeatureError(
@@ -825,11 +831,11 @@ def _widened_i4(
     quantized = nibbles.reshape(rows, dims).view(np.int8) - np.int8(8)
     if len(columns) and quantized[:, columns].any():
         raise FeatureDecodeError("payload", "4-bit values in an outlier column, where the encoder writes zeros")
-    padded = np.zeros((rows, groups * group_size), dtype=np.float32)
-    padded[:, :dims] = quantized
+    # Each column's group looked up, never a row padded to groups x group_size: group_size comes from the message,
+    # and memory must stay bounded by the shape (a last dim below group_size is one short group).
+    group_of_column = np.arange(dims, dtype=np.int64) // group_size
     with np.errstate(over="ignore"):
-        values = (padded.reshape(rows, groups, group_size) * group_scales[:, :, None]).reshape(rows, -1)[:, :dims]
-    values = np.ascontiguousarray(values)
+        values = quantized.astype(np.float32) * group_scales[:, group_of_column]
     _widened_outliers(values, data[scale_end + (elements + 1) // 2 :], rows, columns, column_scales)
     return values
 
