@@ -347,7 +347,7 @@ def test_large_cpu_batches_are_quantized_i8o_in_chunks_with_the_same_result() ->
     singles = [quantize_images_i8o(torch.from_numpy(features[i : i + 1])) for i in range(40)]
 
     # Assert: the same tensors as image by image, and each message as encoding the floats
-    for name in QuantizedI8O._FIELDS:
+    for name in ("quantized", "scales", "flags", "values"):
         expected = torch.cat([getattr(single, name) for single in singles])
         assert torch.equal(getattr(batch, name), expected), name
     for image, (q, s, c, v) in zip(features, batch.split(), strict=True):

@@ -479,7 +479,9 @@ def _to_stored(values: np.ndarray, dtype: DTypeName) -> _Stored:
 def _i8o_stored(quantized: np.ndarray, scales: np.ndarray, columns: np.ndarray, outliers: np.ndarray) -> _Stored:
     """i8o payload: the int8 elements (zeros in the outlier columns), then the outlier columns as int16."""
     column_values, column_scales = _quantize_columns_i16(outliers)
-    plain = np.concatenate([quantized.reshape(-1).view(np.uint8), column_values.reshape(-1).view(np.uint8)])
+    plain = quantized.reshape(-1).view(np.uint8)
+    if len(columns):  # no copy of the int8 payload for features without outliers
+        plain = np.concatenate([plain, column_values.reshape(-1).view(np.uint8)])
     return _Stored(plain, scales, columns, column_scales)
 
 
