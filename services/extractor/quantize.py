@@ -43,7 +43,7 @@ def quantize_rows_i8(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def _quantize_rows(values: torch.Tensor, row_max: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows_i8 of float32 `values`, with each row's max |x| given when the caller has it already."""
     if values.device.type != "cpu" or values.numel() * 4 <= _CPU_CHUNK_BYTES:
-        return _quantize(values, row_max)
+        return _quantize(values, None if row_max is None else row_max.reshape(values.shape[:-1]))
     rows = values.reshape(-1, values.shape[-1])
     maxima = None if row_max is None else row_max.reshape(-1)
     step = max(1, _CPU_CHUNK_BYTES // (4 * rows.shape[1]))

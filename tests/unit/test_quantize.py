@@ -14,7 +14,7 @@ from hypothesis.extra.numpy import array_shapes, arrays
 from services.common.errors import InvalidArgumentError
 from services.common.pb import feature_pb2
 from services.common.wire.codec import CodecConfig, FeatureCodec, decode_feature, find_outlier_columns, quantize_i8
-from services.extractor.quantize import QuantizedI8O, quantize_images_i8o, quantize_rows_i8
+from services.extractor.quantize import quantize_images_i8o, quantize_rows_i8
 
 I8 = FeatureCodec(CodecConfig.parse("i8-zstd"))
 I8O = FeatureCodec(CodecConfig.parse("i8o-zstd"))
@@ -333,6 +333,23 @@ def test_device_i8o_messages_are_byte_identical_to_encoding_the_floats(mode: int
     columns = sum(len(c) for c in expected_columns)
     assert batch.nbytes() == features.size + 4 * 3 * rows + 3 * shape[-1] + 4 * columns * rows
     np.testing.assert_array_equal(features, with_outlier_columns(7, shape)[0])  # the input untouched
+
+
+@pytest.mark.parametrize(
+    "shape", [(4, 17, 32), (3, 4, 17, 48), (5, 768), (1, 50, 64)], ids=["mist", "lst", "cls", "one-image"]
+)
+def test_device_i8o_batches_without_outliers_are_byte_identical_to_encoding_the_floats(shape: tuple[int, ...]) -> None:
+    # Prepare: small Gaussian batches (the unchunked path, no outlier column: the row maxima are reused)
+    features = np.random.default_rng(11).standard_normal(shape).astype(np.float32)
+
+    # Execute
+    parts = quantize_images_i8o(torch.from_numpy(features)).to_host().split()
+
+    # Assert
+    for (q, s, c, v), image in zip(parts, features, strict=True):
+        assert len(c) == 0
+        device_msg = I8O.encode_quantized(q, s, outlier_columns=c, outlier_values=v, backbone=BACKBONE)
+        assert device_msg.SerializeToString() == I8O.encode(image, backbone=BACKBONE).SerializeToString()
 
 
 def test_large_cpu_batches_are_quantized_i8o_in_chunks_with_the_same_result() -> None:
