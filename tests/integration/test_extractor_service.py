@@ -479,7 +479,9 @@ def test_the_client_library_resumes_after_a_restart_without_resending_answered_i
 
     # Assert
     assert [r.item_id for r in results] == [item.item_id for item in items] and all(r.ok for r in results)
-    served_by_second = second.metric("mist_extractor_images_served_total", mode="mist", codec=DEFAULT_CODEC.name, status="ok")
+    served_by_second = second.metric(
+        "mist_extractor_images_served_total", mode="mist", codec=DEFAULT_CODEC.name, status="ok"
+    )
     assert 20 - 4 <= served_by_second <= 20  # the 10 answered images were not sent again
     expected = reference_features(backbone, items[29].image, "mist", (4,))[4]
     bound = np.abs(expected).max(axis=-1, keepdims=True) / 254 * 1.01 + 1e-5
