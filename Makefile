@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # e.g. make demo DEMO_ARGS='--epochs 5 --workdir /tmp/demo' (flags of `mist demo --help`)
 DEMO_ARGS ?=
 
-.PHONY: setup tools system-deps proto proto-check test stress demo bench bench-quick bench-gpu lint clean
+.PHONY: setup tools system-deps proto proto-check test stress demo bench bench-quick bench-gpu images lint clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ demo: setup
 
 bench: setup system-deps
 	$(PY) -m bench.run
+
+# The container images from deploy/docker/, also without a reachable container registry (scripts/images.py):
+# needs a Docker engine (started when not running) and, without registry access, mmdebstrap for the base.
+images: setup
+	$(PY) scripts/images.py
 
 bench-quick: setup system-deps
 	$(PY) -m bench.run --quick

@@ -10,13 +10,19 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
+# Where pip finds packages: unset, PyPI; `scripts/images.py` (make images) points them at a wheelhouse it serves
+# on the Docker bridge. PIP_CONSTRAINT: the exact versions of deploy/docker/constraints.txt, for every install.
+ARG PIP_INDEX_URL
+ARG PIP_TRUSTED_HOST
 # CPU build by default; a CUDA index (e.g. .../whl/cu128) for GPU nodes. The versions match the Makefile's
 # TORCH_PINS, which are known to import together with timm.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONSTRAINT=/opt/constraints.txt
+COPY deploy/docker/constraints.txt /opt/constraints.txt
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # torch first, from its own index: the project's `torch>=` requirement is then already met.
