@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # e.g. make demo DEMO_ARGS='--epochs 5 --workdir /tmp/demo' (flags of `mist demo --help`)
 DEMO_ARGS ?=
 
-.PHONY: setup tools system-deps proto proto-check test stress demo bench bench-quick bench-gpu images lint clean
+.PHONY: setup tools system-deps proto proto-check test stress demo bench bench-quick bench-gpu images e2e-containers lint clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,12 @@ bench: setup system-deps
 # needs a Docker engine (started when not running) and, without registry access, mmdebstrap for the base.
 images: setup
 	$(PY) scripts/images.py
+
+# The three images as containers with the Kubernetes manifests' settings, driven from the host and from a device
+# container under its memory budget; a registry SIGKILLed mid-push keeps every acknowledged version. Removes
+# everything it starts (scripts/e2e_containers.py).
+e2e-containers: images
+	$(PY) scripts/e2e_containers.py
 
 bench-quick: setup system-deps
 	$(PY) -m bench.run --quick

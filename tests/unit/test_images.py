@@ -115,3 +115,21 @@ def test_the_simple_index_links_every_wheel_under_its_normalised_name(tmp_path):
     assert sorted(path.name for path in simple.iterdir()) == ["pillow", "psycopg-binary", "zope-interface"]
     page = (simple / "psycopg-binary" / "index.html").read_text()
     assert '<a href="../../wheelhouse/psycopg_binary-3.3.9-cp311-none-any.whl">' in page
+
+
+def test_e2e_containers_take_the_manifests_environment():
+    from scripts import e2e_containers
+
+    # Execute
+    registry, extractor, tuner = (e2e_containers.manifest_env(name) for name in ("registry", "extractor", "tuner"))
+
+    # Assert: ConfigMap env files and literal env values of the StatefulSet / Deployments, as the pods get them
+    assert registry["MIST_DB"] == "sqlite:////data/registry.db" and registry["MIST_AUTH"] == "on"
+    assert registry["MIST_ADMIN_TOKEN_FILE"] == "/etc/mist/registry-admin/token"
+    assert extractor["MIST_LISTEN"] == "0.0.0.0:50051" and extractor["MIST_BACKBONE"] == "vit_base_patch16_224"
+    assert tuner["MIST_EXTRACTOR"] == "mist-extractor-headless:50051"
+    assert tuner["MIST_REGISTRY"] == "mist-registry-headless:50052"
+    # The Service names other pods dial are the containers' network aliases.
+    aliases = {service.name: service.alias for service in e2e_containers.SERVICES}
+    assert tuner["MIST_EXTRACTOR"].split(":")[0] == aliases["extractor"]
+    assert tuner["MIST_REGISTRY"].split(":")[0] == aliases["registry"]
