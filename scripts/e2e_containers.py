@@ -10,8 +10,8 @@ What it does, and checks (any failure exits 1 after cleaning up):
    (uid 10001, read-only root filesystem, every capability dropped, no privilege escalation, a tmpfs /tmp) and
    the Service names as network aliases, so MIST_EXTRACTOR=mist-extractor-headless:50051 resolves unchanged.
    The registry keeps SQLite on a named volume at /data and runs with auth on (an admin token file mounted
-   read-only, as the Secret is). Test-sized differences, printed: a small random-init ViT instead of ViT-B/16
-   weights (nothing can be downloaded), and a registry token for the worker (the manifests mount none).
+   read-only, as the Secret is), and the worker's registry token is mounted where the manifest says. The one
+   test-sized difference: a small random-init ViT instead of ViT-B/16 weights (nothing can be downloaded).
 3. Waits for grpc.health.v1 SERVING on each, from the host.
 4. From the host: `mist tune` (promoting to `production`) and `mist predict`; the worker's Tune over gRPC.
 5. From a device container (the tuner image: CPU torch, no timm), under the budget: `mist tune` with
@@ -254,9 +254,8 @@ def scenario(run: Run) -> None:
             mounts = [f"{run.volume}:/data", f"{admin}:/etc/mist/registry-admin/token:ro"]
         if service.name == "extractor":
             env.update(TINY_BACKBONE, MIST_TORCH_THREADS="1")
-        if service.name == "tuner":
-            env["MIST_REGISTRY_TOKEN_FILE"] = "/etc/mist/registry-token/token"
-            mounts = [f"{admin}:/etc/mist/registry-token/token:ro"]
+        if service.name == "tuner":  # the Secret the manifest mounts; here the admin token (it may push any task)
+            mounts = [f"{admin}:{env['MIST_REGISTRY_TOKEN_FILE']}:ro"]
         envs[service.name] = env
         started[service.name] = run.start(service, env, mounts)
     targets = {}

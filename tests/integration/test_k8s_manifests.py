@@ -534,7 +534,12 @@ def test_dockerfile_rules_catch_breaches(text, expected):
 def test_dockerignore_sends_only_the_package():
     lines = [ln for ln in (cm.ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
     assert lines[0] == "*"  # everything out (.git, .venv*, var/, caches) ...
-    assert [ln for ln in lines if ln.startswith("!")] == ["!pyproject.toml", "!README.md", "!services/"]
+    assert [ln for ln in lines if ln.startswith("!")] == [
+        "!pyproject.toml",
+        "!README.md",
+        "!services/",
+        "!deploy/docker/constraints.txt",  # the pinned versions every image installs under
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- command line
