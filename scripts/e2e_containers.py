@@ -15,10 +15,12 @@ What it does, and checks (any failure exits 1 after cleaning up):
 3. Waits for grpc.health.v1 SERVING on each, from the host.
 4. From the host: `mist tune` (promoting to `production`) and `mist predict`; the worker's Tune over gRPC.
 5. From a device container (the tuner image: CPU torch, no timm), under the budget: `mist tune` with
-   --memory 512m --cpus 1, `mist predict --runtime numpy` with --memory 128m --cpus 1, each peak memory measured
-   from the container's cgroup; then the same tune under 160m must fail loudly: the kernel's OOM kill,
-   reported by docker (exit 137, OOMKilled), not a hang.
-6. Stops and removes every container, the network and the volume it made, also on failure or Ctrl-C.
+   --memory 512m --cpus 1, `mist predict --runtime numpy` with --memory 128m --cpus 1, and the same predict in
+   the predict-only device image (no torch); each peak memory measured from the container's cgroup. Then a tune
+   under 100m must fail loudly: the kernel's OOM kill, reported by docker (exit 137, OOMKilled), not a hang.
+6. Pushes in a loop, SIGKILLs the registry container mid-push, starts it again on the same volume: every
+   acknowledged version must be there.
+7. Stops and removes every container, the network and the volume it made, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -199,15 +201,18 @@ def worker_tune(target: str, dataset: Path, task: str) -> tuner_pb2.TuneEvent:
     return final
 
 
-def device_run(run: Run, memory: str, command: Sequence[str], mounts: Sequence[str]) -> tuple[int, bool, int, str]:
-    """The tuner image as a device: `command` under --memory/--cpus 1 with the pod's security settings.
+def device_run(
+    run: Run, memory: str, command: Sequence[str], mounts: Sequence[str], image: str = "tuner"
+) -> tuple[int, bool, int, str]:
+    """A device container (the tuner image, or the predict-only device image): `mist COMMAND` under
+    --memory/--cpus 1 with the pod's security settings.
 
     Returns (exit code, OOM-killed, peak memory bytes from the cgroup, last output lines)."""
     args = ["run", "-d", "--label", f"mist-e2e={run.id}", "--network", run.network, "--memory", memory,
             "--memory-swap", memory, "--cpus", "1", *SECURITY, "--entrypoint", "mist"]  # fmt: skip
     for mount in mounts:
         args += ["--volume", mount]
-    container = run.docker(*args, f"mist-tuner:{VERSION}", *command)
+    container = run.docker(*args, f"mist-{image}:{VERSION}", *command)
     peak = 0
     candidates = [Path(f"/sys/fs/cgroup/memory/docker/{container}/memory.max_usage_in_bytes"),
                   Path(f"/sys/fs/cgroup/system.slice/docker-{container}.scope/memory.peak")]  # fmt: skip
@@ -225,9 +230,8 @@ def device_run(run: Run, memory: str, command: Sequence[str], mounts: Sequence[s
 
 
 def scenario(run: Run) -> None:
-    missing = [
-        f"mist-{service.name}:{VERSION}" for service in SERVICES if not image_exists(f"mist-{service.name}:{VERSION}")
-    ]
+    wanted = [f"mist-{name}:{VERSION}" for name in (*(service.name for service in SERVICES), "device")]
+    missing = [tag for tag in wanted if not image_exists(tag)]
     if missing:
         raise E2EError(f"images missing: {missing}: run `make images` first")
     run.docker("network", "create", "--label", f"mist-e2e={run.id}", run.network)
@@ -294,10 +298,11 @@ def scenario(run: Run) -> None:
     run.figures["device_tune_peak_mib"] = round(peak / 2**20, 1)
     predict = ["predict", "--task", "e2e-device", "--alias", "production", "--runtime", "numpy", *by_name,
                *(f"/data/{image.relative_to(dataset)}" for image in images)]  # fmt: skip
-    code, oom, peak, logs = device_run(run, DEVICE_PREDICT_MEMORY, predict, mounts)
-    if code != 0:
-        raise E2EError(f"device predict under {DEVICE_PREDICT_MEMORY} failed (exit {code}, OOM {oom}): {logs}")
-    run.figures["device_predict_peak_mib"] = round(peak / 2**20, 1)
+    for image in ("tuner", "device"):  # the device that tuned, then a predict-only one (no torch)
+        code, oom, peak, logs = device_run(run, DEVICE_PREDICT_MEMORY, predict, mounts, image)
+        if code != 0:
+            raise E2EError(f"{image} predict under {DEVICE_PREDICT_MEMORY} failed (exit {code}, OOM {oom}): {logs}")
+        run.figures[f"{image}_image_predict_peak_mib"] = round(peak / 2**20, 1)
     starved = ["tune", "--data", "/data", "--task", "e2e-starved", "--k", "2", "--epochs", "1", *by_name]
     code, oom, peak, logs = device_run(run, TOO_LITTLE_MEMORY, starved, mounts)
     if code == 0 or not oom:

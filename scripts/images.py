@@ -1,6 +1,6 @@
 """Build the container images from deploy/docker/*.Dockerfile, also on a machine that reaches no container registry.
 
-    .venv/bin/python scripts/images.py                 # make images: registry, tuner, extractor; prints their sizes
+    .venv/bin/python scripts/images.py                 # make images: registry, device, tuner, extractor; prints sizes
     .venv/bin/python scripts/images.py --only registry,tuner
     .venv/bin/python scripts/images.py lock            # regenerate deploy/docker/constraints.txt (pip-compile)
 
@@ -64,6 +64,7 @@ class Image:
 
 IMAGES: tuple[Image, ...] = (
     Image("registry", "registry"),
+    Image("device", "device"),  # predict only: the numpy runtime, no torch
     Image("tuner", "tuner", ("torch==2.13.0+cpu",), {"TORCH_VERSION": "2.13.0+cpu"}),
     Image(
         "extractor",
