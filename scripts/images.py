@@ -47,6 +47,7 @@ DEFAULT_BASE = "python:3.11-slim-bookworm"
 LOCAL_BASE = "mist-base:bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates")
 VERSION = "0.1.0"
+WHEELHOUSE_PORTS = range(18300, 18310)  # tried in turn for the wheelhouse server, then any free port
 # Never pinned in constraints.txt: each image installs its own build of torch from TORCH_INDEX_URL, and a torch
 # build pins its own CUDA runtime wheels exactly (its metadata says `nvidia-cudnn-cu13==9.24.0.43`, ...), which
 # differ between builds of one version.
@@ -202,7 +203,14 @@ def bridge_address() -> str:
 def serve(directory: Path, host: str) -> Iterator[str]:
     """WORK_DIR over HTTP on `host`, port chosen by the kernel, for the duration; yields the base URL."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer((host, 0), handler)
+    server = None
+    # A fixed port when free: the index URL is a build arg, part of every later RUN step's cache key, so a new
+    # port each run would rebuild every layer (the extractor's 6 GB venv included) for nothing.
+    for port in (*WHEELHOUSE_PORTS, 0):
+        with contextlib.suppress(OSError):
+            server = http.server.ThreadingHTTPServer((host, port), handler)
+            break
+    assert server is not None  # port 0 always binds
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
