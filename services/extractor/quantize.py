@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 from services.common.errors import InvalidArgumentError
+from services.common.wire.codec import OUTLIER_COLUMN_SHARE, OUTLIER_RATIO
 
 _I8_MAX = 127
+_TINY = torch.finfo(torch.float32).tiny
 # The codec's threshold: below it a row's scale would be subnormal and its reciprocal overflow (codec.py).
-_I8_MIN_ROW_MAX = torch.finfo(torch.float32).tiny * _I8_MAX
+_I8_MIN_ROW_MAX = _TINY * _I8_MAX
 # On a CPU, one whole-batch temporary of 32 x 197 x 768 floats (19 MB) is fresh memory whose page faults cost three
 # times the arithmetic (measured: 0.33 ms per image as one batch, 0.12 ms image by image); rows are therefore
 # quantized in chunks of about this many bytes there. An accelerator's caching allocator has no such cost.
@@ -67,16 +69,14 @@ def _quantize(values: torch.Tensor, row_max: torch.Tensor | None) -> tuple[torch
     return scaled.round_().clamp_(-_I8_MAX, _I8_MAX).to(torch.int8), scales
 
 
-# The codec's outlier-column rule (services/common/wire/codec.py): a column of an image's features is carried apart
-# when one of its values exceeds this many times its row's mean |x|, at most dims // _OUTLIER_COLUMN_SHARE of them.
-_OUTLIER_RATIO = 12.0
-_OUTLIER_COLUMN_SHARE = 16
-_TINY = torch.finfo(torch.float32).tiny
+# The codec's outlier-column rule (OUTLIER_RATIO, OUTLIER_COLUMN_SHARE in services/common/wire/codec.py): a column
+# of an image's features is carried apart when one of its values exceeds OUTLIER_RATIO times its row's mean |x|, at
+# most dims // OUTLIER_COLUMN_SHARE of them.
 
 
 @dataclass(frozen=True)
 class QuantizedI8O:
-    """A batch quantized for the i8o codec; `outliers(i)` gives image i's columns and their float32 values."""
+    """A batch quantized for the i8o codec; `split()` gives each image's share, outlier columns and values included."""
 
     quantized: torch.Tensor  # int8 [B, ..., D], zeros in each image's outlier columns
     scales: torch.Tensor  # float32 [B, ...], one per row
@@ -134,7 +134,7 @@ def _outlier_flags(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
     """(bool [B, D] outlier columns of each image, each row's max |x| [B, R] or None when not computed)."""
     batch, rows, dims = flat.shape
     flags = torch.zeros(batch, dims, dtype=torch.bool, device=flat.device)
-    cap = dims // _OUTLIER_COLUMN_SHARE
+    cap = dims // OUTLIER_COLUMN_SHARE
     if cap == 0:
         return flags, None
     # Each row's largest ratio first: images whose rows all stay under the threshold, the usual case on features
@@ -142,11 +142,11 @@ def _outlier_flags(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
     # reciprocal keeps the two passes consistent: a row's max ratio is the max of its values' ratios.
     inverse, row_ratio, row_max = _row_ratios(flat.reshape(-1, dims))
     inverse, row_ratio = inverse.reshape(batch, rows), row_ratio.reshape(batch, rows)
-    suspects = (row_ratio > _OUTLIER_RATIO).any(dim=1).nonzero().flatten()
+    suspects = (row_ratio > OUTLIER_RATIO).any(dim=1).nonzero().flatten()
     if suspects.numel() == 0:
         return flags, row_max
     ratio = (flat[suspects].abs_() * inverse[suspects].unsqueeze(-1)).amax(dim=1)  # [suspects, D]
-    chosen = ratio > _OUTLIER_RATIO
+    chosen = ratio > OUTLIER_RATIO
     for n in (chosen.sum(dim=1) > cap).nonzero().flatten().tolist():
         # rare: keep the `cap` largest ratios (ties: the lower column, as the codec's stable sort)
         order = torch.argsort(-ratio[n], stable=True)[:cap]

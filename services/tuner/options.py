@@ -15,10 +15,10 @@ from services.common.checks import check_int, check_number
 from services.common.clients.extractor import DEFAULT_MAX_IN_FLIGHT
 from services.common.config import ConfigBase, setting
 from services.common.errors import InvalidArgumentError
-from services.common.wire.codec import CodecConfig
+from services.common.wire.codec import DEFAULT_CODEC, CodecConfig
 from services.common.wire.edge_spec import Pooling
 
-DEFAULT_CODEC_NAME = "i8o-zstd"  # 4x smaller than float32, 1/254 of a row's max, outlier channels kept (docs: codecs)
+DEFAULT_CODEC_NAME = DEFAULT_CODEC.name  # i8o-zstd: 4x smaller than float32, outlier channels kept (docs: codecs)
 DEFAULT_RANK = 16  # the paper's r for D = 768; capped at D for narrow backbones
 # What a tune writes into a version's safetensors metadata, and predict reads back (before tags and metrics).
 METADATA_K, METADATA_CODEC, METADATA_CLASSES = "mist.k", "mist.codec", "mist.class_names"

@@ -58,12 +58,12 @@ OUTLIER_RATIO = 12.0
 # At most 1/16 of the columns are carried apart (the most extreme ones): a bound on the bytes they can add.
 OUTLIER_COLUMN_SHARE = 16
 _I16_MAX = 32767
-_I16_MIN_COLUMN_MAX = float(np.finfo(np.float32).tiny) * _I16_MAX
+_I16_MIN_COLUMN_MAX = _F32_TINY * _I16_MAX
 # i4: symmetric levels -7..7 stored as the nibble q + 8 (so nibble 0 is never written), one bfloat16 scale per
 # group of I4_GROUP_SIZE values along the last dim (rounded up, so no value clips), two values per byte.
 _I4_MAX = 7
 I4_GROUP_SIZE = 32
-_I4_MIN_GROUP_MAX = float(np.finfo(np.float32).tiny) * _I4_MAX
+_I4_MIN_GROUP_MAX = _F32_TINY * _I4_MAX
 _QUANTIZED_DTYPES = frozenset({"i8", "i8o", "i4"})  # one byte or less per element: no byte shuffle
 _OUTLIER_DTYPES = frozenset({"i8o", "i4"})
 _ROW_SCALED_DTYPES = frozenset({"i8", "i8o"})  # one float32 scale per row in `scales`
