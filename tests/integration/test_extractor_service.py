@@ -373,10 +373,13 @@ def test_a_cancelled_stream_releases_its_slot_and_its_items(server, backbone) ->
             call = extractor_pb2_grpc.ExtractorStub(channel).Extract()
             for request in requests:
                 await call.write(request)
-            await asyncio.to_thread(wait_until, lambda: server.metric("mist_extractor_items_in_flight") > 0)
-            in_flight = server.metric("mist_extractor_items_in_flight")
+            # The value the wait saw, not a second read: the tiny backbone may finish the window in between.
+            seen: list[float] = []
+            await asyncio.to_thread(
+                wait_until, lambda: seen.append(server.metric("mist_extractor_items_in_flight")) or seen[-1] > 0
+            )
             call.cancel()
-            return in_flight
+            return seen[-1]
 
     # Execute
     in_flight_before_cancel = asyncio.run(scenario())
