@@ -96,13 +96,12 @@ def _check_codec(name: str) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TuneOptions(ConfigBase):
-    """One tune: which task, how to fetch features, how to train, what to do with the result.
+class TrainingFlags(ConfigBase):
+    """How features are fetched and an edge network is trained: the flags `mist tune` and `mist reproduce` share.
 
-    Every `setting` is a flag of `mist tune` (and a MIST_* variable); training defaults are TrainConfig's.
+    Every `setting` is a flag (and a MIST_* variable); training defaults are TrainConfig's.
     """
 
-    task: str = setting(help="registry task; created on success when it does not exist", metavar="NAME")
     k: int | None = setting(
         None,
         help="gather depth, or auto: the best of N/4, N/2, 3N/4, N on the val split",
@@ -148,12 +147,6 @@ class TuneOptions(ConfigBase):
         minimum=0,
         metavar="N",
     )
-    val_fraction: float = setting(
-        0.2, help="share of each class's unsplit images kept for validation", metavar="FRACTION"
-    )
-    test_fraction: float = setting(
-        0.0, help="share of each class's unsplit images kept for the test score", metavar="FRACTION"
-    )
     num_blocks: int | None = setting(
         None, help="edge network blocks M", minimum=1, shown="the task's, else 4", metavar="M"
     )
@@ -166,33 +159,14 @@ class TuneOptions(ConfigBase):
     pooling: Pooling | None = setting(
         None, help="edge network pooling", shown="the task's, else cls (mean without a class token)"
     )
-    alias: str | None = setting(
-        None, help="move this alias (e.g. production) to the new version on success", metavar="NAME"
-    )
-    description: str = setting("", help="description of the task when this tune creates it", metavar="TEXT")
-    force: bool = setting(False, help="push even when the task gained a newer version during this tune")
-    skip_unreadable: bool = setting(
-        False,
-        help="tune on the other images when some are unreadable, empty or undecodable (else every one is named and "
-        "nothing is pushed); the skipped ones are listed in the output and the version's details",
-    )
     # Not flags: the connection settings and the caller fill these.
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # images sent to the extractor and not yet answered
     extract_attempts: int = 3  # passes over the missing images when the extractor stays unreachable
-    tuner: str = ""  # identity recorded in the lineage; "" = tuner_identity()
 
     def check(self) -> None:
         super().check()
-        if not self.task.strip():
-            raise InvalidArgumentError("a task name is required")
         for name in ("max_in_flight", "extract_attempts"):
             check_int(name, getattr(self, name), minimum=1)
-        if self.alias is not None and not self.alias.strip():
-            raise InvalidArgumentError("alias must not be empty")
-        for name in ("val_fraction", "test_fraction"):
-            check_number(name, getattr(self, name), minimum=0.0, below=1.0)
-        if self.val_fraction + self.test_fraction >= 1:
-            raise InvalidArgumentError("val_fraction + test_fraction must leave images to train on")
         self.train_config()  # validates the training hyperparameters now, before any network traffic
 
     def train_config(self) -> TrainConfig:
@@ -204,6 +178,44 @@ class TuneOptions(ConfigBase):
             warmup_epochs=self.warmup_epochs,
             seed=self.seed,
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneOptions(TrainingFlags):
+    """One tune: which task, how to fetch features (TrainingFlags), how to train, what to do with the result.
+
+    Every `setting` is a flag of `mist tune` (and a MIST_* variable); training defaults are TrainConfig's.
+    """
+
+    task: str = setting(help="registry task; created on success when it does not exist", metavar="NAME")
+    val_fraction: float = setting(
+        0.2, help="share of each class's unsplit images kept for validation", metavar="FRACTION"
+    )
+    test_fraction: float = setting(
+        0.0, help="share of each class's unsplit images kept for the test score", metavar="FRACTION"
+    )
+    alias: str | None = setting(
+        None, help="move this alias (e.g. production) to the new version on success", metavar="NAME"
+    )
+    description: str = setting("", help="description of the task when this tune creates it", metavar="TEXT")
+    force: bool = setting(False, help="push even when the task gained a newer version during this tune")
+    skip_unreadable: bool = setting(
+        False,
+        help="tune on the other images when some are unreadable, empty or undecodable (else every one is named and "
+        "nothing is pushed); the skipped ones are listed in the output and the version's details",
+    )
+    tuner: str = ""  # not a flag: identity recorded in the lineage; "" = tuner_identity()
+
+    def check(self) -> None:
+        super().check()
+        if not self.task.strip():
+            raise InvalidArgumentError("a task name is required")
+        if self.alias is not None and not self.alias.strip():
+            raise InvalidArgumentError("alias must not be empty")
+        for name in ("val_fraction", "test_fraction"):
+            check_number(name, getattr(self, name), minimum=0.0, below=1.0)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise InvalidArgumentError("val_fraction + test_fraction must leave images to train on")
 
 
 @dataclass(frozen=True, kw_only=True)
