@@ -5,8 +5,8 @@
 
 Each command runs in a subprocess exactly as its console script would (entry points read from pyproject.toml's
 [project.scripts]), with COLUMNS=100 and no MIST_* variables, so the output does not depend on the terminal or
-the environment. Subcommands of `mist` and `mist registry` are read from their own `--help`, so a new
-subcommand gets its section without editing this file.
+the environment. Subcommands of `mist`, `mist registry` and `mist reproduce` are read from their own `--help`, so
+a new subcommand gets its section without editing this file.
 """
 
 from __future__ import annotations
@@ -28,11 +28,15 @@ COLUMNS = 100
 TIMEOUT_S = 180  # `mist-extractor --help` imports torch: seconds on a busy 2-core machine
 REGENERATE = ".venv/bin/python scripts/gen_cli_docs.py"
 # Used when a `--help` lists no subcommands we can read (its layout changed): the commands the docs promise.
-FALLBACK_MIST_COMMANDS = ("tune", "predict", "evaluate", "demo", "registry")
-FALLBACK_REGISTRY_COMMANDS = (
-    "tasks", "task", "versions", "aliases", "history", "promote", "rollback", "export",
-    "delete-version", "create-token", "revoke-token",
-)  # fmt: skip
+FALLBACK_MIST_COMMANDS = ("tune", "predict", "evaluate", "demo", "registry", "reproduce")
+# `mist` subcommands that have subcommands of their own, with the ones the docs promise.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "registry": (
+        "tasks", "task", "versions", "aliases", "history", "promote", "rollback", "export",
+        "delete-version", "create-token", "revoke-token",
+    ),
+    "reproduce": ("vtab", "fewshot", "dg"),
+}  # fmt: skip
 SERVERS = ("mist-extractor", "mist-registry", "mist-tuner")
 # A subcommand line under "positional arguments:" in argparse's help: 4 spaces, the name, then its help.
 _SUBCOMMAND_LINE = re.compile(r"^    ([a-z][a-z0-9-]*)(?:\s{2,}.*)?$")
@@ -124,28 +128,31 @@ def subcommands(text: str, fallback: tuple[str, ...]) -> list[str]:
 
 
 def collect(scripts: dict[str, str], jobs: int) -> list[tuple[Command, str]]:
-    """(command, help) for mist, its subcommands, mist registry's subcommands and the servers, in that order."""
+    """(command, help) for mist, its subcommands (each group followed by its own subcommands) and the servers."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         top = Command(("mist",))
-        registry = Command(("mist", "registry"))
-        first = {c: pool.submit(help_text, c, scripts) for c in (top, registry)}
+        groups = {name: Command(("mist", name)) for name in GROUPS}
+        first = {c: pool.submit(help_text, c, scripts) for c in (top, *groups.values())}
         servers = {Command((name,)): pool.submit(help_text, Command((name,)), scripts) for name in SERVERS}
-        top_text, registry_text = first[top].result(), first[registry].result()
+        top_text = first[top].result()
         mist_commands = [Command(("mist", name)) for name in subcommands(top_text, FALLBACK_MIST_COMMANDS)]
-        registry_commands = [
-            Command(("mist", "registry", name)) for name in subcommands(registry_text, FALLBACK_REGISTRY_COMMANDS)
-        ]
-        rest = {c: pool.submit(help_text, c, scripts) for c in mist_commands + registry_commands if c != registry}
+        members = {
+            name: [Command(("mist", name, sub)) for sub in subcommands(first[group].result(), GROUPS[name])]
+            for name, group in groups.items()
+        }
+        rest = {
+            c: pool.submit(help_text, c, scripts)
+            for c in mist_commands + [m for listed in members.values() for m in listed]
+            if c not in groups.values()
+        }
         ordered: list[tuple[Command, str]] = [(top, top_text)]
-        for command in mist_commands:
-            if command == registry:
-                ordered.append((registry, registry_text))
-                ordered.extend((c, rest[c].result()) for c in registry_commands)
+        for command in mist_commands + [g for g in groups.values() if g not in mist_commands]:
+            # A group `mist --help` stopped listing is still documented, at the end.
+            if command in groups.values():
+                ordered.append((command, first[command].result()))
+                ordered.extend((c, rest[c].result()) for c in members[command.argv[1]])
             else:
                 ordered.append((command, rest[command].result()))
-        if registry not in mist_commands:  # `mist --help` stopped listing it: still document it
-            ordered.append((registry, registry_text))
-            ordered.extend((c, rest[c].result()) for c in registry_commands)
         ordered.extend((c, future.result()) for c, future in servers.items())
     return ordered
 

@@ -35,7 +35,7 @@ from services.common.config import (
 from services.common.errors import InvalidArgumentError, MistError
 from services.tuner.config import ConnectionFlags, Endpoints
 from services.tuner.memory import limit_heap_growth
-from services.tuner.options import DemoOptions, Runtime, TuneOptions
+from services.tuner.options import DemoOptions, Runtime, TrainingFlags, TuneOptions
 
 PROG = "mist"
 C = TypeVar("C")
@@ -287,16 +287,8 @@ def build_parser() -> ArgumentParser:
         description="MIST separated tuning: train tiny edge networks on features from a frozen ViT served in the "
         "cloud; predict; manage their versions.",
     )
-    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser)
-    for name, command in COMMANDS.items():
-        sub = subcommands.add_parser(
-            name, help=command.help, description=command.help, epilog=ENV_EPILOG, allow_abbrev=False
-        )
-        for title, classes in command.groups:
-            group = sub.add_argument_group(title)
-            for cls in classes:
-                add_arguments(group, cls)
-        sub.set_defaults(prog=sub.prog)
+    subcommands = add_commands(parser, COMMANDS)
+    for name, sub in subcommands.choices.items():
         if name == "predict":
             sub.add_argument(
                 "images",
@@ -308,16 +300,40 @@ def build_parser() -> ArgumentParser:
     subcommands.add_parser(
         "registry", add_help=False, help="tasks, versions, aliases, exports, tokens (see mist registry --help)"
     )
+    subcommands.add_parser(
+        "reproduce",
+        add_help=False,
+        help="the paper's protocols: vtab, fewshot, dg (see mist reproduce --help)",
+    )
     return parser
 
 
-def _invocation(args: argparse.Namespace, env: Mapping[str, str]) -> Invocation:
-    """Every setting of the command from its flags, else MIST_* variables, else defaults; token files read."""
-    command = COMMANDS[args.command]
+def add_commands(parser: argparse.ArgumentParser, commands: Mapping[str, Command]) -> argparse._SubParsersAction:
+    """One subcommand per entry, each with its settings' flags in help groups; `prog` set for error lines."""
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser)
+    for name, command in commands.items():
+        sub = subcommands.add_parser(
+            name, help=command.help, description=command.help, epilog=ENV_EPILOG, allow_abbrev=False
+        )
+        for title, classes in command.groups:
+            group = sub.add_argument_group(title)
+            for cls in classes:
+                add_arguments(group, cls)
+        sub.set_defaults(prog=sub.prog)
+    return subcommands
+
+
+def _invocation(
+    args: argparse.Namespace, env: Mapping[str, str], commands: Mapping[str, Command] | None = None
+) -> Invocation:
+    """Every setting of the command (of `commands`, default mist's) from its flags, else MIST_* variables, else
+    defaults; token files read."""
+    command = (COMMANDS if commands is None else commands)[args.command]
     given = vars(args)
     settings: dict[type, Any] = {}
-    for cls in sorted(command.classes, key=lambda cls: cls is TuneOptions):  # TuneOptions takes the connection's
-        fixed = {"max_in_flight": settings[ConnectionFlags].max_in_flight} if cls is TuneOptions else {}
+    fetches = lambda cls: issubclass(cls, TrainingFlags)  # noqa: E731  # they take the connection's window
+    for cls in sorted(command.classes, key=fetches):
+        fixed = {"max_in_flight": settings[ConnectionFlags].max_in_flight} if fetches(cls) else {}
         settings[cls] = config_from_args(cls, given, env, **fixed)
     connection = settings.get(ConnectionFlags)
     return Invocation(settings, args, connection.endpoints() if connection else None)
@@ -336,11 +352,23 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         from services.common.clients.registry_cli import main as registry_main
 
         return registry_main(argv[1:], env)
-    prog = PROG
+    if argv[:1] == ["reproduce"]:
+        from services.tuner.reproduce.cli import COMMANDS as REPRODUCE_COMMANDS
+        from services.tuner.reproduce.cli import PROG as REPRODUCE_PROG
+        from services.tuner.reproduce.cli import build_parser as reproduce_parser
+
+        return run_command(REPRODUCE_PROG, reproduce_parser(), REPRODUCE_COMMANDS, argv[1:], env)
+    return run_command(PROG, build_parser(), COMMANDS, argv, env)
+
+
+def run_command(
+    prog: str, parser: argparse.ArgumentParser, commands: Mapping[str, Command], argv: list[str], env: Mapping[str, str]
+) -> int:
+    """Parse `argv` with `parser`, run the chosen command; the exit code (errors as one `PROG: error:` line)."""
     try:
-        args = parse_args(build_parser(), argv)
+        args = parse_args(parser, argv)
         prog = args.prog
-        run = _invocation(args, env)
+        run = _invocation(args, env, commands)
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
     except UsageError as error:
@@ -350,7 +378,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         _error(prog, f"{error} (see {prog} --help)")
         return 2
     try:
-        return COMMANDS[args.command].run(run)
+        return commands[args.command].run(run)
     except KeyboardInterrupt:
         _error(prog, "interrupted")
         return 130

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = get_args(Split)
-Layout = Literal["folders", "split_folders", "manifest", "memory"]
+Layout = Literal["folders", "split_folders", "manifest", "memory", "lists"]  # lists: mist reproduce's split files
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 _HASH_CHUNK_BYTES = 1 << 20  # fingerprinting streams files in 1 MiB reads: memory stays flat for any image size
 _FINGERPRINT_VERSION = b"mist-dataset-fingerprint-v1"  # bump when the hashed fields change

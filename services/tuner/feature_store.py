@@ -366,6 +366,14 @@ class FeatureStore:
         labels = torch.tensor([self._labels[index] for index in positions], dtype=torch.int64)
         return features, labels
 
+    def message_bytes(self, index: int, k: int) -> bytes:
+        """The serialized FeatureTensor held for (index, k), byte for byte as received (what a saved copy keeps)."""
+        self._check_index(index)
+        self._check_open()
+        if not self.has(index, k):
+            raise FailedPreconditionError(f"no k={k} feature for image {index}")
+        return _read_at(self._file, int(self._offsets[k][index]), int(self._lengths[k][index]))  # type: ignore[arg-type]
+
 
 def _write_at(file: BinaryIO, data: bytes, offset: int) -> None:
     """Write all of `data` at `offset` (POSIX pwrite: the file position is left alone)."""

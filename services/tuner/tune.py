@@ -191,7 +191,9 @@ def tune_dataset(
     )
     observer.message(transfer_line(transfer))
     observer.before_push()
-    created, task = _ensure_task(registry, task, options, info, dataset.class_names, edge, trained.k, codec)
+    created, task = ensure_task(
+        registry, task, options.task, info, dataset.class_names, edge, trained.k, codec, description=options.description
+    )
     draft = _Draft(dataset, options, info, edge, codec, trained, reports, transfer, extraction)
     version = _push(registry, task, draft, parent=0 if created else task.latest_version)
     observer.message(f"pushed version {version.number} of {options.task} (sha256 {version.sha256[:12]})")
@@ -370,34 +372,35 @@ class _Draft:
     extraction: ExtractionStats
 
 
-def _ensure_task(
+def ensure_task(
     registry: RegistryClient,
     task: Task | None,
-    options: TuneOptions,
+    name: str,
     info: BackboneInfo,
     class_names: Sequence[str],
     edge: EdgeNetworkConfig,
     k: int,
     codec: str,
+    *,
+    description: str = "",
 ) -> tuple[bool, Task]:
-    """(created, task): the task read at the start, or a new one with this tune's settings."""
+    """(created, task): `task` as read at the start, or a new one named `name` with these settings."""
     if task is not None:
         return False, task
     definition = Task(
-        name=options.task, backbone_name=info.backbone.name, backbone_fingerprint=info.backbone.weights_fingerprint,
+        name=name, backbone_name=info.backbone.name, backbone_fingerprint=info.backbone.weights_fingerprint,
         gather_mode="mist", k=k, codec=codec, class_names=tuple(class_names), edge=edge.to_dict(),
-        description=options.description,
+        description=description,
     )  # fmt: skip
     try:
         return True, registry.create_task(definition)
     except errors.AlreadyExistsError:
         # Created by someone else while we trained: fine if it fits; the push then races on the parent.
-        existing = registry.get_task(options.task)
+        existing = registry.get_task(name)
         check_task_fits(existing, info, class_names)
         if existing.edge_config() != edge:
             raise FailedPreconditionError(
-                f"task {options.task!r} was created meanwhile with another edge network "
-                f"({existing.edge_config().to_json()})"
+                f"task {name!r} was created meanwhile with another edge network ({existing.edge_config().to_json()})"
             ) from None
         return False, existing
 
@@ -451,16 +454,40 @@ def _details(draft: _Draft) -> str:
 
 
 def _push(registry: RegistryClient, task: Task, draft: _Draft, *, parent: int) -> Version:
+    return push_weights(
+        registry, task, draft.trained.model, k=draft.trained.k, codec=draft.codec,
+        class_names=draft.dataset.class_names, parent=parent, force=draft.options.force, metrics=_metrics(draft),
+        details_json=_details(draft), dataset_fingerprint=draft.dataset.fingerprint(),
+        tuner=draft.options.tuner or tuner_identity(),
+    )  # fmt: skip
+
+
+def push_weights(
+    registry: RegistryClient,
+    task: Task,
+    model: EdgeNetwork,
+    *,
+    k: int,
+    codec: str,
+    class_names: Sequence[str],
+    parent: int,
+    metrics: dict[str, float],
+    details_json: str,
+    dataset_fingerprint: str,
+    tuner: str,
+    force: bool = False,
+    tags: dict[str, str] | None = None,
+) -> Version:
+    """Push a trained network as a new version of `task`: safetensors with the metadata predict reads (k, codec,
+    classes, backbone) and the tags k and codec (plus `tags`); `parent` is the latest version the caller saw."""
     metadata = {
-        METADATA_K: str(draft.trained.k), METADATA_CODEC: draft.codec,
-        METADATA_CLASSES: json.dumps(list(draft.dataset.class_names)),
+        METADATA_K: str(k), METADATA_CODEC: codec, METADATA_CLASSES: json.dumps(list(class_names)),
         METADATA_BACKBONE: task.backbone.name, METADATA_BACKBONE_FINGERPRINT: task.backbone.weights_fingerprint,
     }  # fmt: skip
-    blob = to_safetensors_bytes(draft.trained.model, metadata)
     return registry.push(
-        task.name, blob, parent_version=parent, force=draft.options.force, metrics=_metrics(draft),
-        details_json=_details(draft), dataset_fingerprint=draft.dataset.fingerprint(),
-        tuner=draft.options.tuner or tuner_identity(), tags={"k": str(draft.trained.k), "codec": draft.codec},
+        task.name, to_safetensors_bytes(model, metadata), parent_version=parent, force=force, metrics=metrics,
+        details_json=details_json, dataset_fingerprint=dataset_fingerprint, tuner=tuner,
+        tags={**(tags or {}), "k": str(k), "codec": codec},
     )  # fmt: skip
 
 
