@@ -128,6 +128,11 @@ def test_vtab_results_made_with_another_recipe_are_done_again(stack, standins, t
     assert "0 already done" in stderr and "features of 24 images read from" in stderr  # same features, new recipe
     assert json.loads(second)["recipe"]["lr"] == 3e-3 and json.loads(second)["tasks"][0]["version"] == 2
 
+    # Another run folder: the features are fetched again, and the extractor answers them from its cache.
+    code, _, stderr = reproduce(stack, *args[:5], "--out", str(tmp_path / "elsewhere"), *args[7:])
+    assert code == 0, stderr
+    assert "patch_camelyon: 24 images fetched" in stderr and "(24 from the extractor's cache)" in stderr
+
 
 # ---------------------------------------------------------------------------------------------- few-shot and DG
 
