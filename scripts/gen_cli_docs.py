@@ -32,7 +32,7 @@ FALLBACK_MIST_COMMANDS = ("tune", "predict", "evaluate", "demo", "registry", "re
 # `mist` subcommands that have subcommands of their own, with the ones the docs promise.
 GROUPS: dict[str, tuple[str, ...]] = {
     "registry": (
-        "tasks", "task", "versions", "aliases", "history", "promote", "rollback", "export",
+        "tasks", "task", "versions", "aliases", "history", "promote", "rollback", "fleet", "export",
         "delete-version", "create-token", "revoke-token",
     ),
     "reproduce": ("vtab", "fewshot", "dg"),

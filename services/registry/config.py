@@ -87,6 +87,20 @@ class RegistryConfig(ServerConfig):
         minimum=1024,
         metavar="BYTES",
     )
+    device_heartbeat_s: int = setting(
+        30,
+        help="how often devices are asked to report (mist registry fleet calls one stale after 90 s by default)",
+        minimum=1,
+        maximum=3600,
+        metavar="SECONDS",
+    )
+    watch_poll_interval_s: float = setting(
+        0.25,
+        help="how often watched aliases are read for moves made on other replicas (moves made here go out at once)",
+        minimum=0.01,
+        maximum=60.0,
+        metavar="SECONDS",
+    )
 
     def check(self) -> None:
         super().check()

@@ -12,13 +12,14 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.common.errors import MistError
 from services.common.serving.rpc import status_for
 from services.registry.store import RegistryStore
+from services.registry.watch import AliasFeed
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,25 @@ class RegistryMetrics:
             "alias moves (set to another version, created or deleted), as recorded in alias history",
             registry=registry,
         )
+        self.watches = Counter(
+            "mist_registry_watches_total",
+            "WatchAlias streams opened (devices reconnecting count again)",
+            registry=registry,
+        )
+        self.watch_events = Counter(
+            "mist_registry_watch_events_total", "alias events sent to watching devices", registry=registry
+        )
+        self.watchers = Gauge(
+            "mist_registry_watchers",
+            "WatchAlias streams open on this replica (sum over replicas: every replica counts its own)",
+            registry=registry,
+        )
         if store is not None:
             registry.register(StoreCollector(store))
+
+    def count_watchers(self, feed: AliasFeed) -> None:
+        """mist_registry_watchers reads the feed at scrape time."""
+        self.watchers.set_function(lambda: feed.watchers)
 
     @contextlib.contextmanager
     def outcome(self, counter: Counter) -> Iterator[None]:
@@ -103,3 +121,19 @@ class StoreCollector(Collector):
         for task, count in stats.versions_by_task.items():
             versions.add_metric([task], count)
         yield versions
+        devices = GaugeMetricFamily(
+            "mist_registry_fleet_devices",
+            "devices whose last report names this version (state: fresh, or stale after 90 s of silence)",
+            labels=["task", "version", "state"],
+        )
+        for (task, version, state), count in sorted(stats.devices.items()):
+            devices.add_metric([task, str(version), state], count)
+        yield devices
+        rollout = GaugeMetricFamily(
+            "mist_registry_rollout_percent",
+            "share of the task's devices a staged rollout reaches (absent: none in progress)",
+            labels=["task", "alias", "version"],
+        )
+        for (task, alias), (version, percent) in sorted(stats.rollouts.items()):
+            rollout.add_metric([task, alias, str(version)], percent)
+        yield rollout

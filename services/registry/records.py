@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import re
@@ -91,6 +92,15 @@ class Version:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """A staged rollout in progress: `version` for `percent` % of the task's devices (in_rollout decides which)."""
+
+    version: int
+    percent: int  # 1..99
+    started_at: datetime  # UTC
+
+
+@dataclass(frozen=True)
 class Alias:
     """A mutable name (e.g. "production") pointing at one live version of a task."""
 
@@ -99,6 +109,27 @@ class Alias:
     version: int  # the version it points at
     updated_at: datetime  # last move (UTC)
     updated_by: str  # who made the last move
+    rollout: Rollout | None = None  # a staged rollout of another version, when one is in progress
+    revision: int = 0  # of its last move (AliasMove.revision); 0 when unknown
+
+    def version_for(self, device: str) -> int:
+        """The version `device` should run: the rollout's when the device is in its share, else the alias's."""
+        if self.rollout is not None and in_rollout(self.task, self.name, self.rollout.version, device,
+                                                   self.rollout.percent):  # fmt: skip
+            return self.rollout.version
+        return self.version
+
+
+def in_rollout(task: str, alias: str, version: int, device: str, percent: int) -> bool:
+    """Whether `device` is in a rollout of `version` at `percent` %: a stable hash of (task, alias, version, device)
+    in 10,000 buckets, so widening a rollout keeps every device already in it, and each rollout samples anew.
+    A device without a name is in no partial rollout."""
+    if percent >= 100:
+        return True
+    if percent <= 0 or not device:
+        return False
+    digest = hashlib.sha256(f"{task}\0{alias}\0{version}\0{device}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 10_000 < percent * 100
 
 
 @dataclass(frozen=True)
@@ -119,6 +150,56 @@ class AliasMove:
     to_version: int  # 0: the alias was deleted by this move
     moved_at: datetime  # UTC
     moved_by: str
+    rollout_version: int = 0  # the staged rollout after this move (0: none)
+    rollout_percent: int = 0
+    revision: int = 0  # the move's id: increases with every move of the task's aliases, in commit order
+
+    @property
+    def alias(self) -> Alias:
+        """The alias as this move left it (for a watcher); version 0 when the move deleted it."""
+        rollout = Rollout(self.rollout_version, self.rollout_percent, self.moved_at) if self.rollout_version else None
+        return Alias(self.task, self.name, self.to_version, self.moved_at, self.moved_by, rollout, self.revision)
+
+
+@dataclass(frozen=True)
+class AliasEvent:
+    """One step of an alias as a watching device sees it (RegistryClient.watch_alias)."""
+
+    task: str
+    alias: str
+    revision: int  # of the move this follows; a reconnecting watcher passes the last one it got
+    version: int  # what this device should run now; 0: the alias was deleted (keep what you have)
+    stable_version: int  # the alias's own version
+    rollout: Rollout | None  # a staged rollout in progress
+    in_rollout: bool  # this device is in the rollout's share
+    current: bool  # the state when the stream started, not a move
+    moved_at: datetime
+    moved_by: str
+
+
+@dataclass(frozen=True)
+class FleetView:
+    """`mist registry fleet TASK`: who runs what."""
+
+    task: str
+    versions: tuple[tuple[int, int, int], ...]  # (version, fresh devices, stale devices), by version
+    devices: tuple[tuple[DeviceRecord, bool], ...]  # (last report, stale), by name
+    aliases: tuple[Alias, ...]
+    watchers: int  # open watch streams on the replica that answered
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """The last report of one device of a task (its name is its token's name when auth is on)."""
+
+    task: str
+    device: str
+    alias: str  # what it follows ("" for a fixed version)
+    version: int  # in use (0: none yet)
+    rejected_version: int  # the last version that failed its checks (0: none)
+    rejected_reason: str
+    agent: str
+    reported_at: datetime  # UTC
 
 
 @dataclass(frozen=True)
@@ -151,6 +232,9 @@ class RegistryStats:
     versions_by_task: dict[str, int]  # live versions per task (tasks without versions included, as 0)
     bytes_stored: int  # total size of the live blobs
     aliases: int  # number of aliases over all tasks
+    # (task, version, "fresh" | "stale") -> devices whose last report names that version
+    devices: dict[tuple[str, int, str], int] = field(default_factory=dict)
+    rollouts: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # (task, alias) -> (version, %)
 
 
 def check_name(kind: str, value: object) -> str:

@@ -18,7 +18,17 @@ from services.common.pb import feature_pb2, registry_pb2
 from services.common.wire.codec import CodecConfig
 from services.common.wire.edge_spec import EdgeNetworkConfig
 from services.common.wire.gather_modes import mode_from_proto, mode_to_proto
-from services.registry.records import Alias, AliasMove, ScopeName, Task, Version
+from services.registry.records import (
+    Alias,
+    AliasEvent,
+    AliasMove,
+    DeviceRecord,
+    FleetView,
+    Rollout,
+    ScopeName,
+    Task,
+    Version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +173,20 @@ def push_arguments(header: registry_pb2.PushHeader) -> dict[str, Any]:
 # ---- aliases -------------------------------------------------------------------------------------------
 
 
+def rollout_to_proto(rollout: Rollout | None) -> registry_pb2.Rollout | None:
+    if rollout is None:
+        return None
+    return registry_pb2.Rollout(
+        version=rollout.version, percent=rollout.percent, started_at=timestamp_to_proto(rollout.started_at)
+    )
+
+
+def rollout_from_proto(message: registry_pb2.Rollout, present: bool) -> Rollout | None:
+    if not present or not message.version:
+        return None
+    return Rollout(message.version, message.percent, timestamp_from_proto(message.started_at))
+
+
 def alias_to_proto(alias: Alias) -> registry_pb2.Alias:
     return registry_pb2.Alias(
         task=alias.task,
@@ -170,6 +194,8 @@ def alias_to_proto(alias: Alias) -> registry_pb2.Alias:
         version=alias.version,
         updated_at=timestamp_to_proto(alias.updated_at),
         updated_by=alias.updated_by,
+        rollout=rollout_to_proto(alias.rollout),
+        revision=alias.revision,
     )
 
 
@@ -180,6 +206,8 @@ def alias_from_proto(message: registry_pb2.Alias) -> Alias:
         version=message.version,
         updated_at=timestamp_from_proto(message.updated_at),
         updated_by=message.updated_by,
+        rollout=rollout_from_proto(message.rollout, message.HasField("rollout")),
+        revision=message.revision,
     )
 
 
@@ -191,6 +219,9 @@ def alias_move_to_proto(move: AliasMove) -> registry_pb2.AliasMove:
         to_version=move.to_version,
         moved_at=timestamp_to_proto(move.moved_at),
         moved_by=move.moved_by,
+        rollout_version=move.rollout_version,
+        rollout_percent=move.rollout_percent,
+        revision=move.revision,
     )
 
 
@@ -202,6 +233,70 @@ def alias_move_from_proto(message: registry_pb2.AliasMove) -> AliasMove:
         to_version=message.to_version,
         moved_at=timestamp_from_proto(message.moved_at),
         moved_by=message.moved_by,
+        rollout_version=message.rollout_version,
+        rollout_percent=message.rollout_percent,
+        revision=message.revision,
+    )
+
+
+def alias_event(alias: Alias, device: str, *, current: bool) -> registry_pb2.AliasEvent:
+    """What a watching `device` is told about the alias in this state (after a move, or as it stands)."""
+    in_share = alias.rollout is not None and alias.version_for(device) == alias.rollout.version
+    return registry_pb2.AliasEvent(
+        revision=alias.revision,
+        version=alias.version_for(device) if alias.version else 0,
+        stable_version=alias.version,
+        rollout=rollout_to_proto(alias.rollout),
+        in_rollout=in_share,
+        current=current,
+        moved_at=timestamp_to_proto(alias.updated_at),
+        moved_by=alias.updated_by,
+    )
+
+
+def alias_event_from_proto(task: str, alias: str, message: registry_pb2.AliasEvent) -> AliasEvent:
+    return AliasEvent(
+        task=task,
+        alias=alias,
+        revision=message.revision,
+        version=message.version,
+        stable_version=message.stable_version,
+        rollout=rollout_from_proto(message.rollout, message.HasField("rollout")),
+        in_rollout=message.in_rollout,
+        current=message.current,
+        moved_at=timestamp_from_proto(message.moved_at),
+        moved_by=message.moved_by,
+    )
+
+
+def fleet_from_proto(message: registry_pb2.Fleet) -> FleetView:
+    devices = tuple(
+        (
+            DeviceRecord(message.task, d.device, d.alias, d.version, d.rejected_version, d.rejected_reason, d.agent,
+                         timestamp_from_proto(d.last_seen)),
+            d.stale,
+        )
+        for d in message.devices
+    )  # fmt: skip
+    return FleetView(
+        task=message.task,
+        versions=tuple((v.version, v.devices, v.stale) for v in message.versions),
+        devices=devices,
+        aliases=tuple(alias_from_proto(a) for a in message.aliases),
+        watchers=message.watchers,
+    )
+
+
+def device_to_proto(device: DeviceRecord, *, stale: bool) -> registry_pb2.FleetDevice:
+    return registry_pb2.FleetDevice(
+        device=device.device,
+        alias=device.alias,
+        version=device.version,
+        rejected_version=device.rejected_version,
+        rejected_reason=device.rejected_reason,
+        last_seen=timestamp_to_proto(device.reported_at),
+        stale=stale,
+        agent=device.agent,
     )
 
 

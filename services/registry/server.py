@@ -22,6 +22,7 @@ from services.registry.config import RegistryConfig, describe_db, read_admin_tok
 from services.registry.metrics import RegistryMetrics
 from services.registry.servicer import SERVICE_NAME, RegistryServicer, StoreTokenValidator
 from services.registry.store import hash_token, open_store
+from services.registry.watch import AliasFeed
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,26 @@ async def build(config: RegistryConfig, registry: CollectorRegistry) -> ServiceS
             "(use --auth on with --admin-token-file)",
             config.listen,
         )
-    servicer = RegistryServicer(store, config, RegistryMetrics(registry, store))
+    metrics = RegistryMetrics(registry, store)
+    feed = AliasFeed(store, poll_interval_s=config.watch_poll_interval_s)
+    feed.start()
+    metrics.count_watchers(feed)
+    servicer = RegistryServicer(store, config, metrics, feed)
 
     def add_services(server: grpc.aio.Server) -> list[str]:
         registry_pb2_grpc.add_RegistryServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
     async def on_shutdown() -> None:
+        await feed.close()
         await asyncio.to_thread(store.close)
 
     validator = StoreTokenValidator(store) if config.auth == "on" else None
-    return ServiceSetup(add_services=add_services, token_validator=validator, on_shutdown=on_shutdown)
+    # Draining ends the watch streams at once (UNAVAILABLE): the devices reconnect to another replica instead of
+    # holding the drain for its whole grace period.
+    return ServiceSetup(
+        add_services=add_services, token_validator=validator, on_shutdown=on_shutdown, on_drain=feed.close
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,8 +14,10 @@ may do anything and lineage records "anonymous".
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
 
 import grpc
 
@@ -31,8 +33,9 @@ from services.common.serving.rpc import handles_errors
 from services.registry import serde
 from services.registry.config import MIN_CHUNK_SIZE_BYTES, RegistryConfig
 from services.registry.metrics import RegistryMetrics
-from services.registry.records import Principal, Task, Version
-from services.registry.store import RegistryStore, max_blob_bytes
+from services.registry.records import DeviceRecord, Principal, Task, Version, check_name
+from services.registry.store import DEFAULT_STALE_AFTER_S, RegistryStore, max_blob_bytes
+from services.registry.watch import AliasFeed
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,17 @@ def authorize(task: str, *, write: bool) -> str:
     )
 
 
+def device_name(requested: str) -> str:
+    """The calling device's name: its token's name with auth on (a different name in the request is refused),
+    the name it gives with auth off ("" when none: then it is in no partial rollout)."""
+    principal = _principal()
+    if principal is None or principal.scope == "admin":
+        return check_name("device", requested) if requested else ""
+    if requested and requested != principal.name:
+        raise PermissionDeniedError(f"token {principal.name!r} belongs to device {principal.name!r}, not {requested!r}")
+    return principal.name
+
+
 def require_admin(action: str) -> str:
     principal = _principal()
     if principal is None:
@@ -93,10 +107,13 @@ def require_admin(action: str) -> str:
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     """Thin handlers over a RegistryStore; see the module docstring for the auth rules."""
 
-    def __init__(self, store: RegistryStore, config: RegistryConfig, metrics: RegistryMetrics) -> None:
+    def __init__(
+        self, store: RegistryStore, config: RegistryConfig, metrics: RegistryMetrics, feed: AliasFeed | None = None
+    ) -> None:
         self._store = store
         self._config = config
         self._metrics = metrics
+        self._feed = feed if feed is not None else AliasFeed(store)
 
     # ---- tasks
 
@@ -271,12 +288,17 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         moved_by = authorize(request.task, write=True)
         expected = serde.expected_version(request.has_expected_version, request.expected_version)
         update = await asyncio.to_thread(
-            self._store.set_alias, request.task, request.name, request.version, expected, moved_by
-        )
+            functools.partial(self._store.set_alias, percent=request.percent),
+            request.task, request.name, request.version, expected, moved_by,
+        )  # fmt: skip
         alias = update.alias
         if update.moved:
+            self._feed.poke()
             self._metrics.alias_moves.inc()
-            log.info("task %r: alias %r -> version %d by %r", alias.task, alias.name, alias.version, moved_by)
+            staged = (
+                f" (rollout of version {alias.rollout.version} at {alias.rollout.percent}%)" if alias.rollout else ""
+            )
+            log.info("task %r: alias %r -> version %d%s by %r", alias.task, alias.name, alias.version, staged, moved_by)
         return serde.alias_to_proto(alias)
 
     @handles_errors
@@ -293,6 +315,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         moved_by = authorize(request.task, write=True)
         expected = serde.expected_version(request.has_expected_version, request.expected_version)
         await asyncio.to_thread(self._store.delete_alias, request.task, request.name, expected, moved_by)
+        self._feed.poke()
         self._metrics.alias_moves.inc()
         log.info("task %r: alias %r deleted by %r", request.task, request.name, moved_by)
         return registry_pb2.DeleteAliasResponse()
@@ -312,6 +335,61 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         authorize(request.task, write=False)
         moves = await asyncio.to_thread(self._store.alias_history, request.task, request.name or None, request.limit)
         return registry_pb2.AliasHistoryResponse(moves=[serde.alias_move_to_proto(m) for m in moves])
+
+    # ---- watching and the fleet
+
+    @handles_errors
+    async def WatchAlias(
+        self, request: registry_pb2.WatchAliasRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[registry_pb2.AliasEvent]:
+        authorize(request.task, write=False)
+        device = device_name(request.device)
+        check_name("task", request.task)
+        check_name("alias", request.name)
+        self._metrics.watches.inc()
+        async for alias, current in self._feed.watch(request.task, request.name, request.since_revision):
+            self._metrics.watch_events.inc()
+            yield serde.alias_event(alias, device, current=current)
+
+    @handles_errors
+    async def ReportDevice(
+        self, request: registry_pb2.DeviceReport, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.DeviceReportResponse:
+        authorize(request.task, write=False)
+        device = device_name(request.device)
+        if not device:
+            raise InvalidArgumentError("a device report needs the device's name (auth off: the device field)")
+        report = DeviceRecord(request.task, device, request.alias, request.version, request.rejected_version,
+                              request.rejected_reason, request.agent, datetime.now(timezone.utc))  # fmt: skip
+        await asyncio.to_thread(self._store.report_device, report)
+        return registry_pb2.DeviceReportResponse(heartbeat_s=self._config.device_heartbeat_s)
+
+    @handles_errors
+    async def GetFleet(
+        self, request: registry_pb2.GetFleetRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.Fleet:
+        authorize(request.task, write=False)
+        stale_after = timedelta(seconds=request.stale_after_s or DEFAULT_STALE_AFTER_S)
+        devices, aliases = await asyncio.gather(
+            asyncio.to_thread(self._store.devices, request.task),
+            asyncio.to_thread(self._store.list_aliases, request.task),
+        )
+        now = datetime.now(timezone.utc)
+        counts: dict[int, list[int]] = {}
+        shown = []
+        for device in devices:
+            stale = now - device.reported_at > stale_after
+            counts.setdefault(device.version, [0, 0])[stale] += 1
+            shown.append(serde.device_to_proto(device, stale=stale))
+        return registry_pb2.Fleet(
+            task=request.task,
+            versions=[
+                registry_pb2.FleetVersion(version=v, devices=n[0], stale=n[1]) for v, n in sorted(counts.items())
+            ],
+            devices=shown,
+            aliases=[serde.alias_to_proto(alias) for alias in aliases],
+            watchers=self._feed.watchers_of(request.task),
+        )
 
     # ---- tokens
 

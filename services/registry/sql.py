@@ -43,7 +43,7 @@ from services.common.errors import (
 log = logging.getLogger(__name__)
 
 DialectName = Literal["sqlite", "postgresql"]
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Arbitrary constant: the PostgreSQL advisory lock that serialises schema migrations across replicas.
 _MIGRATION_LOCK_ID = 0x6D697374
 # A pooled PostgreSQL connection is replaced after this long (psycopg_pool adds jitter): server-side memory a long
@@ -169,8 +169,27 @@ _SCHEMA_V1 = (
         scope TEXT NOT NULL,
         created_at BIGINT NOT NULL)""",
 )
+# Version 2: staged rollouts (the alias's candidate and its share, recorded with every move) and the devices'
+# reports (the fleet view).
+_SCHEMA_V2 = (
+    "ALTER TABLE aliases ADD COLUMN rollout_version INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE aliases ADD COLUMN rollout_percent INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE aliases ADD COLUMN rollout_started_at BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE alias_moves ADD COLUMN rollout_version INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE alias_moves ADD COLUMN rollout_percent INTEGER NOT NULL DEFAULT 0",
+    """CREATE TABLE devices (
+        task {name_type} NOT NULL REFERENCES tasks(name),
+        device {name_type} NOT NULL,
+        alias TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        rejected_version INTEGER NOT NULL,
+        rejected_reason TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        reported_at BIGINT NOT NULL,
+        PRIMARY KEY (task, device))""",
+)
 # MIGRATIONS[i] takes the schema from version i to i + 1. Append, never edit a released entry.
-MIGRATIONS: tuple[tuple[str | DialectOnly, ...], ...] = (_SCHEMA_V1,)
+MIGRATIONS: tuple[tuple[str | DialectOnly, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2)
 
 
 def _column_types(dialect: Dialect) -> dict[str, str]:
@@ -563,6 +582,14 @@ def find_problems(db: Database) -> list[str]:
         ).all()
         problems.extend(
             f"alias {name!r} of task {task!r} points at missing version {v}" for task, name, v in stray_aliases
+        )
+        stray_rollouts = cur.execute(
+            "SELECT a.task, a.name, a.rollout_version FROM aliases a LEFT JOIN versions v "
+            "ON v.task = a.task AND v.number = a.rollout_version "
+            "WHERE a.rollout_version > 0 AND (v.number IS NULL OR v.deleted_at IS NOT NULL)"
+        ).all()
+        problems.extend(
+            f"alias {name!r} of task {task!r} rolls out missing version {v}" for task, name, v in stray_rollouts
         )
     return problems
 

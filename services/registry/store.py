@@ -41,9 +41,11 @@ from services.registry.records import (
     Alias,
     AliasMove,
     AliasUpdate,
+    DeviceRecord,
     Page,
     Principal,
     RegistryStats,
+    Rollout,
     ScopeName,
     Task,
     Version,
@@ -58,6 +60,11 @@ from services.registry.records import (
 from services.registry.sql import Cursor, Database, find_problems
 
 DEFAULT_HISTORY_LIMIT = 100
+DEFAULT_STALE_AFTER_S = 90  # a device not heard from for longer is stale (three missed 30 s heartbeats)
+MAX_MISSED_MOVES = 1000  # a watcher further behind gets the alias's state instead of every move
+_ALIAS_COLUMNS = "version, updated_at, updated_by, rollout_version, rollout_percent, rollout_started_at"
+_MOVE_COLUMNS = "task, name, from_version, to_version, moved_at, moved_by, rollout_version, rollout_percent, id"
+_DEVICE_COLUMNS = "task, device, alias, version, rejected_version, rejected_reason, agent, reported_at"
 ADMIN_PRINCIPAL = Principal(name="admin", task=None, scope="admin")
 # A recognisable prefix lets secret scanners find leaked registry tokens.
 TOKEN_PREFIX = "mist_"
@@ -144,6 +151,22 @@ def _version_from_row(row: tuple[Any, ...]) -> Version:
         tags=json.loads(tags),
         parameter_count=params,
     )
+
+
+def _alias_from_row(task: str, name: str, row: tuple[Any, ...], revision: int) -> Alias:
+    version, at, by, rollout_version, percent, started = row
+    rollout = Rollout(rollout_version, percent, _to_datetime(started)) if rollout_version else None
+    return Alias(task, name, version, _to_datetime(at), by, rollout, int(revision or 0))
+
+
+def _move_from_row(row: tuple[Any, ...]) -> AliasMove:
+    task, name, from_v, to_v, at, by, rollout_version, percent, move_id = row
+    return AliasMove(task, name, from_v, to_v, _to_datetime(at), by, rollout_version, percent, int(move_id))
+
+
+def _device_from_row(row: tuple[Any, ...]) -> DeviceRecord:
+    task, device, alias, version, rejected, reason, agent, at = row
+    return DeviceRecord(task, device, alias, version, rejected, reason, agent, _to_datetime(at))
 
 
 def _differences(existing: Task, wanted: Task) -> list[str]:
@@ -372,16 +395,22 @@ class RegistryStore:
         with self._db.write() as cur:
             self._lock_task(cur, task)
             self._live_version(cur, task, number)
-            aliases = [
-                row[0]
-                for row in cur.execute(
-                    "SELECT name FROM aliases WHERE task = ? AND version = ? ORDER BY name", (task, number)
-                ).all()
-            ]
-            if aliases:
-                raise FailedPreconditionError(
-                    f"version {number} of task {task!r} is the target of aliases {aliases}: move or delete them first"
+            rows = cur.execute(
+                "SELECT name, version FROM aliases WHERE task = ? AND (version = ? OR rollout_version = ?) ORDER BY name",
+                (task, number, number),
+            ).all()
+            if rows:
+                targets = [name for name, version in rows if version == number]
+                staged = [name for name, version in rows if version != number]
+                what = " and ".join(
+                    part
+                    for part in (
+                        f"the target of aliases {targets}" if targets else "",
+                        f"in a staged rollout of aliases {staged}" if staged else "",
+                    )
+                    if part
                 )
+                raise FailedPreconditionError(f"version {number} of task {task!r} is {what}: move or delete them first")
             cur.execute("DELETE FROM blobs WHERE task = ? AND number = ?", (task, number))
             cur.execute(
                 "UPDATE versions SET deleted_at = ?, deleted_by = ? WHERE task = ? AND number = ?",
@@ -404,16 +433,36 @@ class RegistryStore:
             now = f"points to version {current}" if current else "does not exist"
             raise AbortedError(f"alias {name!r} of task {task!r} {now}, not the expected {expected}: re-read and retry")
 
-    def _record_move(self, cur: Cursor, task: str, name: str, from_v: int, to_v: int, by: str, at_us: int) -> None:
+    def _record_move(
+        self, cur: Cursor, task: str, name: str, from_v: int, to_v: int, by: str, at_us: int, rollout: tuple[int, int]
+    ) -> int:
+        """Appends the move (the alias's stable version before and after, and its rollout after); its revision."""
         cur.execute(
-            "INSERT INTO alias_moves (task, name, from_version, to_version, moved_at, moved_by) VALUES (?, ?, ?, ?, ?, ?)",
-            (task, name, from_v, to_v, at_us, by),
+            "INSERT INTO alias_moves (task, name, from_version, to_version, moved_at, moved_by, rollout_version, "
+            "rollout_percent) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (task, name, from_v, to_v, at_us, by, *rollout),
         )
+        return self._revision(cur, task, name)
+
+    @staticmethod
+    def _revision(cur: Cursor, task: str, name: str) -> int:
+        row = cur.execute("SELECT MAX(id) FROM alias_moves WHERE task = ? AND name = ?", (task, name)).one()
+        return int(row[0] or 0) if row else 0
 
     def set_alias(
-        self, task: str, name: str, version: int, expected_version: int | None = None, moved_by: str = "anonymous"
+        self,
+        task: str,
+        name: str,
+        version: int,
+        expected_version: int | None = None,
+        moved_by: str = "anonymous",
+        *,
+        percent: int = 0,
     ) -> AliasUpdate:
-        """Points an alias at a live version; with expected_version (0 = must not exist) as compare-and-set.
+        """Points an alias at a live version; with expected_version (0 = must not exist) as compare-and-set on the
+        alias's own version. `percent` 1..99 stages a rollout of `version` instead (or widens / narrows the one in
+        progress); 0 or 100 moves the alias, which finishes a rollout of `version` or, to the alias's own version,
+        rolls the rollout back. A rollout of another version while one runs is a FailedPreconditionError.
 
         Pointing it where it already points changes nothing and records no move (AliasUpdate.moved False).
         """
@@ -422,40 +471,66 @@ class RegistryStore:
         if name in RESERVED_ALIASES:
             raise InvalidArgumentError(f"{name!r} is reserved and cannot be an alias name")
         check_count("version", version)
+        percent = check_count("percent", percent, minimum=0)
+        if percent > 100:
+            raise InvalidArgumentError(f"percent must be 0..100, got {percent}")
+        staged = 0 < percent < 100
         with self._db.write() as cur:
             self._lock_task(cur, task)
             self._live_version(cur, task, version)
-            row = cur.execute(
-                "SELECT version, updated_at, updated_by FROM aliases WHERE task = ? AND name = ?", (task, name)
-            ).one()
+            row = cur.execute(f"SELECT {_ALIAS_COLUMNS} FROM aliases WHERE task = ? AND name = ?", (task, name)).one()
             current = row[0] if row else 0
             self._check_expected(task, name, current, expected_version)
-            if current == version:  # already there: no move to record
-                return AliasUpdate(Alias(task, name, version, _to_datetime(row[1]), row[2]), moved=False)
+            rollout, current_percent, started_us = (row[3], row[4], row[5]) if row else (0, 0, 0)
+            if rollout and version not in (rollout, current):
+                raise FailedPreconditionError(
+                    f"alias {name!r} of task {task!r} has a staged rollout of version {rollout} at {current_percent}% "
+                    f"in progress: finish it (promote {rollout}) or roll it back (promote {current}) first"
+                )
+            if staged:
+                if not current:
+                    raise FailedPreconditionError(
+                        f"alias {name!r} of task {task!r} does not exist: a staged rollout needs a version the other "
+                        "devices stay on (promote one first)"
+                    )
+                if version == current:
+                    raise InvalidArgumentError(f"alias {name!r} of task {task!r} already points at version {version}")
+                after, new_rollout = current, (version, percent)
+            else:
+                after, new_rollout = version, (0, 0)
+            if (after, new_rollout) == (current, (rollout, current_percent if rollout else 0)):
+                return AliasUpdate(
+                    _alias_from_row(task, name, row, self._revision(cur, task, name)),  # type: ignore[arg-type]
+                    moved=False,
+                )
             now_us = self._now_us()
+            started = (started_us if rollout == new_rollout[0] else now_us) if new_rollout[0] else 0
             if row is None:
                 cur.execute(
                     "INSERT INTO aliases (task, name, version, updated_at, updated_by) VALUES (?, ?, ?, ?, ?)",
-                    (task, name, version, now_us, moved_by),
+                    (task, name, after, now_us, moved_by),
                 )
             else:
                 cur.execute(
-                    "UPDATE aliases SET version = ?, updated_at = ?, updated_by = ? WHERE task = ? AND name = ?",
-                    (version, now_us, moved_by, task, name),
+                    "UPDATE aliases SET version = ?, updated_at = ?, updated_by = ?, rollout_version = ?, "
+                    "rollout_percent = ?, rollout_started_at = ? WHERE task = ? AND name = ?",
+                    (after, now_us, moved_by, *new_rollout, started, task, name),
                 )
-            self._record_move(cur, task, name, current, version, moved_by, now_us)
-        return AliasUpdate(Alias(task, name, version, _to_datetime(now_us), moved_by), moved=True)
+            revision = self._record_move(cur, task, name, current, after, moved_by, now_us, new_rollout)
+        state = Rollout(new_rollout[0], new_rollout[1], _to_datetime(started)) if new_rollout[0] else None
+        return AliasUpdate(Alias(task, name, after, _to_datetime(now_us), moved_by, state, revision), moved=True)
 
     def get_alias(self, task: str, name: str) -> Alias:
         with self._db.read() as cur:
             self._require_task(cur, task)
-            check_name("alias", name)
-            row = cur.execute(
-                "SELECT version, updated_at, updated_by FROM aliases WHERE task = ? AND name = ?", (task, name)
-            ).one()
+            return self._read_alias(cur, task, name)
+
+    def _read_alias(self, cur: Cursor, task: str, name: str) -> Alias:
+        check_name("alias", name)
+        row = cur.execute(f"SELECT {_ALIAS_COLUMNS} FROM aliases WHERE task = ? AND name = ?", (task, name)).one()
         if row is None:
             raise NotFoundError(f"alias {name!r} of task {task!r} not found")
-        return Alias(task, name, row[0], _to_datetime(row[1]), row[2])
+        return _alias_from_row(task, name, row, self._revision(cur, task, name))
 
     def delete_alias(
         self, task: str, name: str, expected_version: int | None = None, moved_by: str = "anonymous"
@@ -466,33 +541,108 @@ class RegistryStore:
             current = self._alias_target(cur, task, name)
             self._check_expected(task, name, current, expected_version)
             cur.execute("DELETE FROM aliases WHERE task = ? AND name = ?", (task, name))
-            self._record_move(cur, task, name, current, 0, moved_by, self._now_us())
+            self._record_move(cur, task, name, current, 0, moved_by, self._now_us(), (0, 0))
 
     def list_aliases(self, task: str) -> list[Alias]:
         with self._db.read() as cur:
             self._require_task(cur, task)
             rows = cur.execute(
-                "SELECT name, version, updated_at, updated_by FROM aliases WHERE task = ? ORDER BY name", (task,)
+                f"SELECT name, {_ALIAS_COLUMNS} FROM aliases WHERE task = ? ORDER BY name", (task,)
             ).all()
-        return [Alias(task, name, version, _to_datetime(at), by) for name, version, at, by in rows]
+            revisions = dict(
+                cur.execute("SELECT name, MAX(id) FROM alias_moves WHERE task = ? GROUP BY name", (task,)).all()
+            )
+        return [_alias_from_row(task, row[0], row[1:], revisions.get(row[0], 0)) for row in rows]
 
     def alias_history(self, task: str, name: str | None = None, limit: int = DEFAULT_HISTORY_LIMIT) -> list[AliasMove]:
         """Moves of one alias (or of all the task's aliases), newest first; limit 0 = 100, at most 1000."""
         limit = min(check_count("limit", limit, minimum=0) or DEFAULT_HISTORY_LIMIT, MAX_PAGE_SIZE)
-        columns = "task, name, from_version, to_version, moved_at, moved_by"
         with self._db.read() as cur:
             self._require_task(cur, task)
             if name:
                 check_name("alias", name)
                 rows = cur.execute(
-                    f"SELECT {columns} FROM alias_moves WHERE task = ? AND name = ? ORDER BY id DESC LIMIT ?",
+                    f"SELECT {_MOVE_COLUMNS} FROM alias_moves WHERE task = ? AND name = ? ORDER BY id DESC LIMIT ?",
                     (task, name, limit),
                 ).all()
             else:
                 rows = cur.execute(
-                    f"SELECT {columns} FROM alias_moves WHERE task = ? ORDER BY id DESC LIMIT ?", (task, limit)
+                    f"SELECT {_MOVE_COLUMNS} FROM alias_moves WHERE task = ? ORDER BY id DESC LIMIT ?", (task, limit)
                 ).all()
-        return [AliasMove(t, n, f, to, _to_datetime(at), by) for t, n, f, to, at, by in rows]
+        return [_move_from_row(row) for row in rows]
+
+    # ---- watching ---------------------------------------------------------------------------------
+
+    def watch_start(self, task: str, name: str, since_revision: int = 0) -> tuple[Alias, list[AliasMove]]:
+        """What a new watcher is sent first: the alias now (NotFoundError for an unknown task or alias) and, when
+        it reconnects with since_revision, the moves after that one, oldest first (none when it is more than
+        MAX_MISSED_MOVES behind: the state then stands for them)."""
+        since = check_count("since_revision", since_revision, minimum=0)
+        with self._db.read() as cur:
+            self._require_task(cur, task)
+            alias = self._read_alias(cur, task, name)
+            if not since or since >= alias.revision:
+                return alias, []
+            rows = cur.execute(
+                f"SELECT {_MOVE_COLUMNS} FROM alias_moves WHERE task = ? AND name = ? AND id > ? ORDER BY id LIMIT ?",
+                (task, name, since, MAX_MISSED_MOVES + 1),
+            ).all()
+        return alias, [] if len(rows) > MAX_MISSED_MOVES else [_move_from_row(row) for row in rows]
+
+    def latest_revision(self, task: str, name: str) -> int:
+        """The revision of the alias's last move; 0 when it never moved."""
+        with self._db.read() as cur:
+            return self._revision(cur, task, name)
+
+    def moves_after(self, revisions: Mapping[tuple[str, str], int]) -> dict[tuple[str, str], list[AliasMove]]:
+        """For each (task, alias), its moves after the given revision, oldest first (only keys with moves).
+
+        Per task the revisions grow in commit order (every move holds the task's lock), so reading `id > last` per
+        alias never skips a move that commits late, as one global `id > last` could across tasks."""
+        found: dict[tuple[str, str], list[AliasMove]] = {}
+        with self._db.read() as cur:
+            for (task, name), after in revisions.items():
+                rows = cur.execute(
+                    f"SELECT {_MOVE_COLUMNS} FROM alias_moves WHERE task = ? AND name = ? AND id > ? ORDER BY id "
+                    "LIMIT ?",
+                    (task, name, after, MAX_MISSED_MOVES),
+                ).all()
+                if rows:
+                    found[(task, name)] = [_move_from_row(row) for row in rows]
+        return found
+
+    # ---- devices ----------------------------------------------------------------------------------
+
+    def report_device(self, report: DeviceRecord) -> None:
+        """Records a device's heartbeat (its version in use, or the one it refused); the task must exist."""
+        check_name("task", report.task)
+        check_name("device", report.device)
+        if report.alias:
+            check_name("alias", report.alias)
+        for field_name in ("version", "rejected_version"):
+            check_count(field_name, getattr(report, field_name), minimum=0)
+        reason, agent = report.rejected_reason[:1000], report.agent[:200]
+        with self._db.write() as cur:
+            self._require_task(cur, report.task)
+            updated = cur.execute(
+                "UPDATE devices SET alias = ?, version = ?, rejected_version = ?, rejected_reason = ?, agent = ?, "
+                "reported_at = ? WHERE task = ? AND device = ?",
+                (report.alias, report.version, report.rejected_version, reason, agent, self._now_us(), report.task,
+                 report.device),
+            ).rowcount  # fmt: skip
+            if not updated:
+                cur.execute(
+                    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (report.task, report.device, report.alias, report.version, report.rejected_version, reason,
+                     agent, self._now_us()),
+                )  # fmt: skip
+
+    def devices(self, task: str) -> list[DeviceRecord]:
+        """Every device that reported for the task, by name."""
+        with self._db.read() as cur:
+            self._require_task(cur, task)
+            rows = cur.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE task = ? ORDER BY device", (task,)).all()
+        return [_device_from_row(row) for row in rows]
 
     # ---- tokens -----------------------------------------------------------------------------------
 
@@ -557,11 +707,26 @@ class RegistryStore:
                 f"LEFT JOIN versions v ON v.task = t.name AND v.{_LIVE} GROUP BY t.name ORDER BY t.name"
             ).all()
             aliases = cur.execute("SELECT COUNT(*) FROM aliases").one()[0]
+            stale_before = self._now_us() - DEFAULT_STALE_AFTER_S * 1_000_000
+            devices = cur.execute(
+                "SELECT task, version, SUM(CASE WHEN reported_at < ? THEN 1 ELSE 0 END), COUNT(*) FROM devices "
+                "GROUP BY task, version",
+                (stale_before,),
+            ).all()
+            rollouts = cur.execute(
+                "SELECT task, name, rollout_version, rollout_percent FROM aliases WHERE rollout_version > 0"
+            ).all()
+        by_state: dict[tuple[str, int, str], int] = {}
+        for task, version, stale, count in devices:
+            by_state[(task, int(version), "fresh")] = int(count) - int(stale)
+            by_state[(task, int(version), "stale")] = int(stale)
         return RegistryStats(
             tasks=len(counts),
             versions_by_task={name: int(count) for name, count, _ in counts},
             bytes_stored=sum(int(size) for _, _, size in counts),
             aliases=int(aliases),
+            devices=by_state,
+            rollouts={(task, name): (int(v), int(p)) for task, name, v, p in rollouts},
         )
 
     def close(self) -> None:

@@ -104,7 +104,7 @@ class InProcessRegistry:
         try:
             await self._stop.wait()
         finally:
-            await shutdown(server, health, grace_s=2.0)
+            await shutdown(server, health, grace_s=2.0, on_drain=setup.on_drain)
             await setup.on_shutdown()
             stop_metrics()
 

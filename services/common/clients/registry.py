@@ -25,16 +25,18 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from services.common.clients.channel import create_channel, domain_errors
 from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.errors import DataLossError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.pb import registry_pb2, registry_pb2_grpc
-from services.registry.records import Alias, AliasMove, Task, Version
+from services.registry.records import Alias, AliasEvent, AliasMove, FleetView, Task, Version
 from services.registry.serde import (
+    alias_event_from_proto,
     alias_from_proto,
     alias_move_from_proto,
+    fleet_from_proto,
     task_from_proto,
     task_to_proto,
     version_from_proto,
@@ -162,6 +164,23 @@ def _version_ref(version: int | None, alias: str | None) -> tuple[registry_pb2.V
     if alias is not None:
         return registry_pb2.VersionRef(alias=alias), f"@{alias}"
     return registry_pb2.VersionRef(latest=True), "@latest"
+
+
+class AliasWatch:
+    """An open WatchAlias stream (RegistryClient.watch_alias): an iterator of AliasEvents with cancel()."""
+
+    def __init__(self, task: str, name: str, call: Any, error_prefix: str) -> None:
+        self.task, self.name = task, name
+        self._call = call
+        self._error_prefix = error_prefix
+
+    def __iter__(self) -> Iterator[AliasEvent]:
+        with domain_errors(self._error_prefix):
+            for message in self._call:
+                yield alias_event_from_proto(self.task, self.name, message)
+
+    def cancel(self) -> None:
+        self._call.cancel()
 
 
 class RegistryClient:
@@ -395,15 +414,20 @@ class RegistryClient:
 
     # ---- aliases
 
-    def set_alias(self, task: str, name: str, version: int, *, expected_version: int | None = None) -> Alias:
+    def set_alias(
+        self, task: str, name: str, version: int, *, expected_version: int | None = None, percent: int = 0
+    ) -> Alias:
         """Points an alias at a version; with expected_version (0: must not exist) it is a compare-and-set
-        that fails with ABORTED when someone else moved the alias first."""
+        that fails with ABORTED when someone else moved the alias first. `percent` 1..99 stages a rollout of
+        `version` to that share of the task's devices instead (or widens / narrows the one in progress); a full move
+        to the rollout's version finishes it, to the alias's own version rolls it back."""
         request = registry_pb2.SetAliasRequest(
             task=task,
             name=name,
             version=version,
             has_expected_version=expected_version is not None,
             expected_version=expected_version or 0,
+            percent=percent,
         )
         with domain_errors(self._error_prefix):
             return alias_from_proto(self._stub.SetAlias(request, timeout=self._timeout_s))
@@ -441,7 +465,14 @@ class RegistryClient:
         A compare-and-set on the last move's target: ABORTED if the alias moved again meanwhile. Rolling
         back twice returns to where it started, since the rollback is itself the last move then.
         """
-        moves = self.alias_history(task, name, limit=1)
+        try:
+            alias = self.get_alias(task, name)
+        except NotFoundError:
+            alias = None  # deleted: its last move restores it
+        if alias is not None and alias.rollout is not None:  # a staged rollout: every device back on the alias's
+            return self.set_alias(task, name, alias.version, expected_version=alias.version)
+        # Stages of rollouts leave the alias's own version as it was: the last move that changed it is undone.
+        moves = [move for move in self.alias_history(task, name) if move.from_version != move.to_version][:1]
         if not moves:
             raise NotFoundError(f"alias {name!r} of task {task!r} has no history to roll back")
         last = moves[0]
@@ -451,6 +482,41 @@ class RegistryClient:
                 f"(to version {last.to_version}): there is no earlier version"
             )
         return self.set_alias(task, name, last.from_version, expected_version=last.to_version)
+
+    # ---- watching and the fleet
+
+    def watch_alias(
+        self, task: str, name: str, *, since_revision: int = 0, device: str = "", timeout_s: float | None = None
+    ) -> AliasWatch:
+        """An open WatchAlias stream: iterate it for AliasEvents (the state now, or the moves after
+        since_revision, then every later move); cancel() ends it. Errors surface while iterating, as domain
+        errors (UNAVAILABLE when the registry goes away: reconnect with the last revision)."""
+        request = registry_pb2.WatchAliasRequest(task=task, name=name, since_revision=since_revision, device=device)
+        return AliasWatch(task, name, self._stub.WatchAlias(request, timeout=timeout_s), self._error_prefix)
+
+    def report_device(
+        self,
+        task: str,
+        *,
+        device: str = "",
+        alias: str = "",
+        version: int = 0,
+        rejected_version: int = 0,
+        rejected_reason: str = "",
+        agent: str = "",
+    ) -> int:
+        """A device's heartbeat; returns the seconds until the registry wants the next one."""
+        request = registry_pb2.DeviceReport(task=task, alias=alias, device=device, version=version,
+                                            rejected_version=rejected_version, rejected_reason=rejected_reason,
+                                            agent=agent)  # fmt: skip
+        with domain_errors(self._error_prefix):
+            return self._stub.ReportDevice(request, timeout=self._timeout_s).heartbeat_s
+
+    def fleet(self, task: str, *, stale_after_s: int = 0) -> FleetView:
+        """Who runs which version of the task, who is stale, who refused what (0: the server's 90 s)."""
+        request = registry_pb2.GetFleetRequest(task=task, stale_after_s=stale_after_s)
+        with domain_errors(self._error_prefix):
+            return fleet_from_proto(self._stub.GetFleet(request, timeout=self._timeout_s))
 
     # ---- tokens
 

@@ -10,6 +10,7 @@ The connection flags are RegistryFlags (clients/settings.py), shared with `mist 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -98,12 +99,17 @@ def version_dict(version: Version, aliases: Sequence[str] = ()) -> dict[str, Any
 
 
 def alias_dict(alias: Alias) -> dict[str, Any]:
+    rollout = alias.rollout
     return {
         "task": alias.task,
         "alias": alias.name,
         "version": alias.version,
         "updated_at": _when(alias.updated_at),
         "updated_by": alias.updated_by,
+        "rollout": {"version": rollout.version, "percent": rollout.percent, "started_at": _when(rollout.started_at)}
+        if rollout
+        else None,
+        "revision": alias.revision,
     }
 
 
@@ -115,7 +121,14 @@ def move_dict(move: AliasMove) -> dict[str, Any]:
         "to_version": move.to_version,
         "moved_at": _when(move.moved_at),
         "moved_by": move.moved_by,
+        "rollout_version": move.rollout_version,
+        "rollout_percent": move.rollout_percent,
+        "revision": move.revision,
     }
+
+
+def _rollout_label(version: int, percent: int) -> str:
+    return f"{version} at {percent}%" if version else ""
 
 
 def _metric(value: float | None) -> str:
@@ -195,37 +208,93 @@ def cmd_versions(client: RegistryClient, args: argparse.Namespace) -> Output:
 
 def cmd_aliases(client: RegistryClient, args: argparse.Namespace) -> Output:
     aliases = [alias_dict(a) for a in client.list_aliases(args.task)]
-    columns = [("alias", "ALIAS"), ("version", "VERSION"), ("updated_at", "UPDATED"), ("updated_by", "BY")]
-    return Output(aliases, format_table(columns, aliases))
+    rows = [{**a, "staged": _rollout_label(**a["rollout"]) if a["rollout"] else ""} for a in aliases]
+    columns = [("alias", "ALIAS"), ("version", "VERSION"), ("staged", "ROLLOUT"), ("updated_at", "UPDATED"),
+               ("updated_by", "BY")]  # fmt: skip
+    return Output(aliases, format_table(columns, rows))
 
 
 def cmd_history(client: RegistryClient, args: argparse.Namespace) -> Output:
     moves = [move_dict(m) for m in client.alias_history(args.task, args.alias, limit=args.limit)]
-    rows = [{**m, "from": _version_label(m["from_version"]), "to": _version_label(m["to_version"])} for m in moves]
-    columns = [("moved_at", "WHEN"), ("alias", "ALIAS"), ("from", "FROM"), ("to", "TO"), ("moved_by", "BY")]
+    rows = [
+        {**m, "from": _version_label(m["from_version"]), "to": _version_label(m["to_version"]),
+         "staged": _rollout_label(m["rollout_version"], m["rollout_percent"])}
+        for m in moves
+    ]  # fmt: skip
+    columns = [("moved_at", "WHEN"), ("alias", "ALIAS"), ("from", "FROM"), ("to", "TO"), ("staged", "ROLLOUT"),
+               ("moved_by", "BY")]  # fmt: skip
     return Output(moves, format_table(columns, rows))
 
 
 def cmd_promote(client: RegistryClient, args: argparse.Namespace) -> Output:
     expected = args.expect
+    before = None
     if expected is None:
         # Compare-and-set on what we just read, so the "from" printed below is the truth.
         try:
-            expected = client.get_alias(args.task, args.alias).version
+            before = client.get_alias(args.task, args.alias)
+            expected = before.version
         except NotFoundError:
             expected = 0
-    alias = client.set_alias(args.task, args.alias, args.version, expected_version=expected)
+    percent = 0 if args.percent is None else args.percent
+    alias = client.set_alias(args.task, args.alias, args.version, expected_version=expected, percent=percent)
     data = {**alias_dict(alias), "from_version": expected}
-    return Output(data, f"{args.task}: {args.alias} {_version_label(expected)} -> {alias.version}")
+    if alias.rollout is not None:
+        text = (f"{args.task}: {args.alias} stays on {alias.version}; version {alias.rollout.version} rolls out to "
+                f"{alias.rollout.percent}% of its devices")  # fmt: skip
+    elif before is not None and before.rollout is not None and alias.version == before.version:
+        text = f"{args.task}: {args.alias} rollout of {before.rollout.version} rolled back; every device on {alias.version}"
+    else:
+        text = f"{args.task}: {args.alias} {_version_label(expected)} -> {alias.version}"
+    return Output(data, text)
 
 
 def cmd_rollback(client: RegistryClient, args: argparse.Namespace) -> Output:
+    before = None
+    with contextlib.suppress(NotFoundError):
+        before = client.get_alias(args.task, args.alias)
     alias = client.rollback_alias(args.task, args.alias)
+    if before is not None and before.rollout is not None:
+        data = {**alias_dict(alias), "from_version": alias.version, "rolled_back_rollout": before.rollout.version}
+        return Output(
+            data,
+            f"{args.task}: {args.alias} rollout of {before.rollout.version} rolled back; every device on "
+            f"{alias.version}",
+        )
     move = client.alias_history(args.task, args.alias, limit=1)[0]
     data = {**alias_dict(alias), "from_version": move.from_version}
     return Output(
         data, f"{args.task}: {args.alias} {_version_label(move.from_version)} -> {alias.version} (rolled back)"
     )
+
+
+def cmd_fleet(client: RegistryClient, args: argparse.Namespace) -> Output:
+    fleet = client.fleet(args.task, stale_after_s=args.stale_after)
+    devices = [
+        {"device": d.device, "alias": d.alias, "version": d.version, "rejected_version": d.rejected_version,
+         "rejected_reason": d.rejected_reason, "last_seen": _when(d.reported_at), "stale": stale, "agent": d.agent}
+        for d, stale in fleet.devices
+    ]  # fmt: skip
+    versions = [{"version": v, "devices": n, "stale": stale} for v, n, stale in fleet.versions]
+    data = {"task": fleet.task, "versions": versions, "devices": devices, "watchers": fleet.watchers,
+            "aliases": [alias_dict(a) for a in fleet.aliases]}  # fmt: skip
+    total = sum(v["devices"] + v["stale"] for v in versions)
+    lines = [f"{fleet.task}: {total} device(s), {fleet.watchers} watching this replica"]
+    for alias in fleet.aliases:
+        staged = (
+            f", rolling out {_rollout_label(alias.rollout.version, alias.rollout.percent)}" if alias.rollout else ""
+        )
+        lines.append(f"  alias {alias.name} -> {alias.version}{staged}")
+    lines += ["", format_table([("version", "VERSION"), ("devices", "DEVICES"), ("stale", "STALE")], versions)]
+    listed = [d for d in devices if args.all or d["stale"] or d["rejected_version"]]
+    if listed:
+        rows = [{**d, "state": "stale" if d["stale"] else "ok",
+                 "refused": f"{d['rejected_version']}: {d['rejected_reason']}" if d["rejected_version"] else ""}
+                for d in listed]  # fmt: skip
+        columns = [("device", "DEVICE"), ("version", "VERSION"), ("state", "STATE"), ("last_seen", "LAST SEEN"),
+                   ("refused", "REFUSED")]  # fmt: skip
+        lines += ["", format_table(columns, rows)]
+    return Output(data, "\n".join(lines))
 
 
 def cmd_export(client: RegistryClient, args: argparse.Namespace) -> Output:
@@ -330,9 +399,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="the version the alias must point at now (0: must not "
         "exist); default: whatever it points at when read just before",
     )
-    rollback = add("rollback", cmd_rollback, "move an alias back to where it pointed before its last move")
+    promote.add_argument(
+        "--percent",
+        type=int,
+        help="stage it: VERSION for this share (1-99) of the task's devices, by a stable hash of their names; "
+        "again with another share to widen or narrow; 100 (or no --percent) finishes it; promoting the alias's own "
+        "version, or rollback, rolls it back",
+    )
+    rollback = add(
+        "rollback", cmd_rollback, "roll a staged rollout back, else move an alias back to where it pointed before"
+    )
     rollback.add_argument("task")
     rollback.add_argument("--alias", required=True)
+    fleet = add("fleet", cmd_fleet, "devices of a task: how many run each version, which are stale or refused one")
+    fleet.add_argument("task")
+    fleet.add_argument("--stale-after", type=int, default=0, metavar="SECONDS",
+                       help="a device silent for longer is stale; 0 = the registry's 90 s")  # fmt: skip
+    fleet.add_argument("--all", action="store_true", help="list every device, not only stale and refusing ones")
     export = add("export", cmd_export, "write a version's safetensors weights to a file (sha256 verified)")
     export.add_argument("task")
     which = export.add_mutually_exclusive_group(required=True)

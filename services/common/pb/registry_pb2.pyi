@@ -247,33 +247,49 @@ class DeleteVersionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Rollout(_message.Message):
+    __slots__ = ("version", "percent", "started_at")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    percent: int
+    started_at: _timestamp_pb2.Timestamp
+    def __init__(self, version: _Optional[int] = ..., percent: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class Alias(_message.Message):
-    __slots__ = ("task", "name", "version", "updated_at", "updated_by")
+    __slots__ = ("task", "name", "version", "updated_at", "updated_by", "rollout", "revision")
     TASK_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     task: str
     name: str
     version: int
     updated_at: _timestamp_pb2.Timestamp
     updated_by: str
-    def __init__(self, task: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_by: _Optional[str] = ...) -> None: ...
+    rollout: Rollout
+    revision: int
+    def __init__(self, task: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_by: _Optional[str] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class SetAliasRequest(_message.Message):
-    __slots__ = ("task", "name", "version", "has_expected_version", "expected_version")
+    __slots__ = ("task", "name", "version", "has_expected_version", "expected_version", "percent")
     TASK_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HAS_EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
     task: str
     name: str
     version: int
     has_expected_version: bool
     expected_version: int
-    def __init__(self, task: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., has_expected_version: _Optional[bool] = ..., expected_version: _Optional[int] = ...) -> None: ...
+    percent: int
+    def __init__(self, task: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., has_expected_version: _Optional[bool] = ..., expected_version: _Optional[int] = ..., percent: _Optional[int] = ...) -> None: ...
 
 class GetAliasRequest(_message.Message):
     __slots__ = ("task", "name")
@@ -312,20 +328,26 @@ class ListAliasesResponse(_message.Message):
     def __init__(self, aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ...) -> None: ...
 
 class AliasMove(_message.Message):
-    __slots__ = ("task", "name", "from_version", "to_version", "moved_at", "moved_by")
+    __slots__ = ("task", "name", "from_version", "to_version", "moved_at", "moved_by", "rollout_version", "rollout_percent", "revision")
     TASK_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     TO_VERSION_FIELD_NUMBER: _ClassVar[int]
     MOVED_AT_FIELD_NUMBER: _ClassVar[int]
     MOVED_BY_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     task: str
     name: str
     from_version: int
     to_version: int
     moved_at: _timestamp_pb2.Timestamp
     moved_by: str
-    def __init__(self, task: _Optional[str] = ..., name: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., moved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., moved_by: _Optional[str] = ...) -> None: ...
+    rollout_version: int
+    rollout_percent: int
+    revision: int
+    def __init__(self, task: _Optional[str] = ..., name: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., moved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., moved_by: _Optional[str] = ..., rollout_version: _Optional[int] = ..., rollout_percent: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class AliasHistoryRequest(_message.Message):
     __slots__ = ("task", "name", "limit")
@@ -342,6 +364,114 @@ class AliasHistoryResponse(_message.Message):
     MOVES_FIELD_NUMBER: _ClassVar[int]
     moves: _containers.RepeatedCompositeFieldContainer[AliasMove]
     def __init__(self, moves: _Optional[_Iterable[_Union[AliasMove, _Mapping]]] = ...) -> None: ...
+
+class WatchAliasRequest(_message.Message):
+    __slots__ = ("task", "name", "since_revision", "device")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    name: str
+    since_revision: int
+    device: str
+    def __init__(self, task: _Optional[str] = ..., name: _Optional[str] = ..., since_revision: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+
+class AliasEvent(_message.Message):
+    __slots__ = ("revision", "version", "stable_version", "rollout", "in_rollout", "current", "moved_at", "moved_by")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    IN_ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    MOVED_AT_FIELD_NUMBER: _ClassVar[int]
+    MOVED_BY_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    version: int
+    stable_version: int
+    rollout: Rollout
+    in_rollout: bool
+    current: bool
+    moved_at: _timestamp_pb2.Timestamp
+    moved_by: str
+    def __init__(self, revision: _Optional[int] = ..., version: _Optional[int] = ..., stable_version: _Optional[int] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ..., in_rollout: _Optional[bool] = ..., current: _Optional[bool] = ..., moved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., moved_by: _Optional[str] = ...) -> None: ...
+
+class DeviceReport(_message.Message):
+    __slots__ = ("task", "alias", "device", "version", "rejected_version", "rejected_reason", "agent")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_REASON_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    alias: str
+    device: str
+    version: int
+    rejected_version: int
+    rejected_reason: str
+    agent: str
+    def __init__(self, task: _Optional[str] = ..., alias: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., rejected_version: _Optional[int] = ..., rejected_reason: _Optional[str] = ..., agent: _Optional[str] = ...) -> None: ...
+
+class DeviceReportResponse(_message.Message):
+    __slots__ = ("heartbeat_s",)
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_s: int
+    def __init__(self, heartbeat_s: _Optional[int] = ...) -> None: ...
+
+class GetFleetRequest(_message.Message):
+    __slots__ = ("task", "stale_after_s")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    STALE_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    stale_after_s: int
+    def __init__(self, task: _Optional[str] = ..., stale_after_s: _Optional[int] = ...) -> None: ...
+
+class FleetDevice(_message.Message):
+    __slots__ = ("device", "alias", "version", "rejected_version", "rejected_reason", "last_seen", "stale", "agent")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    alias: str
+    version: int
+    rejected_version: int
+    rejected_reason: str
+    last_seen: _timestamp_pb2.Timestamp
+    stale: bool
+    agent: str
+    def __init__(self, device: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., rejected_version: _Optional[int] = ..., rejected_reason: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale: _Optional[bool] = ..., agent: _Optional[str] = ...) -> None: ...
+
+class FleetVersion(_message.Message):
+    __slots__ = ("version", "devices", "stale")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    devices: int
+    stale: int
+    def __init__(self, version: _Optional[int] = ..., devices: _Optional[int] = ..., stale: _Optional[int] = ...) -> None: ...
+
+class Fleet(_message.Message):
+    __slots__ = ("task", "versions", "devices", "aliases", "watchers")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    WATCHERS_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    versions: _containers.RepeatedCompositeFieldContainer[FleetVersion]
+    devices: _containers.RepeatedCompositeFieldContainer[FleetDevice]
+    aliases: _containers.RepeatedCompositeFieldContainer[Alias]
+    watchers: int
+    def __init__(self, task: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[FleetVersion, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[FleetDevice, _Mapping]]] = ..., aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ..., watchers: _Optional[int] = ...) -> None: ...
 
 class CreateTokenRequest(_message.Message):
     __slots__ = ("name", "task", "scope")

@@ -100,6 +100,21 @@ class RegistryStub:
                 request_serializer=mist_dot_v1_dot_registry__pb2.AliasHistoryRequest.SerializeToString,
                 response_deserializer=mist_dot_v1_dot_registry__pb2.AliasHistoryResponse.FromString,
                 _registered_method=True)
+        self.WatchAlias = channel.unary_stream(
+                '/mist.v1.Registry/WatchAlias',
+                request_serializer=mist_dot_v1_dot_registry__pb2.WatchAliasRequest.SerializeToString,
+                response_deserializer=mist_dot_v1_dot_registry__pb2.AliasEvent.FromString,
+                _registered_method=True)
+        self.ReportDevice = channel.unary_unary(
+                '/mist.v1.Registry/ReportDevice',
+                request_serializer=mist_dot_v1_dot_registry__pb2.DeviceReport.SerializeToString,
+                response_deserializer=mist_dot_v1_dot_registry__pb2.DeviceReportResponse.FromString,
+                _registered_method=True)
+        self.GetFleet = channel.unary_unary(
+                '/mist.v1.Registry/GetFleet',
+                request_serializer=mist_dot_v1_dot_registry__pb2.GetFleetRequest.SerializeToString,
+                response_deserializer=mist_dot_v1_dot_registry__pb2.Fleet.FromString,
+                _registered_method=True)
         self.CreateToken = channel.unary_unary(
                 '/mist.v1.Registry/CreateToken',
                 request_serializer=mist_dot_v1_dot_registry__pb2.CreateTokenRequest.SerializeToString,
@@ -195,6 +210,28 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAlias(self, request, context):
+        """Server streaming: what the calling device should run under an alias, first as it is now, then after every
+        move (staged rollouts included), each with the move's revision. A device that reconnects with
+        since_revision gets the moves after it first: at least once, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportDevice(self, request, context):
+        """Devices: a heartbeat with the version in use (or one refused); the fleet view per task.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFleet(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateToken(self, request, context):
         """Admin only: per-task tokens with read or read-write scope.
         """
@@ -275,6 +312,21 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.AliasHistory,
                     request_deserializer=mist_dot_v1_dot_registry__pb2.AliasHistoryRequest.FromString,
                     response_serializer=mist_dot_v1_dot_registry__pb2.AliasHistoryResponse.SerializeToString,
+            ),
+            'WatchAlias': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAlias,
+                    request_deserializer=mist_dot_v1_dot_registry__pb2.WatchAliasRequest.FromString,
+                    response_serializer=mist_dot_v1_dot_registry__pb2.AliasEvent.SerializeToString,
+            ),
+            'ReportDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportDevice,
+                    request_deserializer=mist_dot_v1_dot_registry__pb2.DeviceReport.FromString,
+                    response_serializer=mist_dot_v1_dot_registry__pb2.DeviceReportResponse.SerializeToString,
+            ),
+            'GetFleet': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFleet,
+                    request_deserializer=mist_dot_v1_dot_registry__pb2.GetFleetRequest.FromString,
+                    response_serializer=mist_dot_v1_dot_registry__pb2.Fleet.SerializeToString,
             ),
             'CreateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateToken,
@@ -638,6 +690,87 @@ class Registry:
             '/mist.v1.Registry/AliasHistory',
             mist_dot_v1_dot_registry__pb2.AliasHistoryRequest.SerializeToString,
             mist_dot_v1_dot_registry__pb2.AliasHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mist.v1.Registry/WatchAlias',
+            mist_dot_v1_dot_registry__pb2.WatchAliasRequest.SerializeToString,
+            mist_dot_v1_dot_registry__pb2.AliasEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mist.v1.Registry/ReportDevice',
+            mist_dot_v1_dot_registry__pb2.DeviceReport.SerializeToString,
+            mist_dot_v1_dot_registry__pb2.DeviceReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFleet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mist.v1.Registry/GetFleet',
+            mist_dot_v1_dot_registry__pb2.GetFleetRequest.SerializeToString,
+            mist_dot_v1_dot_registry__pb2.Fleet.FromString,
             options,
             channel_credentials,
             insecure,

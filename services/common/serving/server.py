@@ -131,10 +131,17 @@ _STATUS_FLUSH_S = 1.0
 
 
 async def shutdown(
-    server: grpc.aio.Server, health: HealthHandle, grace_s: float, force: asyncio.Event | None = None
+    server: grpc.aio.Server,
+    health: HealthHandle,
+    grace_s: float,
+    force: asyncio.Event | None = None,
+    on_drain: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Drain: NOT_SERVING, refuse new calls, wait up to grace_s (or until `force` is set) for in-flight ones."""
+    """Drain: NOT_SERVING, refuse new calls, `on_drain` (ends calls that never end by themselves), wait up to
+    grace_s (or until `force` is set) for in-flight ones."""
     await health.begin_drain()
+    if on_drain is not None:
+        await on_drain()
     waiters = [asyncio.ensure_future(health.wait_idle(grace_s))]
     if force is not None:
         waiters.append(asyncio.ensure_future(force.wait()))
@@ -261,6 +268,7 @@ class ServiceSetup:
     token_validator: TokenValidator | None = None  # None: the tokens file (or no auth)
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
     on_shutdown: Callable[[], Awaitable[None]] | None = None  # after the gRPC server stopped (batcher, DB)
+    on_drain: Callable[[], Awaitable[None]] | None = None  # when draining starts: end endless streams (watchers)
 
 
 BuildFn = Callable[[Any, CollectorRegistry], Awaitable[ServiceSetup]]
@@ -364,7 +372,7 @@ async def serve(
     try:
         await stop.wait()
     finally:
-        await shutdown(running.server, running.health, config.grace_s, force)
+        await shutdown(running.server, running.health, config.grace_s, force, running.setup.on_drain)
         try:
             if running.setup.on_shutdown is not None:
                 await running.setup.on_shutdown()
