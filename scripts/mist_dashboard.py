@@ -442,6 +442,45 @@ def registry_row() -> list[Panel]:
     ]
 
 
+def fleet_row() -> list[Panel]:
+    # The fleet gauges are read from the database by every replica: max over replicas, never sum.
+    fresh = f"max by (task, version) ({sel('mist_registry_fleet_devices', eq('state', 'fresh'))})"
+    stale = f"sum by (task) (max by (task, version) ({sel('mist_registry_fleet_devices', eq('state', 'stale'))}))"
+    return [
+        graph(
+            "Devices by version in use",
+            "Devices that reported within 90 s, by task and the version they run (ReportDevice heartbeats; "
+            "mist registry fleet TASK lists them).",
+            COUNT,
+            query(fresh, "{{task}} v{{version}}"),
+        ),
+        graph(
+            "Stale devices",
+            "Devices silent for more than 90 s (three missed heartbeats), per task: offline, or an agent that stopped.",
+            COUNT,
+            query(stale, "{{task}}"),
+        ),
+        graph(
+            "Staged rollouts",
+            "Share of a task's devices each staged rollout reaches (mist registry promote --percent); the series ends "
+            "when the rollout is finished or rolled back.",
+            "percent",
+            query(
+                f"max by (task, alias, version) ({sel('mist_registry_rollout_percent')})",
+                "{{task}}/{{alias}} v{{version}}",
+            ),
+        ),
+        graph(
+            "Watchers connected",
+            "Open WatchAlias streams (devices waiting for alias moves), summed over registry replicas, and the alias "
+            "events sent to them.",
+            COUNT,
+            query(f"sum ({sel('mist_registry_watchers')})", "watchers"),
+            query(f"{sum_rate('mist_registry_watch_events_total')} * 60", "events per minute"),
+        ),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------- dashboard
 
 ROWS = (
@@ -449,6 +488,7 @@ ROWS = (
     ("Extractor", extractor_row),
     ("Tuner", tuner_row),
     ("Registry", registry_row),
+    ("Fleet: who runs what", fleet_row),
 )
 
 

@@ -180,6 +180,7 @@ def test_dashboard_structure():
         "Extractor",
         "Tuner",
         "Registry",
+        "Fleet: who runs what",
     ]
     units = {p["title"]: p["fieldConfig"]["defaults"]["unit"] for p in every if p["type"] != "row"}
     assert units["× smaller than LST"] == "suffix:×" and units["MIST bytes per image"] == "bytes"
@@ -289,7 +290,8 @@ def extractor_load(target: str, phase: int, counted: Counted | None) -> None:
 
 
 def registry_load(target: str, phase: int) -> None:
-    """A push, a push of NaN weights (INVALID_ARGUMENT), a pull, and an alias move."""
+    """A push, a push of NaN weights (INVALID_ARGUMENT), a pull, and an alias move; in phase 2 a staged rollout
+    of the new version, a device watching the alias and two devices reporting."""
     with RegistryClient(target) as client:
         if phase == 1:
             client.create_task(task_proto("cats"))
@@ -297,7 +299,17 @@ def registry_load(target: str, phase: int) -> None:
         with pytest.raises(InvalidArgumentError):
             client.push("cats", make_blob(nan=True), parent_version=version.number)
         client.pull("cats", version=version.number, use_cache=False)
-        client.set_alias("cats", "production", version.number)
+        if phase == 1:
+            client.set_alias("cats", "production", version.number)
+            return
+        watch = client.watch_alias("cats", "production", device="cam-1")
+        events = iter(watch)
+        assert next(events).version == 1
+        client.set_alias("cats", "production", version.number, percent=20)
+        assert next(events).stable_version == 1
+        watch.cancel()
+        for device, running in (("cam-1", 1), ("cam-2", version.number)):
+            client.report_device("cats", device=device, alias="production", version=running)
 
 
 def tune_requests(phase: int, *, k: int = 2) -> Iterator[tuner_pb2.TuneRequest]:
