@@ -60,6 +60,9 @@ SECTIONS: tuple[SectionSpec, ...] = (
     SectionSpec(
         "serving", "7. Serving path: own cost per image against a bare gRPC echo", "bench.serving", False, True
     ),
+    SectionSpec(
+        "recipe", "8. Training recipe: the defaults against a pixel logistic regression", "bench.recipe", True, True
+    ),
 )
 SECTION_NAMES = tuple(spec.name for spec in SECTIONS)
 _DETAIL_KEYS = ("method", "targets")  # moved from a section's object into details, never left in the numbers

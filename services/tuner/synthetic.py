@@ -1,6 +1,9 @@
 """Deterministic synthetic image classes, written as a real ImageFolder tree, for the demo, tests and benchmarks.
 
 Nothing in the suite may download a dataset, so this draws its own: `python -m services.tuner.synthetic OUT_DIR`.
+Two kinds: `shapes` (the default: objects a person tells apart at a glance, on cluttered colour backgrounds) and
+`glyphs` (`--kind glyphs`: handwriting-like grayscale digits whose class lies in a few thin strokes, the kind of
+low-level task where a linear model on raw pixels is a strong baseline; docs/explanation/recipe.md).
 """
 
 from __future__ import annotations
@@ -35,7 +38,12 @@ CLASS_NAMES: tuple[str, ...] = (
     "red_cross",
     "blue_cross",
 )
+# Ten handwriting-like digits: the class is in the strokes (a closed loop or an open arc, one stroke more or
+# less), drawn thin, in grayscale, with per-image jitter of every control point, slant, size, place and ink.
+GLYPH_CLASS_NAMES: tuple[str, ...] = tuple(f"digit_{digit}" for digit in range(10))
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+Kind = Literal["shapes", "glyphs"]
+KINDS: tuple[Kind, ...] = ("shapes", "glyphs")
 ImageFormat = Literal["png", "jpeg"]
 MIN_IMAGE_SIZE = 32  # below this a dot is a couple of pixels and the classes stop being recognisable
 MAX_IMAGE_SIZE = 1024  # a guard against typos: nothing in the suite needs bigger images
@@ -44,6 +52,7 @@ MANIFEST_NAME = "manifest.csv"
 MARKER_NAME = ".mist-synthetic.json"  # written first, so a half-written tree is still recognised as ours
 # Bump when rendering changes: a directory made by another version is then refused, not silently mixed.
 GENERATOR_VERSION = 1
+GLYPHS_VERSION = 1  # the same rule for the glyph renderer (its marker also names the kind)
 _EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg"}
 _JPEG_QUALITY = 90  # high enough that the colour cue survives chroma subsampling
 _PNG_COMPRESS_LEVEL = 6  # fixed, so the bytes do not depend on Pillow's default
@@ -324,6 +333,96 @@ def render_image(class_name: str, rng: np.random.Generator, size: int = 64) -> I
     return Image.fromarray(np.rint(noisy.clip(0, 1) * 255).astype(np.uint8), "RGB")
 
 
+# ---------------------------------------------------------------- glyphs: handwriting-like digits
+
+
+def _arc(centre: tuple[float, float], radii: tuple[float, float], start: float, end: float, points: int) -> np.ndarray:
+    """Points along an ellipse from angle `start` to `end` in degrees (0 = right, 90 = down: image y points down)."""
+    theta = np.deg2rad(np.linspace(start, end, points))
+    return np.stack([centre[0] + radii[0] * np.cos(theta), centre[1] + radii[1] * np.sin(theta)], axis=1)
+
+
+def _line(*points: tuple[float, float]) -> np.ndarray:
+    return np.array(points, dtype=np.float64)
+
+
+# Each digit as polylines in a unit box (x right, y down), the way a pen writes it. Several pairs differ by one
+# stroke or by an arc being open or closed (3 / 8, 5 / 6, 1 / 7, 4 / 9), so the class is in a few pixels.
+_GLYPH_STROKES: dict[str, tuple[np.ndarray, ...]] = {
+    "digit_0": (_arc((0.5, 0.5), (0.42, 0.47), -90, 270, 28),),
+    "digit_1": (_line((0.28, 0.24), (0.56, 0.04), (0.56, 0.96)),),
+    "digit_2": (np.concatenate([_arc((0.5, 0.3), (0.4, 0.26), 190, 390, 14), _line((0.08, 0.96), (0.94, 0.96))]),),
+    "digit_3": (
+        np.concatenate(
+            [_arc((0.48, 0.27), (0.38, 0.23), 205, 450, 14), _arc((0.48, 0.73), (0.42, 0.25), 270, 515, 14)]
+        ),
+    ),
+    "digit_4": (_line((0.72, 0.96), (0.72, 0.04), (0.06, 0.68), (0.96, 0.68)),),
+    "digit_5": (
+        np.concatenate([_line((0.88, 0.04), (0.22, 0.04), (0.17, 0.46)), _arc((0.5, 0.7), (0.4, 0.27), 225, 515, 16)]),
+    ),
+    "digit_6": (np.concatenate([_line((0.76, 0.04), (0.36, 0.28)), _arc((0.5, 0.7), (0.34, 0.26), 205, 565, 22)]),),
+    "digit_7": (_line((0.06, 0.04), (0.94, 0.04), (0.4, 0.96)),),
+    "digit_8": (_arc((0.5, 0.27), (0.32, 0.23), 90, 450, 20), _arc((0.5, 0.73), (0.4, 0.25), -90, 270, 22)),
+    "digit_9": (np.concatenate([_arc((0.5, 0.3), (0.34, 0.26), 0, 360, 22), _line((0.84, 0.3), (0.78, 0.96))]),),
+}
+
+
+def _wobble(rng: np.random.Generator, points: np.ndarray, amplitude: float) -> np.ndarray:
+    """A smooth random displacement field (two plane waves per axis): strokes bend as a hand would bend them,
+    while neighbouring points move together (independent per-point noise would make zigzags no pen draws)."""
+    moved = points.copy()
+    for axis in range(2):
+        for _ in range(2):
+            direction = rng.normal(size=2)
+            frequency = rng.uniform(0.5, 1.5) / max(float(np.hypot(*direction)), 1e-6)
+            moved[:, axis] += amplitude * np.sin(
+                2 * np.pi * frequency * (points @ direction) + rng.uniform(0, 2 * np.pi)
+            )
+    return moved
+
+
+def _stroke_polygons(points: np.ndarray, width: float) -> list[Polygon]:
+    """A polyline as segments plus a round cap on every vertex, so joints and ends look like pen strokes."""
+    caps = [_regular_polygon((float(x), float(y)), width / 2, 12, 0.0) for x, y in points]
+    return _polyline(points, width) + caps
+
+
+def render_glyph(class_name: str, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """One grayscale ("L") picture of a handwriting-like digit: light strokes on a dark, noisy background.
+
+    Per image: every stroke bent by a smooth random field, then a random height (55-80 % of the frame), width,
+    slant, small rotation and place; stroke width 5-9 % of the side (1.6-2.9 px at 32 px); background, ink and
+    pixel noise levels; and 0-2 short stray pen marks. The class is never in the colour or the place.
+    """
+    if class_name not in _GLYPH_STROKES:
+        raise InvalidArgumentError(f"unknown glyph class {class_name!r}; known classes: {', '.join(GLYPH_CLASS_NAMES)}")
+    _check_image_size(size)
+    height = rng.uniform(0.55, 0.8)
+    width = height * rng.uniform(0.5, 0.75)
+    slant = rng.uniform(-0.3, 0.3)  # x shifts with height, as in italic handwriting
+    angle = np.deg2rad(rng.uniform(-10, 10))
+    stroke = rng.uniform(0.05, 0.09)
+    half = 0.5 * max(height, width + abs(slant) * height) + stroke
+    centre = _centre(rng, min(half, 0.5))
+    strokes = []
+    for unit in _GLYPH_STROKES[class_name]:
+        bent = _wobble(rng, unit, amplitude=0.04)
+        local = np.stack(
+            [(bent[:, 0] - 0.5) * width + slant * (0.5 - bent[:, 1]) * height, (bent[:, 1] - 0.5) * height], 1
+        )
+        strokes.append(_rotate(local, angle, centre))
+    background, ink = rng.uniform(0.0, 0.3), rng.uniform(0.7, 1.0)
+    canvas = _Canvas(np.full((size, size, 3), background, dtype=np.float32))
+    canvas.paint(np.full(3, ink), [polygon for points in strokes for polygon in _stroke_polygons(points, stroke * 1.0)])
+    for _ in range(int(rng.integers(0, 3))):  # stray marks: short, thinner, fainter, anywhere
+        start = np.asarray(_centre(rng, 0.05))
+        end = start + rng.uniform(0.04, 0.1) * np.array([np.cos(heading := rng.uniform(0, 2 * np.pi)), np.sin(heading)])
+        canvas.paint(np.full(3, rng.uniform(0.3, 0.6)), _stroke_polygons(np.stack([start, end]), stroke * 0.7))
+    noisy = canvas.pixels[..., 0] + rng.normal(0.0, rng.uniform(0.02, 0.08), size=(size, size))
+    return Image.fromarray(np.rint(noisy.clip(0, 1) * 255).astype(np.uint8), "L")
+
+
 # ---------------------------------------------------------------- the dataset on disk
 
 
@@ -332,9 +431,12 @@ def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def _image_rng(seed: int, split: str, class_name: str, index: int) -> np.random.Generator:
+def _image_rng(seed: int, split: str, class_name: str, index: int, kind: Kind = "shapes") -> np.random.Generator:
     """Each image's stream depends only on its own identity, so other classes or splits never shift it."""
-    entropy = [seed, GENERATOR_VERSION, _stable_hash(split), _stable_hash(class_name), index]
+    if kind == "shapes":  # unchanged since version 1: the shapes images stay byte-identical
+        entropy = [seed, GENERATOR_VERSION, _stable_hash(split), _stable_hash(class_name), index]
+    else:
+        entropy = [seed, GLYPHS_VERSION, _stable_hash(kind), _stable_hash(split), _stable_hash(class_name), index]
     return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
@@ -358,14 +460,25 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
-def _validate_classes(classes: Sequence[str]) -> tuple[str, ...]:
+def class_names_of(kind: Kind) -> tuple[str, ...]:
+    """Every class of a kind, in label order."""
+    if kind not in KINDS:
+        raise InvalidArgumentError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return CLASS_NAMES if kind == "shapes" else GLYPH_CLASS_NAMES
+
+
+def _validate_classes(classes: Sequence[str], kind: Kind = "shapes") -> tuple[str, ...]:
     if isinstance(classes, str):  # "circle" would otherwise be read as six one-letter classes
         raise InvalidArgumentError(f"classes must be a sequence of names, not the string {classes!r}")
     names = tuple(classes)
     if len(names) < 2:
         raise InvalidArgumentError(f"a classification dataset needs at least 2 classes, got {list(names)}")
+    known = class_names_of(kind)
     for name in names:
-        _check_class(name)
+        if kind == "shapes":
+            _check_class(name)
+        elif name not in known:
+            raise InvalidArgumentError(f"unknown {kind} class {name!r}; known classes: {', '.join(known)}")
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise InvalidArgumentError(f"duplicate classes: {', '.join(duplicates)}")
@@ -401,17 +514,20 @@ def _claim_directory(root: Path, marker: dict[str, object]) -> None:
 def generate_dataset(
     root: Path | str,
     *,
-    classes: Sequence[str] = CLASS_NAMES,
+    classes: Sequence[str] | None = None,
     sizes: SplitSizes = SplitSizes(40, 10, 10),
     image_size: int = 64,
     seed: int = 0,
     image_format: ImageFormat = "png",
+    kind: Kind = "shapes",
 ) -> DatasetSummary:
     """Write `root/{train,val,test}/<class>/<class>_<index:05d>.<ext>` and `root/manifest.csv` (path,label,split).
 
-    The same arguments always give byte-identical files, and a second call with them rewrites nothing.
+    `kind` "shapes" draws RGB images of CLASS_NAMES, "glyphs" grayscale digits of GLYPH_CLASS_NAMES; `classes`
+    (default: all of the kind's, in order) picks a subset. The same arguments always give byte-identical files,
+    and a second call with them rewrites nothing.
     """
-    names = _validate_classes(classes)
+    names = _validate_classes(class_names_of(kind) if classes is None else classes, kind)
     _check_image_size(image_size)
     if not isinstance(sizes, SplitSizes):
         raise InvalidArgumentError(f"sizes must be a SplitSizes, got {type(sizes).__name__}")
@@ -420,15 +536,18 @@ def generate_dataset(
     if image_format not in _EXTENSIONS:
         raise InvalidArgumentError(f"image format must be one of {', '.join(_EXTENSIONS)}, got {image_format!r}")
     root = Path(root)
-    marker = {
+    marker: dict[str, object] = {
         "generator": "mist-synthetic",
-        "version": GENERATOR_VERSION,
+        "version": GENERATOR_VERSION if kind == "shapes" else GLYPHS_VERSION,
         "classes": list(names),
         "sizes": asdict(sizes),
         "image_size": image_size,
         "seed": seed,
         "image_format": image_format,
     }
+    if kind != "shapes":  # a shapes marker stays as version 1 wrote it, so existing trees are still accepted
+        marker["kind"] = kind
+    render = render_image if kind == "shapes" else render_glyph
     _claim_directory(root, marker)
     rows: list[tuple[str, str, str]] = []
     total_bytes, files_written = 0, 0
@@ -436,7 +555,7 @@ def generate_dataset(
         for class_name in names:
             for index in range(getattr(sizes, split)):
                 relative = f"{split}/{class_name}/{class_name}_{index:05d}.{_EXTENSIONS[image_format]}"
-                image = render_image(class_name, _image_rng(seed, split, class_name, index), image_size)
+                image = render(class_name, _image_rng(seed, split, class_name, index, kind), image_size)
                 data = _encode(image, image_format)
                 files_written += _write_if_changed(root / relative, data)
                 total_bytes += len(data)
@@ -473,9 +592,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--format", choices=sorted(_EXTENSIONS), default="png", help="image file format (default png)")
     parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="shapes",
+        help="shapes: RGB objects told apart at a glance; glyphs: grayscale handwriting-like digits (default shapes)",
+    )
+    parser.add_argument(
         "--classes",
-        default=",".join(CLASS_NAMES),
-        help=f"comma-separated subset of: {', '.join(CLASS_NAMES)} (default: all, in this order)",
+        default="",
+        help=f"comma-separated subset of the kind's classes; shapes: {', '.join(CLASS_NAMES)}; glyphs: "
+        f"{', '.join(GLYPH_CLASS_NAMES)} (default: all of the kind's, in this order)",
     )
     return parser.parse_args(argv)
 
@@ -487,7 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = generate_dataset(
             args.out_dir,
-            classes=classes,
+            kind=args.kind,
+            classes=classes or None,
             sizes=SplitSizes(args.train, args.val, args.test),
             image_size=args.size,
             seed=args.seed,
