@@ -2,6 +2,7 @@
 
     mist tune --task shapes --data var/demo/data --alias production      # progress on stderr, result on stdout
     mist predict --task shapes --alias production photo.jpg              # one JSON line per image
+    mist agent --task shapes --alias production < paths                  # the same, following the alias
 
 Every flag is a field of a typed config class (TuneOptions, ConnectionFlags, ...) and reads MIST_<FLAG> too; the
 reference is docs/reference/cli.md. Exit codes: 0 done, 1 refused or failed, 2 usage, 130 interrupted. Importing
@@ -102,6 +103,38 @@ class PredictFlags(VersionFlags):
     """What `mist predict` prints."""
 
     top_k: int = setting(5, help="classes listed per image, most probable first", minimum=1, metavar="N")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentFlags(ConfigBase):
+    """What `mist agent` follows and how it reports (services/tuner/agent.py)."""
+
+    task: str = setting(help="registry task", metavar="NAME")
+    alias: str = setting(
+        help="alias to follow, e.g. production; each move is validated, then swapped in", metavar="NAME"
+    )
+    device: str | None = setting(
+        None,
+        help="this device's name in rollouts and the fleet view",
+        shown="the token's name when a token is given, else the host name",
+        metavar="NAME",
+    )
+    runtime: Runtime = setting(
+        "numpy", help="what runs the edge network: numpy (no torch needed) or torch (the training code)"
+    )
+    top_k: int = setting(5, help="classes listed per image, most probable first", minimum=1, metavar="N")
+    heartbeat_s: float | None = setting(
+        None,
+        help="seconds between reports to the registry's fleet view",
+        minimum=1.0,
+        shown="what the registry asks for (30)",
+        metavar="SECONDS",
+    )
+
+    def check(self) -> None:
+        super().check()
+        if not self.task.strip() or not self.alias.strip():
+            raise InvalidArgumentError("--task and --alias must not be empty")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +245,23 @@ def _predict_stdin(run: Invocation) -> int:
     return 0
 
 
+def cmd_agent(run: Invocation) -> int:
+    """`mist agent`: `mist predict -` that follows an alias; exits 0 at the end of stdin (per-image errors are in
+    their lines: a long-running device service does not fail as a whole for one unreadable frame)."""
+    from services.tuner.agent import Agent
+
+    flags = run.get(AgentFlags)
+    _setup(run.get(OutputFlags), uses_torch=flags.runtime == "torch")
+    assert run.endpoints is not None
+    with Agent(run.endpoints, flags.task, flags.alias, device=flags.device, runtime=flags.runtime, top_k=flags.top_k,
+               heartbeat_s=flags.heartbeat_s) as agent:  # fmt: skip
+        for line in sys.stdin:
+            path = line.rstrip("\r\n")
+            if path.strip():
+                print(json.dumps(agent.predict_file(path).to_dict(id_key="file")), flush=True)
+    return 0
+
+
 def cmd_evaluate(run: Invocation) -> int:
     from services.tuner.predict import evaluate_path, load_version
 
@@ -262,6 +312,12 @@ COMMANDS: dict[str, Command] = {
         cmd_predict,
         "classify images with a stored version; prints one JSON line per image",
         (("predict", (PredictFlags,)), _CONNECTION, ("output", (OutputFlags,))),
+    ),
+    "agent": Command(
+        cmd_agent,
+        "follow an alias on a device: one image path per stdin line, one JSON line per image (with its version); "
+        "each move of the alias is validated before it is swapped in",
+        (("agent", (AgentFlags,)), _CONNECTION, ("output", (OutputFlags,))),
     ),
     "evaluate": Command(
         cmd_evaluate,

@@ -11,6 +11,10 @@ The version's k and codec come from its safetensors metadata (`mist.k`, `mist.co
 metrics / tags, else the task's; the features are asked for with the task's backbone id, so an extractor serving
 other weights is refused (FAILED_PRECONDITION) instead of answering with features the network never saw.
 
+A Predictor can change its weights while other threads predict (what the device agent, services/tuner/agent.py,
+does on a promote): switch_to(N) pulls version N, loads it strictly and runs a smoke prediction before the swap,
+and every prediction uses the one version it read at its start (Prediction.version says which).
+
 Runtimes: "numpy" (the default: services/tuner/edge_numpy.py, what a predict-only device installs) or "torch" (the
 training code's network). Both read the same safetensors weights and agree to 1e-4 in probability; importing this
 module loads no torch.
@@ -18,6 +22,7 @@ module loads no torch.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +33,14 @@ import numpy as np
 
 from services.common.clients.extractor import DEFAULT_MAX_IN_FLIGHT, ExtractorClient, ImageItem
 from services.common.clients.registry import PulledVersion, RegistryClient
-from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.common.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    MistError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from services.common.pb import feature_pb2
 from services.common.wire.codec import CodecConfig, decode_feature
 from services.common.wire.edge_spec import EdgeNetworkConfig
@@ -142,11 +154,87 @@ def load_version(
     """Pull (or take from the cache) a version by number, alias or, with neither, the latest; load it strictly."""
     if runtime not in RUNTIMES:
         raise InvalidArgumentError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    pulled = registry.pull(task, version=version, alias=alias)
+    return loaded_from(registry.pull(task, version=version, alias=alias), runtime)
+
+
+def loaded_from(pulled: PulledVersion, runtime: Runtime = "numpy") -> LoadedVersion:
+    """A pulled (or locally kept) version's network, loaded strictly against its task's edge network."""
     model, metadata = load_network(pulled.blob, pulled.task.edge_config(), runtime)
     return LoadedVersion(task=pulled.task, version=pulled.version, model=model, k=_version_k(pulled, metadata),
                          codec=_version_codec(pulled, metadata), from_cache=pulled.from_cache,
                          runtime=runtime)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+# Failures that say nothing about the version itself (the registry or the link is away, or busy): the caller tries
+# again later; every other failure of a pull, a load or a smoke prediction refuses the version.
+TRANSIENT_ERRORS: tuple[type[MistError], ...] = (UnavailableError, DeadlineExceededError, ResourceExhaustedError)
+_TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED"})
+SMOKE_SEED = 0  # the smoke features: one [T, D] array of zeros and one of N(0, 1) values from this seed
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether an error of a registry call is worth retrying as it is (a refusal of the version is not)."""
+    return isinstance(error, TRANSIENT_ERRORS) or (isinstance(error, MistError) and error.code in _TRANSIENT_CODES)
+
+
+class VersionRejected(FailedPreconditionError):
+    """A version this device will not run: its pull, strict load or smoke prediction failed. `step` says which
+    ("pull", "load" or "smoke") and `reason` is one line for logs and the fleet view."""
+
+    def __init__(self, task: str, version: int, step: str, reason: str) -> None:
+        self.task, self.version, self.step = task, version, step
+        self.reason = " ".join(f"{step}: {reason}".split())[:1000]  # the registry keeps 1,000 characters
+        super().__init__(f"version {version} of task {task!r} refused: {self.reason}")
+
+
+def smoke_features(config: EdgeNetworkConfig) -> np.ndarray:
+    """[2, T, D] float32 features for a smoke prediction: zeros (the network's biases alone) and a fixed random
+    array (every weight involved). Deterministic, so a version passes or fails the same way on every device."""
+    random = np.random.default_rng(SMOKE_SEED).standard_normal((config.tokens, config.dims)).astype(np.float32)
+    return np.stack([np.zeros_like(random), random])
+
+
+def smoke_check(loaded: LoadedVersion) -> None:
+    """Runs the network on smoke_features: InvalidArgumentError unless it answers [2, C] finite logits.
+
+    Weights the registry accepts (finite float32 of the right shapes) can still overflow: a head scaled by 1e37
+    gives inf logits and NaN probabilities on every image, which only running the network shows."""
+    config = loaded.task.edge_config()
+    with np.errstate(all="ignore"):  # overflow is what is being looked for: no RuntimeWarning on the way
+        logits = np.asarray(loaded.model.logits(smoke_features(config)))
+        scores = probabilities(logits) if logits.ndim == 2 and logits.size else logits
+    expected = (2, len(loaded.class_names))
+    if logits.shape != expected:
+        raise InvalidArgumentError(f"the network answered logits of shape {list(logits.shape)}, not {list(expected)}")
+    if not (np.isfinite(logits).all() and np.isfinite(scores).all()):
+        bad = int((~np.isfinite(logits)).sum())
+        raise InvalidArgumentError(
+            f"the smoke prediction gave non-finite logits ({bad} of {logits.size} values NaN or Inf)"
+        )
+
+
+def validate_version(registry: RegistryClient, task: str, version: int, runtime: Runtime = "numpy") -> LoadedVersion:
+    """Version `version` of `task`, ready to swap in: pulled (sha256 checked by the client), loaded strictly against
+    the task's edge network, and smoke-tested. VersionRejected when any step refuses it; a transient error (the
+    registry away: is_transient) is raised as it is, since it says nothing about the version."""
+    try:
+        pulled = registry.pull(task, version=version)
+    except MistError as error:
+        if is_transient(error):
+            raise
+        raise VersionRejected(task, version, "pull", f"{error.code}: {error}") from error
+    try:
+        with np.errstate(over="ignore"):  # huge finite weights may overflow when folded: the smoke test says so
+            loaded = loaded_from(pulled, runtime)
+    except Exception as error:  # any refusal of the loader, whatever raised it: the old weights stay
+        raise VersionRejected(task, version, "load", str(error)) from error
+    try:
+        smoke_check(loaded)
+    except Exception as error:
+        raise VersionRejected(task, version, "smoke", str(error)) from error
+    return loaded
 
 
 def _version_k(pulled: PulledVersion, metadata: dict[str, str]) -> int:
@@ -214,9 +302,16 @@ class Predictor:
 
         with Predictor(endpoints, "shapes", alias="production") as predictor:
             prediction = predictor.predict_file("frame-0001.jpg")   # or predict(image_bytes, item_id)
+            predictor.switch_to(7)   # from another thread too: validated, then swapped; VersionRejected keeps 6
 
     A file that cannot be read, or an image the extractor refuses, gets a Prediction with an error; the predictor
     goes on with the next. reload() pulls the reference again (cheap when the weights did not change).
+
+    Swaps are safe while other threads predict: `loaded` is one reference replaced whole (under a lock, so two
+    swaps never interleave), and each prediction reads it once at its start and uses only that: the k, codec,
+    network and class names of one version, never a mix; its Prediction.version names that version. `loaded`
+    (start with these weights instead of pulling, e.g. the ones a device ran before a restart) leaves the
+    registry untouched until reload() or switch_to().
     """
 
     def __init__(
@@ -228,14 +323,18 @@ class Predictor:
         alias: str | None = None,
         runtime: Runtime = "numpy",
         top_k: int = DEFAULT_TOP_K,
+        loaded: LoadedVersion | None = None,
     ) -> None:
         self._reference = dict(version=version, alias=alias, runtime=runtime)
-        self._task, self._top_k = task, top_k
+        self._task, self._top_k, self._runtime = task, top_k, runtime
+        self._swap_lock = threading.Lock()
         self._extractor = endpoints.extractor_client()
         try:
             self._registry = endpoints.registry_client()
             try:
-                self.loaded = load_version(self._registry, task, **self._reference)  # type: ignore[arg-type]
+                if loaded is None:
+                    loaded = load_version(self._registry, task, **self._reference)  # type: ignore[arg-type]
+                self._loaded = loaded
             except BaseException:
                 self._registry.close()
                 raise
@@ -243,15 +342,52 @@ class Predictor:
             self._extractor.close()
             raise
 
+    @property
+    def loaded(self) -> LoadedVersion:
+        """The version predictions use now (one reference: read it once and use that)."""
+        return self._loaded
+
+    @loaded.setter
+    def loaded(self, loaded: LoadedVersion) -> None:
+        self.swap(loaded)
+
+    @property
+    def task(self) -> str:
+        return self._task
+
+    def swap(self, loaded: LoadedVersion) -> LoadedVersion:
+        """Replace the weights in use with `loaded` (already checked: see switch_to); returns the previous ones.
+        Predictions already running finish on the previous version; those that start after use `loaded`."""
+        if loaded.task.name != self._task:
+            raise InvalidArgumentError(f"version of task {loaded.task.name!r} offered to a predictor of {self._task!r}")
+        with self._swap_lock:
+            previous, self._loaded = self._loaded, loaded
+        return previous
+
+    def validate(self, version: int) -> LoadedVersion:
+        """Version `version` pulled, loaded strictly and smoke-tested (validate_version), without swapping it in."""
+        return validate_version(self._registry, self._task, version, self._runtime)
+
+    def switch_to(self, version: int) -> LoadedVersion:
+        """Validate version `version`, then swap it in; returns it. On VersionRejected (or a transient registry
+        error) the weights in use stay as they were."""
+        if version == self._loaded.version.number:
+            return self._loaded
+        candidate = self.validate(version)
+        self.swap(candidate)
+        return candidate
+
     def reload(self) -> LoadedVersion:
         """Pull the version reference again (an alias may have moved); only a header travels when it did not."""
-        self.loaded = load_version(self._registry, self._task, **self._reference)  # type: ignore[arg-type]
-        return self.loaded
+        loaded = load_version(self._registry, self._task, **self._reference)  # type: ignore[arg-type]
+        self.swap(loaded)
+        return loaded
 
     def predict(self, image: bytes, item_id: str = "") -> Prediction:
         """One image's prediction (an undecodable or oversized image gets an error, not an exception)."""
+        loaded = self._loaded  # one version for the whole prediction, whatever a swap does meanwhile
         items = [ImageItem(item_id, image)]
-        return next(predict_images(self.loaded, self._extractor, items, top_k=self._top_k, max_in_flight=1))
+        return next(predict_images(loaded, self._extractor, items, top_k=self._top_k, max_in_flight=1))
 
     def predict_file(self, path: str | Path) -> Prediction:
         """The prediction of an image file; an unreadable file gets an INVALID_ARGUMENT error line."""
@@ -259,7 +395,7 @@ class Predictor:
             image = Path(path).expanduser().read_bytes()
         except OSError as error:
             message = f"cannot read image {path}: {error.strerror or error}"
-            return Prediction(str(path), self.loaded.version.number, error_code="INVALID_ARGUMENT",
+            return Prediction(str(path), self._loaded.version.number, error_code="INVALID_ARGUMENT",
                               error_reason="unreadable_file", error_message=message)  # fmt: skip
         return self.predict(image, str(path))
 
