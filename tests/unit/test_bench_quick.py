@@ -67,6 +67,8 @@ def fake_other_sections(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bench.serving", _fake_section("bench.serving", result=FAKE_SERVING))
     # recipe: run for real (smoke profile) by tests/unit/test_synthetic_glyphs.py; a stand-in here, to keep this short.
     monkeypatch.setitem(sys.modules, "bench.recipe", _fake_section("bench.recipe", result={"rows": []}))
+    # fleet: run for real (quick profile) by tests/unit/test_bench_fleet.py; a stand-in here, to keep this short.
+    monkeypatch.setitem(sys.modules, "bench.fleet", _fake_section("bench.fleet", result={"rows": []}))
     monkeypatch.setitem(
         sys.modules, "bench.edge", _fake_section("bench.edge", error=RuntimeError("edge probe crashed on purpose"))
     )
@@ -233,8 +235,8 @@ def test_unknown_section_name_is_a_usage_error(capsys: pytest.CaptureFixture[str
         run.main(["--only", "transfer,speed"])
     assert exit_info.value.code == 2
     assert (
-        "unknown section(s) speed; choose from transfer, accuracy, link, extractor, edge, scaling, serving, recipe"
-        in capsys.readouterr().err
+        "unknown section(s) speed; choose from transfer, accuracy, link, extractor, edge, scaling, serving, recipe, "
+        "fleet" in capsys.readouterr().err
     )
 
 
