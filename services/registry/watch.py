@@ -91,7 +91,11 @@ class AliasFeed:
         group.add(watcher)  # before reading the state: a move committed after that read reaches the queue
         try:
             if key not in self._last:
-                self._last[key] = await asyncio.to_thread(self._store.latest_revision, task, alias)
+                revision = await asyncio.to_thread(self._store.latest_revision, task, alias)
+                # The lowest of concurrent first readings: a higher one, read after a move committed, would let the
+                # poller skip that move while a watcher whose state predates it waits for it. Lower only re-reads
+                # moves the watchers already have (they drop revisions they sent).
+                self._last[key] = min(self._last.get(key, revision), revision)
             state, missed = await asyncio.to_thread(self._store.watch_start, task, alias, since_revision)
             if missed:
                 for move in missed:
@@ -140,9 +144,9 @@ class AliasFeed:
                 self._deliver(key, moves)
 
     def _deliver(self, key: tuple[str, str], moves: list[AliasMove]) -> None:
-        if moves[-1].revision <= self._last.get(key, 0):
-            return
-        self._last[key] = moves[-1].revision
+        # Delivered even when _last moved past them meanwhile (a first watcher's reading): each watcher drops
+        # revisions it already sent, so a duplicate costs a queue slot, never a wrong event; a skipped move would.
+        self._last[key] = max(self._last.get(key, 0), moves[-1].revision)
         for watcher in self._watchers.get(key, ()):
             if watcher.behind:
                 continue
