@@ -93,6 +93,9 @@ def service_config_json(retried: Sequence[tuple[str, str]] = RETRIED_METHODS) ->
     return json.dumps(config)
 
 
+MAX_RECONNECT_BACKOFF_MS = 10_000
+
+
 def _channel_options(
     max_message_bytes: int,
     keepalive_time_s: float,
@@ -110,6 +113,9 @@ def _channel_options(
         ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),  # keep pinging idle channels (the default stops after 2)
+        # gRPC's reconnect backoff grows to 120 s: a device whose registry was away a few minutes would then learn
+        # of its return up to two minutes late, whatever its own retry loop does. 10 s bounds that.
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ("grpc.enable_retries", int(bool(retried))),
         ("grpc.service_config", service_config_json(retried)),
     ]
