@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import fleet_load
 from bench.common import ROOT, BenchError, Profile, child_env, percentile, stop_process
 from services.common.pb import registry_pb2
 
@@ -208,6 +209,12 @@ class RegistryServer:
     def stop(self) -> None:
         if self._proc is not None:
             stop_process(self._proc, _STOP_GRACE_S)
+
+
+def _started_registry(db_url: str) -> RegistryServer:
+    registry = RegistryServer(free_port(), db_url)
+    registry.start()
+    return registry
 
 
 def free_port() -> int:
@@ -505,6 +512,9 @@ def run(profile: Profile, out_dir: Path, *, settings: FleetSettings | None = Non
             if admin is not None:
                 admin.close()
             registry.stop()
+    # Last: a device agent swapping while it predicts through a real extractor (bench/fleet_load.py).
+    result["swap_under_load"] = fleet_load.swap_under_load(profile, _started_registry)
+    result["targets"].append(fleet_load.target(result["swap_under_load"]))
     result["profile"] = profile
     result["seconds"] = round(time.monotonic() - began, 1)
     return result
@@ -747,6 +757,17 @@ def markdown(section: Mapping[str, Any]) -> str:
     ]
     if integrity["examples"]:
         lines += ["", "Examples: " + "; ".join(integrity["examples"])]
+    load = section.get("swap_under_load")
+    if load:
+        lines += [
+            "",
+            f"**A swap under a steady predict load** (a device agent predicting through a real extractor, "
+            f"{load['predictions_per_s']:.0f} predictions/s): {load['predictions']} predictions, "
+            f"**{load['failed']} failed**, {load['during_swap']} while the swap was under way; the agent ran "
+            f"version 2 {load['swap_s']:.2f} s after SetAlias (its own pull, load and smoke prediction "
+            f"{load['agent_swap_s']:.2f} s); answers of version 1 after the first of version 2: "
+            f"{load['old_after_new']}.",
+        ]
     lines += ["", f"*Method.* {section['method']}"]
     return "\n".join(lines)
 

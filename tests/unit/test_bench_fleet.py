@@ -64,8 +64,18 @@ def test_quick_section_measures_memory_restart_and_integrity(section: dict) -> N
     assert integrity["pulls"] >= 300 and integrity["pull_bytes"] > 0
     assert integrity["not_modified"] >= 100  # the rollback: every device still had version 1
     # one row per target, each evaluated
-    assert len(section["targets"]) == 7
+    assert len(section["targets"]) == 8
     assert all(isinstance(t["passed"], bool) and t["measured"] for t in section["targets"])
+
+
+@pytest.mark.slow
+def test_quick_section_swaps_a_predicting_agent_without_a_failed_prediction(section: dict) -> None:
+    # A real extractor and registry, a device Agent predicting the whole time, a promote: the numbers are counts.
+    load = section["swap_under_load"]
+    assert load["predictions"] > 20 and load["versions_seen"] == [1, 2] and load["final_version"] == 2
+    assert load["failed"] == 0 and load["old_after_new"] == 0 and load["before_promote_all_old"]
+    assert 0 < load["swap_s"] < 30
+    assert section["targets"][-1]["passed"] is True
 
 
 @pytest.mark.slow
