@@ -17,7 +17,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from services.common.errors import InvalidArgumentError
-from services.common.wire.edge_spec import CONFIG_METADATA_KEY, LAYER_NORM_EPS, EdgeNetworkConfig
+from services.common.wire.edge_spec import CONFIG_METADATA_KEY, LAYER_NORM_EPS, READOUT_RANK, EdgeNetworkConfig
 from services.common.wire.weights import check_edge_weights
 
 
@@ -52,13 +52,34 @@ class LowRankAttentionBlock(nn.Module):
         return x + self.proj(attended.transpose(1, 2).reshape(batch, tokens, self.rank))
 
 
+class TokenReadout(nn.Module):
+    """Logits from every token: each (normalised) token projected D -> READOUT_RANK, all of them flattened, a Linear
+    to the classes. Its Linear starts at zero, so a fresh network answers as the pooled head alone; dropout on the
+    flattened projections (training only) keeps it from memorising where things were (docs/explanation/recipe.md)."""
+
+    def __init__(
+        self, dims: int, tokens: int, num_classes: int, *, dropout: float = 0.0, zero_init: bool = True
+    ) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dims, READOUT_RANK)
+        self.head = nn.Linear(tokens * READOUT_RANK, num_classes)
+        if zero_init:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        self.dropout = dropout
+
+    def forward(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.head(F.dropout(self.proj(normed).flatten(1), self.dropout, self.training))
+
+
 class EdgeNetwork(nn.Module):
-    """M low-rank attention blocks, then final LayerNorm, pooling (CLS token or mean) and a Linear head.
+    """M low-rank attention blocks, then final LayerNorm, pooling (CLS token or mean) and a Linear head (plus a
+    low-rank readout of every token with a "+tokens" pooling, its logits added).
 
     Stages as in timm: forward_features ([B, T, D] -> [B, T, D]), forward_head (-> [B, C] logits).
     """
 
-    def __init__(self, config: EdgeNetworkConfig, *, zero_init_proj: bool = True) -> None:
+    def __init__(self, config: EdgeNetworkConfig, *, zero_init_proj: bool = True, readout_dropout: float = 0.0) -> None:
         super().__init__()
         self.config = config
         self.blocks = nn.Sequential(
@@ -69,15 +90,25 @@ class EdgeNetwork(nn.Module):
         )
         self.norm = nn.LayerNorm(config.dims, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(config.dims, config.num_classes)
+        self.readout = (
+            TokenReadout(
+                config.dims, config.tokens, config.num_classes, dropout=readout_dropout, zero_init=zero_init_proj
+            )
+            if config.token_readout
+            else None
+        )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self._checked(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Logits [B, C]; with pre_logits the pooled, normalised [B, D] vector the head reads."""
+        """Logits [B, C]; with pre_logits the pooled, normalised [B, D] vector the pooled head reads."""
         x = self.norm(self._checked(x))
-        pooled = x[:, 0] if self.config.pooling == "cls" else x.mean(dim=1)
-        return pooled if pre_logits else self.head(pooled)
+        pooled = x[:, 0] if self.config.pool == "cls" else x.mean(dim=1)
+        if pre_logits:
+            return pooled
+        logits = self.head(pooled)
+        return logits if self.readout is None else logits + self.readout(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

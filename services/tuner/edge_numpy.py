@@ -69,6 +69,15 @@ class NumpyEdgeNetwork:
         self._local = threading.local()  # one workspace per thread: a network may be shared by threads
         self._head_weight = _f32((w["head.weight"] * w["norm.weight"][None, :]).T)
         self._head_bias = _f32(w["head.weight"] @ w["norm.bias"] + w["head.bias"])
+        self._readout = None
+        if config.token_readout:  # readout.proj(LayerNorm(x)) folded alike; then the Linear over every token's R dims
+            proj = w["readout.proj.weight"]
+            self._readout = (
+                _f32((proj * w["norm.weight"][None, :]).T),
+                _f32(proj @ w["norm.bias"] + w["readout.proj.bias"]),
+                _f32(w["readout.head.weight"].T),
+                _f32(w["readout.head.bias"]),
+            )
 
     @classmethod
     def from_safetensors_bytes(
@@ -98,13 +107,19 @@ class NumpyEdgeNetwork:
             out = work.states[index % 2]
             self._block(x, out, work, *block)
             x = out
-        if self.config.pooling == "cls":  # LayerNorm is per token: only the class token's is needed
+        if self.config.pool == "cls":  # LayerNorm is per token: only the class token's is needed
             first = x[:, 0] - x[:, 0].mean(axis=-1, keepdims=True)
             pooled = first * _inverse_std(first)
         else:  # mean over tokens of (x - mean) / std, without the normalised [B, T, D] array
             centred = np.subtract(x, x.mean(axis=-1, keepdims=True), out=work.centred)
             pooled = np.einsum("bt,btd->bd", _inverse_std(centred)[..., 0], centred) / np.float32(x.shape[1])
-        return pooled @ self._head_weight + self._head_bias
+        logits = pooled @ self._head_weight + self._head_bias
+        if self._readout is not None:
+            proj_weight, proj_bias, head_weight, head_bias = self._readout
+            centred = np.subtract(x, x.mean(axis=-1, keepdims=True), out=work.centred)
+            projected = (centred @ proj_weight) * _inverse_std(centred) + proj_bias  # [B, T, R]
+            logits += projected.reshape(x.shape[0], -1) @ head_weight + head_bias
+        return logits
 
     def _block(
         self,

@@ -145,7 +145,7 @@ def train_edge_network(
     # kernels used here are deterministic already (bitwise reproducibility is tested).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_config.seed)
-        model = EdgeNetwork(edge_config)
+        model = EdgeNetwork(edge_config, readout_dropout=train_config.readout_dropout)
         optimizer = AdamW(model, weight_decay=train_config.weight_decay)
         order_generator = torch.Generator().manual_seed(train_config.seed)
         for epoch in range(1, train_config.epochs + 1):

@@ -213,8 +213,9 @@ def resolve_edge_config(
     """The edge network to train: the task's (checked against this tune), or a new one from options."""
     given = {name: getattr(options, name) for name in ("num_blocks", "rank", "heads", "pooling")}
     if task is None:
+        # The token readout: fine pixel patterns need more than one pooled token (docs/explanation/recipe.md).
         defaults = {"num_blocks": 4, "rank": min(DEFAULT_RANK, info.dims), "heads": 1,
-                    "pooling": "cls" if info.num_prefix_tokens else "mean"}  # fmt: skip
+                    "pooling": "cls+tokens" if info.num_prefix_tokens else "mean+tokens"}  # fmt: skip
         values = {name: defaults[name] if value is None else value for name, value in given.items()}
         return EdgeNetworkConfig(dims=info.dims, tokens=info.tokens, num_classes=len(class_names), **values)
     check_task_fits(task, info, class_names)

@@ -106,7 +106,15 @@ def test_rank_32_reproduces_the_papers_figures_within_rounding():
 
 @pytest.mark.parametrize(
     ("heads", "pooling", "num_blocks"),
-    [(1, "cls", 4), (2, "mean", 1), (4, "cls", 1), (4, "mean", 4), (1, "mean", 1)],
+    [
+        (1, "cls", 4),
+        (2, "mean", 1),
+        (4, "cls", 1),
+        (4, "mean", 4),
+        (1, "mean", 1),
+        (2, "cls+tokens", 2),
+        (1, "mean+tokens", 1),
+    ],  # fmt: skip
 )
 def test_state_shapes_equal_the_modules_state_dict(heads, pooling, num_blocks):
     # Prepare

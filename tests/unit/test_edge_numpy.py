@@ -65,6 +65,12 @@ CONFIGS = [
     EdgeNetworkConfig(dims=DIMS, tokens=TOKENS, num_classes=CLASSES, num_blocks=3, rank=8, heads=2, pooling="mean"),
     EdgeNetworkConfig(dims=DIMS, tokens=TOKENS, num_classes=CLASSES, num_blocks=1, rank=16, heads=4, pooling="cls"),
     EdgeNetworkConfig(dims=DIMS, tokens=TOKENS, num_classes=CLASSES, num_blocks=4, rank=12, heads=3, pooling="mean"),
+    EdgeNetworkConfig(
+        dims=DIMS, tokens=TOKENS, num_classes=CLASSES, num_blocks=2, rank=8, heads=1, pooling="cls+tokens"
+    ),  # fmt: skip
+    EdgeNetworkConfig(
+        dims=DIMS, tokens=TOKENS, num_classes=CLASSES, num_blocks=1, rank=4, heads=2, pooling="mean+tokens"
+    ),  # fmt: skip
 ]
 
 

@@ -77,7 +77,11 @@ def test_top_level_help_lists_the_subcommands_and_registry_delegates():
             {},
             "--registry (env MIST_REGISTRY): expected HOST:PORT",
         ),
-        (["tune", "--task", "t", "--data", "d", "--pooling", "max"], {}, "expected one of cls, mean, got 'max'"),
+        (
+            ["tune", "--task", "t", "--data", "d", "--pooling", "max"],
+            {},
+            "expected one of cls, mean, cls+tokens, mean+tokens, got 'max'",
+        ),
         (["predict", "--task", "t", "--version", "1", "--alias", "p", "x.png"], {}, "give --version or --alias"),
         (["predict", "--task", "t"], {}, "the following arguments are required: IMAGE"),
         ([], {}, "the following arguments are required: COMMAND"),

@@ -14,8 +14,13 @@ from typing import Any, Literal, get_args
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import feature_pb2
 
-Pooling = Literal["cls", "mean"]
+# What the head reads: the class token ("cls") or the mean of the tokens ("mean"); "+tokens" adds a low-rank readout
+# of every token (each token's LayerNorm output projected to READOUT_RANK dims, all of them flattened into a Linear
+# to the classes), whose logits add to the pooled head's. One token read alone cannot weigh many places with their
+# own signs, which is what telling fine pixel patterns apart takes (docs/explanation/recipe.md).
+Pooling = Literal["cls", "mean", "cls+tokens", "mean+tokens"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
+READOUT_RANK = 2  # dims per token of the "+tokens" readout: 394 * C + 1,538 parameters at ViT-B/16 geometry
 
 # Safetensors metadata key under which weights carry their config as JSON (see to_json / from_json).
 CONFIG_METADATA_KEY = "mist.edge_network_config"
@@ -43,7 +48,7 @@ class EdgeNetworkConfig:
     num_blocks: int = 4  # M: low-rank attention blocks; the paper uses 4
     rank: int = 16  # r: width of the Q/K/V space; the paper uses 16 for D = 768
     heads: int = 1  # attention heads splitting the r dims; the paper uses one head
-    pooling: Pooling = "cls"  # "cls" = token 0, "mean" = average over tokens (backbones without CLS)
+    pooling: Pooling = "cls"  # "cls" = token 0, "mean" = average over tokens (backbones without CLS); "+tokens" above
 
     def __post_init__(self) -> None:
         for name, upper in (
@@ -70,6 +75,16 @@ class EdgeNetworkConfig:
             raise InvalidArgumentError(
                 f"edge network would have {total:,} parameters, over the limit of {MAX_TRAINABLE_PARAMETERS:,}"
             )
+
+    @property
+    def pool(self) -> str:
+        """ "cls" or "mean": what the pooled head reads."""
+        return self.pooling.split("+", 1)[0]
+
+    @property
+    def token_readout(self) -> bool:
+        """Whether the network also reads every token (pooling "cls+tokens" or "mean+tokens")."""
+        return self.pooling.endswith("+tokens")
 
     def to_proto(self) -> feature_pb2.EdgeNetworkConfig:
         """Every field written explicitly, defaults included, so readers never guess."""
@@ -158,6 +173,11 @@ def state_shapes(config: EdgeNetworkConfig) -> dict[str, tuple[int, ...]]:
     shapes["norm.bias"] = (d,)
     shapes["head.weight"] = (c, d)
     shapes["head.bias"] = (c,)
+    if config.token_readout:
+        shapes["readout.proj.weight"] = (READOUT_RANK, d)
+        shapes["readout.proj.bias"] = (READOUT_RANK,)
+        shapes["readout.head.weight"] = (c, config.tokens * READOUT_RANK)
+        shapes["readout.head.bias"] = (c,)
     return shapes
 
 
@@ -208,6 +228,8 @@ def parameter_breakdown(config: EdgeNetworkConfig) -> ParameterBreakdown:
     d, r, c = config.dims, config.rank, config.num_classes
     per_block = 2 * d + (d * 3 * r + 3 * r) + (r * d + d)  # LayerNorm, qkv Linear, proj Linear
     head = 2 * d + (d * c + c)  # final LayerNorm, Linear
+    if config.token_readout:  # per-token projection D -> R, then Linear T*R -> C
+        head += (d * READOUT_RANK + READOUT_RANK) + (config.tokens * READOUT_RANK * c + c)
     return ParameterBreakdown(blocks=config.num_blocks * per_block, head=head)
 
 
@@ -225,11 +247,13 @@ def macs_per_image(config: EdgeNetworkConfig) -> int:
     They are element-wise passes over [T, D] or [T, T] tensors (about 6 M operations at ViT-B geometry,
     next to 44 M MACs) whose cost depends on how a kernel fuses them, whereas the matrix products are what
     every paper's MAC column counts; counting only those keeps our figure comparable and exact. The head
-    count does not change the total: h heads of r/h dims do the same T*T*r work as one head of r dims.
+    count does not change the total: h heads of r/h dims do the same T*T*r work as one head of r dims. A token
+    readout adds its projection (T*D*R) and its Linear (T*R*C).
     """
     t, d, r, c = config.tokens, config.dims, config.rank, config.num_classes
     qkv = 3 * t * d * r
     scores = t * t * r
     weighted_values = t * t * r
     projection = t * r * d
-    return config.num_blocks * (qkv + scores + weighted_values + projection) + d * c
+    readout = (t * d * READOUT_RANK + t * READOUT_RANK * c) if config.token_readout else 0
+    return config.num_blocks * (qkv + scores + weighted_values + projection) + d * c + readout
