@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
+from torch import nn
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import feature_pb2
@@ -534,3 +535,53 @@ def test_equal_weights_serialise_to_equal_bytes_in_every_process():
 
     # Assert: one digest, and the file still loads
     assert len(digests) == 1
+
+
+# --- the token readout ---------------------------------------------------------------------------------------
+
+
+def test_a_new_task_gets_the_token_readout_and_an_existing_one_keeps_its_head():
+    from services.common.clients.extractor import BackboneInfo
+    from services.common.wire.gather_modes import BackboneId
+    from services.tuner.options import TuneOptions
+    from services.tuner.tune import resolve_edge_config
+
+    def info(prefix: int) -> BackboneInfo:
+        return BackboneInfo(backbone=BackboneId("vit", "random-0"), num_blocks=4, tokens=17, dims=32,
+                            num_prefix_tokens=prefix, pretrained=False, warning="", data_config=None, baselines={},
+                            max_image_bytes=1, max_image_pixels=1)  # fmt: skip
+
+    options = TuneOptions(task="t")
+    assert resolve_edge_config(None, info(1), ["a", "b"], options).pooling == "cls+tokens"
+    assert resolve_edge_config(None, info(0), ["a", "b"], options).pooling == "mean+tokens"
+    paper = dataclasses.replace(options, pooling="cls")
+    assert resolve_edge_config(None, info(1), ["a", "b"], paper).pooling == "cls"
+
+
+def test_the_readout_starts_silent_and_its_dropout_acts_only_while_training():
+    config = dataclasses.replace(SMALL, pooling="cls+tokens")
+    torch.manual_seed(0)
+    fresh = EdgeNetwork(config, readout_dropout=0.5)
+    plain = EdgeNetwork(dataclasses.replace(SMALL, pooling="cls"))
+    plain.load_state_dict({k: v for k, v in fresh.state_dict().items() if not k.startswith("readout.")})
+    x = torch.randn(4, SMALL.tokens, SMALL.dims)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), plain.eval()(x))  # a zero readout adds nothing
+        nn.init.normal_(fresh.readout.head.weight)
+        assert torch.equal(fresh.eval()(x), fresh.eval()(x))  # eval: no dropout, deterministic
+        torch.manual_seed(1)
+        first = fresh.train()(x)
+        torch.manual_seed(2)
+        assert not torch.equal(first, fresh.train()(x))  # training: dropout on the readout's inputs
+
+
+def test_cls_configs_serialise_as_before_and_the_readout_counts_in_parameters_and_macs():
+    cls_config = EdgeNetworkConfig(dims=768, tokens=197, num_classes=10)
+    readout = dataclasses.replace(cls_config, pooling="cls+tokens")
+    assert cls_config.to_json() == (
+        '{"dims":768,"heads":1,"num_blocks":4,"num_classes":10,"pooling":"cls","rank":16,"tokens":197}'
+    )
+    assert trainable_parameters(readout) - trainable_parameters(cls_config) == 395 * 10 + 1538
+    assert macs_per_image(readout) - macs_per_image(cls_config) == 197 * 768 * 2 + 197 * 2 * 10
+    with pytest.raises(InvalidArgumentError, match="pooling must be one of"):
+        dataclasses.replace(cls_config, pooling="tokens")

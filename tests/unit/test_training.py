@@ -230,6 +230,7 @@ def test_training_refuses_features_that_do_not_fit():
         ({"epochs": 10, "warmup_epochs": 10}, r"warmup_epochs \(10\) must be less than epochs \(10\)"),
         ({"min_lr": 1.0}, "min_lr .* must not exceed lr"),
         ({"label_smoothing": 1.0}, "label_smoothing must be a finite number >= 0.0 and < 1.0"),
+        ({"readout_dropout": 1.0}, "readout_dropout must be a finite number >= 0.0 and < 1.0"),
         ({"grad_clip_norm": 0}, "grad_clip_norm must be a finite number > 0"),
         ({"keep": "last"}, "keep must be 'best' or 'final'"),
         ({"seed": -1}, "seed must be an integer >= 0"),

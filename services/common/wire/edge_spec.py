@@ -20,7 +20,7 @@ from services.common.pb import feature_pb2
 # own signs, which is what telling fine pixel patterns apart takes (docs/explanation/recipe.md).
 Pooling = Literal["cls", "mean", "cls+tokens", "mean+tokens"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
-READOUT_RANK = 2  # dims per token of the "+tokens" readout: 394 * C + 1,538 parameters at ViT-B/16 geometry
+READOUT_RANK = 2  # dims per token of the "+tokens" readout: 395 * C + 1,538 parameters at ViT-B/16 geometry
 
 # Safetensors metadata key under which weights carry their config as JSON (see to_json / from_json).
 CONFIG_METADATA_KEY = "mist.edge_network_config"
