@@ -253,11 +253,11 @@ def _row(name: str, detail: dict[str, Any], runs: _CodecRuns, reference: _CodecR
         "codec": name,
         "is_default": name == DEFAULT_CODEC.name,
         "mean": float(accuracies.mean()),
-        "std": _std(accuracies),
+        "std": sample_std(accuracies),
         "seeds": len(accuracies),
         "accuracies": accuracies.tolist(),
         "paired_delta_mean": float(deltas.mean()),
-        "paired_delta_std": _std(deltas),
+        "paired_delta_std": sample_std(deltas),
         "paired_delta_min": float(deltas.min()),
         "paired_delta_max": float(deltas.max()),
         "f32_model_on_codec_features": float(f32_net.mean()),
@@ -267,7 +267,7 @@ def _row(name: str, detail: dict[str, Any], runs: _CodecRuns, reference: _CodecR
     }
 
 
-def _std(values: np.ndarray) -> float:
+def sample_std(values: np.ndarray) -> float:
     """Sample standard deviation (n - 1): the spread a reader should expect from another seed."""
     return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.accuracy import sample_std
 from services.common.errors import InvalidArgumentError
 from services.common.pb import feature_pb2
 from services.common.wire.codec import DEFAULT_CODEC, FeatureCodec
@@ -317,7 +318,7 @@ def compare_recipes(data: TaskData, config: RecipeBenchConfig) -> tuple[list[dic
                 "seeds": len(accuracies),
                 "accuracies": accuracies.tolist(),
                 "mean": float(accuracies.mean()),
-                "std": _std(accuracies),
+                "std": sample_std(accuracies),
                 "train_accuracy": float(np.mean([run["train"] for run in runs[recipe.name]])),
                 "best_val_accuracy": float(np.mean([run["best_val"] for run in runs[recipe.name]])),
                 "kept_epoch_mean": float(np.mean([run["kept_epoch"] for run in runs[recipe.name]])),
@@ -390,15 +391,10 @@ def _pixel_row(kind: str, pixels: Mapping[str, Any], seeds: int, default_runs: S
 def _paired(prefix: str, deltas: np.ndarray) -> dict[str, float]:
     return {
         f"{prefix}_mean": float(deltas.mean()),
-        f"{prefix}_std": _std(deltas),
+        f"{prefix}_std": sample_std(deltas),
         f"{prefix}_min": float(deltas.min()),
         f"{prefix}_max": float(deltas.max()),
     }
-
-
-def _std(values: np.ndarray) -> float:
-    """Sample standard deviation (n - 1): the spread a reader should expect from another seed."""
-    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 METHOD_TEXT = (

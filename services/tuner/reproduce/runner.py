@@ -37,9 +37,9 @@ from services.tuner.edge_network import EdgeNetwork
 from services.tuner.extraction import extract_features
 from services.tuner.feature_store import FeatureStore
 from services.tuner.options import TrainConfig, TrainingFlags
-from services.tuner.progress import ProgressReporter, format_epoch
-from services.tuner.reports import ExtractionStats, TuneObserver
-from services.tuner.training import EpochStats, KSelection, StepProgress, select_k, train_edge_network
+from services.tuner.progress import format_epoch
+from services.tuner.reports import ExtractionStats, ReporterObserver, TuneObserver
+from services.tuner.training import EpochStats, KSelection, select_k, train_edge_network
 from services.tuner.tune import check_task_fits, ensure_task, find_task, push_weights, resolve_edge_config
 
 SCHEMA = 1  # of result and feature files; another value is done again
@@ -225,28 +225,13 @@ def _load_features(path: Path, header: Mapping[str, Any], dataset: Dataset) -> F
 # ---------------------------------------------------------------------------------------------- progress
 
 
-class ReproduceObserver(TuneObserver):
-    """Extraction and step progress drawn in place, one line per finished run, messages; no line per epoch
-    (a 19-task run trains thousands of epochs); epochs go to the log in log mode."""
-
-    def __init__(self, reporter: ProgressReporter) -> None:
-        self.reporter = reporter
-
-    def on_extraction(self, done: int, total: int, feature_bytes: int) -> None:
-        self.reporter.on_extraction(done, total, feature_bytes)
-
-    def on_step(self, progress: StepProgress) -> None:
-        self.reporter.on_step(progress)
+class ReproduceObserver(ReporterObserver):
+    """The tune's reporter, except for epochs: one line per finished run instead of one per epoch (a 19-task run
+    trains thousands of epochs); every epoch goes to the log in log mode."""
 
     def on_epoch(self, stats: EpochStats) -> None:
         if self.reporter.mode == "log" or stats.epoch == stats.epochs:
             self.reporter.message(format_epoch(stats))
-
-    def on_k_selection(self, selection: KSelection) -> None:
-        self.reporter.on_k_selection(selection)
-
-    def message(self, text: str) -> None:
-        self.reporter.message(text)
 
 
 class Eta:
