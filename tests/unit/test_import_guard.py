@@ -79,3 +79,17 @@ def test_tuner_modules_clients_and_mist_help_import_no_backbone_code():
     assert probe["help"]["help_chars"] > 2000
     # ... and the probe is not blind: importing the extractor's backbone code shows up
     assert "timm" in probe["control"] and "services.extractor.backbone" in probe["control"]
+
+
+def test_the_device_agent_and_mist_agent_help_need_no_torch():
+    # A predict-only device (`.[device]`, no torch installed) runs `mist agent`: nothing on its path may import torch.
+    code = (
+        "import sys, contextlib, io\n"
+        "import services.tuner.agent, services.tuner.predict, services.tuner.edge_numpy\n"
+        "from services.tuner import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    codes = [cli.main(argv, env={}) for argv in (['agent', '--help'], ['reproduce', 'vtab', '--help'])]\n"
+        "print(codes, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[0, 0] False"
