@@ -175,6 +175,7 @@ class AliasEvent:
     current: bool  # the state when the stream started, not a move
     moved_at: datetime
     moved_by: str
+    replay_pending: int = 0  # replayed moves still to come right after this one (act on the last: 0)
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,7 @@ def alias_move_from_proto(message: registry_pb2.AliasMove) -> AliasMove:
     )
 
 
-def alias_event(alias: Alias, device: str, *, current: bool) -> registry_pb2.AliasEvent:
+def alias_event(alias: Alias, device: str, *, current: bool, pending: int = 0) -> registry_pb2.AliasEvent:
     """What a watching `device` is told about the alias in this state (after a move, or as it stands)."""
     in_share = alias.rollout is not None and alias.version_for(device) == alias.rollout.version
     return registry_pb2.AliasEvent(
@@ -251,6 +251,7 @@ def alias_event(alias: Alias, device: str, *, current: bool) -> registry_pb2.Ali
         current=current,
         moved_at=timestamp_to_proto(alias.updated_at),
         moved_by=alias.updated_by,
+        replay_pending=pending,
     )
 
 
@@ -266,6 +267,7 @@ def alias_event_from_proto(task: str, alias: str, message: registry_pb2.AliasEve
         current=message.current,
         moved_at=timestamp_from_proto(message.moved_at),
         moved_by=message.moved_by,
+        replay_pending=message.replay_pending,
     )
 
 

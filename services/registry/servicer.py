@@ -347,9 +347,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         check_name("task", request.task)
         check_name("alias", request.name)
         self._metrics.watches.inc()
-        async for alias, current in self._feed.watch(request.task, request.name, request.since_revision):
+        async for alias, current, pending in self._feed.watch(request.task, request.name, request.since_revision):
             self._metrics.watch_events.inc()
-            yield serde.alias_event(alias, device, current=current)
+            yield serde.alias_event(alias, device, current=current, pending=pending)
 
     @handles_errors
     async def ReportDevice(

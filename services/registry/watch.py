@@ -80,9 +80,10 @@ class AliasFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def watch(self, task: str, alias: str, since_revision: int = 0) -> AsyncIterator[tuple[Alias, bool]]:
-        """(alias state, current) pairs: first the state now (current True) or, with since_revision, each move
-        after it; then the state after every later move. NotFoundError at once for an unknown task or alias."""
+    async def watch(self, task: str, alias: str, since_revision: int = 0) -> AsyncIterator[tuple[Alias, bool, int]]:
+        """(alias state, current, pending) triples: first the state now (current True) or, with since_revision, each
+        move after it (pending: how many more of that replay follow at once); then the state after every later move.
+        NotFoundError at once for an unknown task or alias."""
         if self._closed:
             raise UnavailableError("this registry replica is shutting down: reconnect")
         key = (task, alias)
@@ -98,11 +99,11 @@ class AliasFeed:
                 self._last[key] = min(self._last.get(key, revision), revision)
             state, missed = await asyncio.to_thread(self._store.watch_start, task, alias, since_revision)
             if missed:
-                for move in missed:
-                    yield move.alias, False
+                for index, move in enumerate(missed):
+                    yield move.alias, False, len(missed) - index - 1
                 sent = missed[-1].revision
             else:
-                yield state, True
+                yield state, True, 0
                 sent = state.revision
             while True:
                 if watcher.behind:
@@ -111,15 +112,15 @@ class AliasFeed:
                         if watcher.queue.get_nowait() is _CLOSED:
                             raise UnavailableError("this registry replica is shutting down: reconnect")
                     _, missed = await asyncio.to_thread(self._store.watch_start, task, alias, sent)
-                    for move in missed:
-                        yield move.alias, False
+                    for index, move in enumerate(missed):
+                        yield move.alias, False, len(missed) - index - 1
                         sent = move.revision
                     continue
                 item = await watcher.queue.get()
                 if item is _CLOSED:
                     raise UnavailableError("this registry replica is shutting down: reconnect")
                 if item.revision > sent:
-                    yield item.alias, False
+                    yield item.alias, False, 0
                     sent = item.revision
         finally:
             group.discard(watcher)

@@ -478,7 +478,10 @@ class Agent:
         current = self.version
         with self._lock:
             skipped = self._skip
-        if event.version == 0:
+        if event.replay_pending:  # a reconnect replays what it missed: only the last of those moves is run
+            log.debug("revision %d (version %d) superseded by %d more replayed move(s)", event.revision,
+                      event.version, event.replay_pending)  # fmt: skip
+        elif event.version == 0:
             log.warning("alias %s of %s was deleted: keeping version %d", self.alias, self.task, current)
         elif event.version == skipped:
             log.debug("version %d was refused already; waiting for the alias to move", skipped)

@@ -201,3 +201,23 @@ def test_an_agent_started_while_the_registry_is_down_runs_the_saved_version(regi
     # ... and without a state file there is nothing to start from
     with pytest.raises(UnavailableError):
         Agent(endpoints(registry, tmp_path / "empty"), "cats", "production", device="cam-03").start()
+
+
+def test_a_replay_after_a_reconnect_runs_only_its_last_move(registry, tmp_path):
+    # The registry replays every move a reconnecting device missed (replay_pending counts down to 0): pulling and
+    # validating each superseded version would waste the link and run stale weights for a moment.
+    from datetime import datetime, timezone
+
+    from services.registry.records import AliasEvent
+
+    def event(version: int, revision: int, pending: int) -> AliasEvent:
+        return AliasEvent("cats", "production", revision, version, version, None, False, False,
+                          datetime.now(timezone.utc), "test", pending)  # fmt: skip
+
+    with Agent(endpoints(registry, tmp_path / "cache"), "cats", "production", device="cam-03", backoff=FAST) as agent:
+        agent.stop()  # follow by hand: the events below are what a replay looks like
+        agent._handle(event(2, 10, 1))  # superseded by the next one: not even pulled
+        assert agent.version == 1 and agent.status().revision == 10 and agent.status().rejected_version == 0
+        agent._handle(event(3, 11, 0))
+        assert agent.version == 3 and agent.status().revision == 11
+    assert [(c.kind, c.version) for c in agent.status().changes] == [("start", 1), ("swap", 3)]

@@ -378,7 +378,7 @@ class WatchAliasRequest(_message.Message):
     def __init__(self, task: _Optional[str] = ..., name: _Optional[str] = ..., since_revision: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class AliasEvent(_message.Message):
-    __slots__ = ("revision", "version", "stable_version", "rollout", "in_rollout", "current", "moved_at", "moved_by")
+    __slots__ = ("revision", "version", "stable_version", "rollout", "in_rollout", "current", "moved_at", "moved_by", "replay_pending")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -387,6 +387,7 @@ class AliasEvent(_message.Message):
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     MOVED_AT_FIELD_NUMBER: _ClassVar[int]
     MOVED_BY_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_PENDING_FIELD_NUMBER: _ClassVar[int]
     revision: int
     version: int
     stable_version: int
@@ -395,7 +396,8 @@ class AliasEvent(_message.Message):
     current: bool
     moved_at: _timestamp_pb2.Timestamp
     moved_by: str
-    def __init__(self, revision: _Optional[int] = ..., version: _Optional[int] = ..., stable_version: _Optional[int] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ..., in_rollout: _Optional[bool] = ..., current: _Optional[bool] = ..., moved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., moved_by: _Optional[str] = ...) -> None: ...
+    replay_pending: int
+    def __init__(self, revision: _Optional[int] = ..., version: _Optional[int] = ..., stable_version: _Optional[int] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ..., in_rollout: _Optional[bool] = ..., current: _Optional[bool] = ..., moved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., moved_by: _Optional[str] = ..., replay_pending: _Optional[int] = ...) -> None: ...
 
 class DeviceReport(_message.Message):
     __slots__ = ("task", "alias", "device", "version", "rejected_version", "rejected_reason", "agent")
