@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +44,7 @@ from google.protobuf import json_format
 
 from services.common.clients.registry import AliasWatch, BlobCache, PulledVersion, RegistryClient
 from services.common.errors import InvalidArgumentError, MistError, UnavailableError
+from services.common.files import write_atomically
 from services.common.pb import registry_pb2
 from services.registry.records import AliasEvent
 from services.registry.serde import task_from_proto, task_to_proto, version_from_proto, version_to_proto
@@ -170,16 +169,7 @@ def state_path(directory: str | Path, task: str, alias: str) -> Path:
 def save_state(path: Path, state: AgentState) -> None:
     """Write the state file whole or not at all (a temp file renamed into place: a device may lose power)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-agent-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(state.to_json())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, state.to_json())
 
 
 def read_state(path: Path, task: str, alias: str) -> AgentState | None:

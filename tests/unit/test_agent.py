@@ -94,7 +94,7 @@ def test_the_state_file_round_trips_and_loads_from_the_blob_cache_alone(registry
     assert again.version == loaded.version and again.task == loaded.task and (again.k, again.codec) == (2, loaded.codec)
     features = smoke_features(CONFIG)
     np.testing.assert_array_equal(again.model.logits(features), loaded.model.logits(features))
-    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".tmp")) == []
+    assert sorted(p.name for p in cache.rglob("*.tmp")) == []
     assert json.loads(path.read_text())["format"] == 1
 
 

@@ -190,7 +190,7 @@ def test_a_result_counts_only_with_the_signature_it_was_made_with(tmp_path):
     assert run.result("dtd", {"lr": 0.001}) is None
     (tmp_path / "run" / "results" / "cifar_1.json").write_text("{not json")
     assert run.result("cifar/1", {"lr": 0.001, "ks": [3, 6]}) is None
-    assert not list((tmp_path / "run" / "results").glob(".*.tmp"))
+    assert not list((tmp_path / "run").rglob("*.tmp"))
 
 
 def test_eta_weighs_the_units_left_by_the_time_the_finished_ones_took():

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Literal
 from services.common.clients.channel import create_channel, domain_errors
 from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.errors import DataLossError, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from services.common.files import write_atomically
 from services.common.pb import registry_pb2, registry_pb2_grpc
 from services.registry.records import Alias, AliasEvent, AliasMove, FleetView, Task, Version
 from services.registry.serde import (
@@ -98,15 +98,7 @@ class BlobCache:
         )
 
     def _write_atomically(self, path: Path, data: bytes) -> None:
-        # A device may lose power mid-write: a temp file renamed into place is whole or absent.
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, data)  # a device may lose power mid-write: whole or absent
 
     def _path(self, sha256: str) -> Path:
         return self._dir / f"{sha256}.safetensors"

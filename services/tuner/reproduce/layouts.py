@@ -234,7 +234,7 @@ def resolve_datasets(root: str | Path, names: Sequence[str] = ()) -> list[tuple[
 def load_split_dataset(folder: Path, *, need: Sequence[Split] = ("train", "test")) -> Dataset:
     """A dataset folder in either layout with its given splits (nothing carved out); each of `need` must exist."""
     if (folder / "train.txt").is_file():
-        dataset = _load_lists(folder)
+        dataset = _load_lists(folder, where=f"dataset {folder.name} ({folder})")
     else:
         dataset = load_dataset(folder, val_fraction=0.0, test_fraction=0.0)
         if dataset.layout != "split_folders":
@@ -246,18 +246,26 @@ def load_split_dataset(folder: Path, *, need: Sequence[Split] = ("train", "test"
     return dataset
 
 
-def _load_lists(folder: Path) -> Dataset:
+def _load_lists(
+    folder: Path,
+    *,
+    where: str,
+    required: Sequence[str] = ("train.txt", "test.txt"),
+    default_classes: Sequence[str] | None = None,
+) -> Dataset:
+    """A folder of split lists: `required` ones must exist, the others are read when present. Labels index
+    classes.txt, else `default_classes`, else 0..the highest label seen."""
     problems: list[str] = []
-    names: tuple[str, ...] | None = None
+    names = tuple(default_classes) if default_classes is not None else None
     if (folder / CLASSES_FILE).is_file():
         names = _read_class_names(folder / CLASSES_FILE, problems)
     lists = {
         split: read_list(folder / name, len(names) if names else None, problems)
         for name, split in LIST_SPLITS.items()
-        if split != "val" or (folder / name).exists()
+        if name in required or (folder / name).exists()
     }
     if problems:
-        raise LayoutError(problems, f"dataset {folder.name} ({folder})")
+        raise LayoutError(problems, where)
     if names is None:
         names = class_names_for(1 + max(entry.label for entries in lists.values() for entry in entries))
     items = tuple(
@@ -333,22 +341,7 @@ def load_target(folder: Path, source_classes: Sequence[str]) -> tuple[Dataset, l
     if not folder.is_dir():
         raise InvalidArgumentError(f"{where} is not a folder")
     if (folder / "test.txt").is_file() or (folder / "train.txt").is_file():
-        problems: list[str] = []
-        names = _read_class_names(folder / CLASSES_FILE, problems) if (folder / CLASSES_FILE).is_file() else None
-        count = len(names) if names else len(source_classes)
-        entries = {
-            split: read_list(folder / name, count, problems)
-            for name, split in LIST_SPLITS.items()
-            if (folder / name).is_file()
-        }
-        if problems:
-            raise LayoutError(problems, where)
-        items = tuple(
-            DatasetItem(entry.path, entry.label, split, folder / entry.path)
-            for split, listed in entries.items()
-            for entry in listed
-        )
-        dataset = Dataset(folder, names or tuple(source_classes), items, "lists")
+        dataset = _load_lists(folder, where=where, required=(), default_classes=source_classes)
     else:
         only_test = not (folder / "train").is_dir() and (folder / "test").is_dir()
         try:

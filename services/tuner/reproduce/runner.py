@@ -29,6 +29,7 @@ import numpy as np
 from services.common.clients.extractor import BackboneInfo, ExtractorClient
 from services.common.clients.registry import RegistryClient
 from services.common.errors import InvalidArgumentError
+from services.common.files import atomic_file, write_atomically
 from services.common.pb import feature_pb2
 from services.common.wire.edge_spec import EdgeNetworkConfig
 from services.registry.records import Version
@@ -80,7 +81,7 @@ class RunFolder:
         return saved.get("result")
 
     def save_result(self, unit: str, signature: Mapping[str, Any], result: Mapping[str, Any]) -> None:
-        write_atomic(
+        write_atomically(
             self._result_path(unit),
             json.dumps({"schema": SCHEMA, "unit": unit, "signature": signature, "result": result}, indent=2) + "\n",
         )
@@ -90,19 +91,9 @@ class RunFolder:
 
     def write_tables(self, markdown: str, data: Mapping[str, Any]) -> tuple[Path, Path]:
         md, js = self.path / "table.md", self.path / "table.json"
-        write_atomic(md, markdown if markdown.endswith("\n") else markdown + "\n")
-        write_atomic(js, json.dumps(data, indent=2, allow_nan=False) + "\n")
+        write_atomically(md, markdown if markdown.endswith("\n") else markdown + "\n")
+        write_atomically(js, json.dumps(data, indent=2, allow_nan=False) + "\n")
         return md, js
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, flush it to disk, then rename over `path`."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def _safe(name: str) -> str:
@@ -180,17 +171,13 @@ def _report_extraction(observer: TuneObserver, key: str, stats: ExtractionStats)
 
 
 def _save_features(path: Path, header: Mapping[str, Any], store: FeatureStore, ks: Sequence[int]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     encoded = json.dumps(header).encode()
-    with open(temporary, "wb") as file:
+    with atomic_file(path) as file:
         file.write(_FEATURES_MAGIC + struct.pack("<I", len(encoded)) + encoded)
         for k in ks:
             for index in range(len(store)):
                 data = store.message_bytes(index, k)
                 file.write(_RECORD.pack(index, k, len(data)) + data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def _load_features(path: Path, header: Mapping[str, Any], dataset: Dataset) -> FeatureStore | None:
@@ -216,9 +203,7 @@ def _load_features(path: Path, header: Mapping[str, Any], dataset: Dataset) -> F
                 store.close()
                 raise
             return store
-    except (OSError, ValueError, struct.error, KeyError):
-        return None
-    except Exception:  # a corrupt message (DecodeError, FeatureDecodeError): fetch again
+    except Exception:  # unreadable, truncated, another header, a corrupt message: fetch again
         return None
 
 
