@@ -65,7 +65,7 @@ class BaselineCost(_message.Message):
     def __init__(self, method: _Optional[str] = ..., bytes_per_image: _Optional[int] = ...) -> None: ...
 
 class BackboneInfo(_message.Message):
-    __slots__ = ("backbone", "num_blocks", "tokens", "dims", "num_prefix_tokens", "pretrained", "warning", "data_config", "baselines", "max_image_bytes", "max_image_pixels")
+    __slots__ = ("backbone", "num_blocks", "tokens", "dims", "num_prefix_tokens", "pretrained", "warning", "data_config", "baselines", "max_image_bytes", "max_image_pixels", "architecture", "stages")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,8 @@ class BackboneInfo(_message.Message):
     BASELINES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
     backbone: _feature_pb2.BackboneId
     num_blocks: int
     tokens: int
@@ -88,4 +90,18 @@ class BackboneInfo(_message.Message):
     baselines: _containers.RepeatedCompositeFieldContainer[BaselineCost]
     max_image_bytes: int
     max_image_pixels: int
-    def __init__(self, backbone: _Optional[_Union[_feature_pb2.BackboneId, _Mapping]] = ..., num_blocks: _Optional[int] = ..., tokens: _Optional[int] = ..., dims: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., pretrained: _Optional[bool] = ..., warning: _Optional[str] = ..., data_config: _Optional[_Union[DataConfig, _Mapping]] = ..., baselines: _Optional[_Iterable[_Union[BaselineCost, _Mapping]]] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
+    architecture: str
+    stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
+    def __init__(self, backbone: _Optional[_Union[_feature_pb2.BackboneId, _Mapping]] = ..., num_blocks: _Optional[int] = ..., tokens: _Optional[int] = ..., dims: _Optional[int] = ..., num_prefix_tokens: _Optional[int] = ..., pretrained: _Optional[bool] = ..., warning: _Optional[str] = ..., data_config: _Optional[_Union[DataConfig, _Mapping]] = ..., baselines: _Optional[_Iterable[_Union[BaselineCost, _Mapping]]] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., architecture: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ...) -> None: ...
+
+class StageInfo(_message.Message):
+    __slots__ = ("tokens", "dims", "height", "width")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    dims: int
+    height: int
+    width: int
+    def __init__(self, tokens: _Optional[int] = ..., dims: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...

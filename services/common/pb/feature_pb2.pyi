@@ -16,6 +16,8 @@ class GatherMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GATHER_MODE_LAST: _ClassVar[GatherMode]
     GATHER_MODE_PARTIAL: _ClassVar[GatherMode]
     GATHER_MODE_CLS: _ClassVar[GatherMode]
+    GATHER_MODE_STAGES: _ClassVar[GatherMode]
+    GATHER_MODE_LAST_STAGE: _ClassVar[GatherMode]
 
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -38,6 +40,8 @@ GATHER_MODE_LST: GatherMode
 GATHER_MODE_LAST: GatherMode
 GATHER_MODE_PARTIAL: GatherMode
 GATHER_MODE_CLS: GatherMode
+GATHER_MODE_STAGES: GatherMode
+GATHER_MODE_LAST_STAGE: GatherMode
 DTYPE_UNSPECIFIED: DType
 DTYPE_F32: DType
 DTYPE_F16: DType

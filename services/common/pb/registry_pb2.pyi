@@ -22,7 +22,7 @@ TOKEN_SCOPE_READ: TokenScope
 TOKEN_SCOPE_READ_WRITE: TokenScope
 
 class Task(_message.Message):
-    __slots__ = ("name", "backbone", "mode", "k", "codec", "class_names", "edge", "description", "created_at", "latest_version")
+    __slots__ = ("name", "backbone", "mode", "k", "codec", "class_names", "edge", "description", "created_at", "latest_version", "kind", "segmentation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class Task(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     backbone: _feature_pb2.BackboneId
     mode: _feature_pb2.GatherMode
@@ -43,7 +45,19 @@ class Task(_message.Message):
     description: str
     created_at: _timestamp_pb2.Timestamp
     latest_version: int
-    def __init__(self, name: _Optional[str] = ..., backbone: _Optional[_Union[_feature_pb2.BackboneId, _Mapping]] = ..., mode: _Optional[_Union[_feature_pb2.GatherMode, str]] = ..., k: _Optional[int] = ..., codec: _Optional[_Union[_feature_pb2.CodecSpec, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., edge: _Optional[_Union[_feature_pb2.EdgeNetworkConfig, _Mapping]] = ..., description: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latest_version: _Optional[int] = ...) -> None: ...
+    kind: str
+    segmentation: SegmentationSpec
+    def __init__(self, name: _Optional[str] = ..., backbone: _Optional[_Union[_feature_pb2.BackboneId, _Mapping]] = ..., mode: _Optional[_Union[_feature_pb2.GatherMode, str]] = ..., k: _Optional[int] = ..., codec: _Optional[_Union[_feature_pb2.CodecSpec, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., edge: _Optional[_Union[_feature_pb2.EdgeNetworkConfig, _Mapping]] = ..., description: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latest_version: _Optional[int] = ..., kind: _Optional[str] = ..., segmentation: _Optional[_Union[SegmentationSpec, _Mapping]] = ...) -> None: ...
+
+class SegmentationSpec(_message.Message):
+    __slots__ = ("ignore_index", "input_size", "label_size")
+    IGNORE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ignore_index: int
+    input_size: int
+    label_size: int
+    def __init__(self, ignore_index: _Optional[int] = ..., input_size: _Optional[int] = ..., label_size: _Optional[int] = ...) -> None: ...
 
 class CreateTaskRequest(_message.Message):
     __slots__ = ("task", "exist_ok")

@@ -7,6 +7,7 @@ torch, uses it to check pushed weights against a task's config and to report par
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
@@ -17,8 +18,10 @@ from services.common.pb import feature_pb2
 # What the head reads: the class token ("cls") or the mean of the tokens ("mean"); "+tokens" adds a low-rank readout
 # of every token (each token's LayerNorm output projected to READOUT_RANK dims, all of them flattened into a Linear
 # to the classes), whose logits add to the pooled head's. One token read alone cannot weigh many places with their
-# own signs, which is what telling fine pixel patterns apart takes (docs/explanation/recipe.md).
-Pooling = Literal["cls", "mean", "cls+tokens", "mean+tokens"]
+# own signs, which is what telling fine pixel patterns apart takes (docs/explanation/recipe.md). "dense" pools nothing:
+# the head classifies every token (segmentation), giving [T, C] logits on the token grid, which the task upsamples
+# to its label resolution (docs/explanation/segmentation.md); it needs a square grid of tokens and no prefix token.
+Pooling = Literal["cls", "mean", "cls+tokens", "mean+tokens", "dense"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 READOUT_RANK = 2  # dims per token of the "+tokens" readout: 395 * C + 1,538 parameters at ViT-B/16 geometry
 
@@ -70,6 +73,10 @@ class EdgeNetworkConfig:
             raise InvalidArgumentError(f"edge network rank {self.rank} is not divisible by heads {self.heads}")
         if self.pooling not in POOLINGS:
             raise InvalidArgumentError(f"edge network pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.dense and math.isqrt(self.tokens) ** 2 != self.tokens:
+            raise InvalidArgumentError(
+                f"edge network pooling 'dense' needs a square grid of tokens; {self.tokens} tokens are not one"
+            )
         total = trainable_parameters(self)
         if total > MAX_TRAINABLE_PARAMETERS:
             raise InvalidArgumentError(
@@ -78,8 +85,19 @@ class EdgeNetworkConfig:
 
     @property
     def pool(self) -> str:
-        """ "cls" or "mean": what the pooled head reads."""
+        """ "cls", "mean" or "dense": what the head reads."""
         return self.pooling.split("+", 1)[0]
+
+    @property
+    def dense(self) -> bool:
+        """Whether the head classifies every token (pooling "dense", segmentation) instead of one pooled vector."""
+        return self.pooling == "dense"
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(height, width) of the token grid a dense network's logits lie on (tokens row-major)."""
+        side = math.isqrt(self.tokens)
+        return side, side
 
     @property
     def token_readout(self) -> bool:
@@ -243,7 +261,8 @@ def macs_per_image(config: EdgeNetworkConfig) -> int:
 
     Per block: the Q, K and V projections (T*D*r each), attention scores Q K^T (T*T*r summed over heads),
     attention times V (T*T*r) and the output projection (T*r*D); then the head Linear (D*C) on the pooled
-    token. Not counted: LayerNorm, softmax, the 1/sqrt(d) scale, bias and residual adds and mean pooling.
+    token (on every token, T*D*C, for a dense network; its bilinear upsampling is not counted). Not counted:
+    LayerNorm, softmax, the 1/sqrt(d) scale, bias and residual adds and mean pooling.
     They are element-wise passes over [T, D] or [T, T] tensors (about 6 M operations at ViT-B geometry,
     next to 44 M MACs) whose cost depends on how a kernel fuses them, whereas the matrix products are what
     every paper's MAC column counts; counting only those keeps our figure comparable and exact. The head
@@ -256,4 +275,5 @@ def macs_per_image(config: EdgeNetworkConfig) -> int:
     weighted_values = t * t * r
     projection = t * r * d
     readout = (t * d * READOUT_RANK + t * READOUT_RANK * c) if config.token_readout else 0
-    return config.num_blocks * (qkv + scores + weighted_values + projection) + d * c + readout
+    head = t * d * c if config.dense else d * c  # a dense head classifies every token
+    return config.num_blocks * (qkv + scores + weighted_values + projection) + head + readout
