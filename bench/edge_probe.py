@@ -8,6 +8,8 @@ device environment (`.venv-device`) and imports only what `mist predict` imports
     .venv-edge/bin/python bench/edge_probe.py import-torch
     .venv-edge/bin/python bench/edge_probe.py finetune --features DIR/train.bin --manifest DIR/manifest.json \
         --epochs 2 --weights-out DIR/edge.safetensors
+    .venv-edge/bin/python bench/edge_probe.py finetune-dense --features DIR/f.bin --masks DIR/m.npy \
+        --manifest DIR/m.json --epochs 1
     .venv-edge/bin/python bench/edge_probe.py predict --features DIR/predict.bin --weights DIR/edge.safetensors \
         --runtime numpy
     .venv-device/bin/python bench/edge_probe.py predict-device --extractor HOST:PORT --registry HOST:PORT \
@@ -148,6 +150,43 @@ def probe_finetune(args: argparse.Namespace) -> None:
         "final_train_loss": result.history[-1].train_loss,
         "module_parameters": sum(p.numel() for p in result.model.parameters()),
         "trainable_parameters": sum(p.numel() for p in result.model.parameters() if p.requires_grad),
+    })  # fmt: skip
+
+
+def probe_finetune_dense(args: argparse.Namespace) -> None:
+    """A segmentation fine-tune: the aggregates into a FeatureStore, masks [N, L, L] in memory, train_dense_network
+    (pixel cross-entropy at the label grid); peak RSS and speed."""
+    import numpy as np
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from services.common.pb import feature_pb2
+    from services.common.wire.edge_spec import EdgeNetworkConfig
+    from services.tuner.feature_store import FeatureStore
+    from services.tuner.segmentation import micro_batch, train_dense_network
+    from services.tuner.training import TrainConfig
+
+    rss_after_imports = current_rss_bytes()
+    manifest = json.loads(Path(args.manifest).read_text())
+    masks = np.load(args.masks)
+    k, images = int(manifest["k"]), int(manifest["images"])
+    with FeatureStore([0] * images, num_classes=int(manifest["num_classes"])) as store:
+        for index, record in enumerate(read_records(Path(args.features))):
+            store.add(index, k, feature_pb2.FeatureTensor.FromString(record))
+        rss_after_store = current_rss_bytes()
+        tokens, dims = store.feature_shape  # type: ignore[misc]
+        edge = EdgeNetworkConfig(dims=dims, tokens=tokens, num_classes=store.num_classes, rank=min(16, dims),
+                                 pooling="dense")  # fmt: skip
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=0, keep="final")
+        result = train_dense_network(store, k, masks, edge, config, train_indices=range(images))
+    _finish({
+        "mode": "finetune-dense", **_environment(torch), "images": images, "tokens": tokens, "dims": dims,
+        "label_size": int(masks.shape[-1]), "num_classes": store.num_classes, "epochs": args.epochs,
+        "batch_size": args.batch_size, "micro_batch_size": micro_batch(edge, int(masks.shape[-1]), config),
+        "compressed_bytes": store.compressed_bytes(), "rss_after_imports_bytes": rss_after_imports,
+        "rss_after_store_bytes": rss_after_store, "epoch_seconds": [epoch.seconds for epoch in result.history],
+        "final_train_loss": result.history[-1].train_loss,
     })  # fmt: skip
 
 
@@ -347,6 +386,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     finetune.add_argument("--batch-size", type=int, default=32)
     finetune.add_argument("--weights-out", default="", help="write the trained weights (safetensors) here")
     finetune.set_defaults(run=probe_finetune)
+    dense = modes.add_parser("finetune-dense", help="segmentation: train a dense network against masks; peak RSS")
+    dense.add_argument("--features", required=True, help="framed FeatureTensor messages (aggregates), one per image")
+    dense.add_argument("--masks", required=True, help=".npy uint8 [N, L, L] class-id masks at the label grid")
+    dense.add_argument("--manifest", required=True, help="JSON: k, num_classes, images")
+    dense.add_argument("--epochs", type=int, default=1)
+    dense.add_argument("--batch-size", type=int, default=32)
+    dense.set_defaults(run=probe_finetune_dense)
     predict = modes.add_parser("predict", help="classify one image at a time; peak RSS and latency")
     predict.add_argument("--features", required=True, help="framed FeatureTensor messages to classify")
     predict.add_argument("--weights", required=True, help="safetensors blob written by `finetune`")
@@ -363,7 +409,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     device.add_argument("--predictions", type=int, default=1000, help="timed predictions (after one per image)")
     device.add_argument("--runtime", choices=("numpy", "torch"), default="numpy", help="what runs the network")
     device.set_defaults(run=probe_predict_device)
-    for sub in (finetune, predict):
+    for sub in (finetune, dense, predict):
         sub.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     return parser.parse_args(argv)
 

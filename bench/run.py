@@ -70,6 +70,13 @@ SECTIONS: tuple[SectionSpec, ...] = (
         False,
         True,
     ),
+    SectionSpec(
+        "segmentation",
+        "10. Segmentation: MIST on pvt_v2, bytes and mIoU against every stage and the last stage",
+        "bench.segmentation",
+        False,
+        True,
+    ),
 )
 SECTION_NAMES = tuple(spec.name for spec in SECTIONS)
 _DETAIL_KEYS = ("method", "targets")  # moved from a section's object into details, never left in the numbers

@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from services.common.clients.settings import JsonOutput
@@ -73,8 +74,9 @@ class DataFlags(ConfigBase):
     """The labelled images of a tune."""
 
     data: str = setting(
-        help="ImageFolder tree DIR/<class>/..., split folders DIR/{train,val,test}/<class>/... or a CSV manifest "
-        "path,label[,split]",
+        help="ImageFolder tree DIR/<class>/..., split folders DIR/{train,val,test}/<class>/..., a CSV manifest "
+        "path,label[,split], or segmentation data DIR/images/{training,validation} with uint8 class-id masks in "
+        "DIR/annotations/{training,validation}",
         metavar="PATH",
     )
 
@@ -103,6 +105,13 @@ class PredictFlags(VersionFlags):
     """What `mist predict` prints."""
 
     top_k: int = setting(5, help="classes listed per image, most probable first", minimum=1, metavar="N")
+    output_dir: str = setting(
+        "mist-segmentation",
+        help="segmentation tasks: folder for each image's label map (<name>.labels.png, class ids at the image's "
+        "size); made when missing",
+        metavar="DIR",
+    )
+    overlay: bool = setting(False, help="segmentation tasks: also write <name>.overlay.png, the classes in colour")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,10 +151,14 @@ class EvaluateFlags(VersionFlags):
     """What `mist evaluate` scores."""
 
     data: str = setting(
-        help="labelled images: DIR/<class>/..., DIR/{train,val,test}/<class>/... or a manifest", metavar="PATH"
+        help="labelled images: DIR/<class>/..., DIR/{train,val,test}/<class>/... or a manifest; for a segmentation "
+        "task DIR/images/... and DIR/annotations/...",
+        metavar="PATH",
     )
     split: Literal["auto", "all", "train", "val", "test"] = setting(
-        "auto", help="which images to score: test when there is a test split (auto), every image (all), or one split"
+        "auto",
+        help="which images to score: test when there is a test split (auto), every image (all), or one split; "
+        "segmentation: validation when there is one (auto), training (train), validation (val, test)",
     )
 
 
@@ -213,7 +226,14 @@ def cmd_predict(run: Invocation) -> int:
     with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
         loaded = load_version(registry, flags.task, version=flags.version, alias=flags.alias, runtime=flags.runtime)
         window = run.get(ConnectionFlags).max_in_flight
-        for prediction in predict_images(loaded, extractor, file_items(files), top_k=flags.top_k, max_in_flight=window):
+        if loaded.task.kind == "segmentation":
+            from services.tuner.segmentation import segment_files
+
+            answers = segment_files(loaded, extractor, files, output_dir=flags.output_dir, overlay=flags.overlay,
+                                    max_in_flight=window)  # fmt: skip
+        else:
+            answers = predict_images(loaded, extractor, file_items(files), top_k=flags.top_k, max_in_flight=window)
+        for prediction in answers:
             print(json.dumps(prediction.to_dict(id_key="file")), flush=True)
             failures += not prediction.ok
     if failures:
@@ -230,6 +250,8 @@ def _predict_stdin(run: Invocation) -> int:
     _setup(run.get(OutputFlags), uses_torch=flags.runtime == "torch")
     assert run.endpoints is not None
     seen = failures = 0
+    if _task_kind(run.endpoints, flags.task) == "segmentation":
+        return _segment_stdin(run)
     with Predictor(run.endpoints, flags.task, version=flags.version, alias=flags.alias, runtime=flags.runtime,
                    top_k=flags.top_k) as predictor:  # fmt: skip
         for line in sys.stdin:
@@ -241,6 +263,47 @@ def _predict_stdin(run: Invocation) -> int:
             seen, failures = seen + 1, failures + (not prediction.ok)
     if failures:
         _error("mist predict", f"{failures} of {seen} image(s) could not be classified (see their lines)")
+        return 1
+    return 0
+
+
+def _task_kind(endpoints: Endpoints, task: str) -> str:
+    with endpoints.registry_client() as registry:
+        return registry.get_task(task).kind
+
+
+def _segment_stdin(run: Invocation) -> int:
+    """`mist predict -` on a segmentation task: a label map (and its JSON line) per stdin path, as each is read."""
+    from services.common.clients.extractor import ImageItem
+    from services.tuner.predict import load_version
+    from services.tuner.segmentation import OutputNames, segment_items
+
+    flags, endpoints = run.get(PredictFlags), run.endpoints
+    assert endpoints is not None
+    seen = failures = 0
+    names = OutputNames(flags.output_dir)
+    with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
+        loaded = load_version(registry, flags.task, version=flags.version, alias=flags.alias, runtime=flags.runtime)
+        for line in sys.stdin:
+            path = line.rstrip("\r\n")
+            if not path.strip():
+                continue
+            seen += 1
+            try:
+                item = ImageItem(path, Path(path).read_bytes())
+            except OSError as error:
+                failures += 1
+                message = f"cannot read image {path}: {error.strerror or error}"
+                print(json.dumps({"file": path, "error": {"code": "INVALID_ARGUMENT", "reason": "unreadable_file",
+                                                          "message": message}}), flush=True)  # fmt: skip
+                continue
+            names.protect(Path(path))
+            for answer in segment_items(loaded, extractor, [item], output_dir=flags.output_dir, overlay=flags.overlay,
+                                        names=names):  # fmt: skip
+                print(json.dumps(answer.to_dict(id_key="file")), flush=True)
+                failures += not answer.ok
+    if failures:
+        _error("mist predict", f"{failures} of {seen} image(s) could not be segmented (see their lines)")
         return 1
     return 0
 
@@ -271,7 +334,12 @@ def cmd_evaluate(run: Invocation) -> int:
     with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
         loaded = load_version(registry, flags.task, version=flags.version, alias=flags.alias, runtime=flags.runtime)
         window = run.get(ConnectionFlags).max_in_flight
-        evaluation = evaluate_path(loaded, extractor, flags.data, split=flags.split, max_in_flight=window)
+        if loaded.task.kind == "segmentation":
+            from services.tuner.segmentation import evaluate_segmentation
+
+            evaluation = evaluate_segmentation(loaded, extractor, flags.data, split=flags.split, max_in_flight=window)
+        else:
+            evaluation = evaluate_path(loaded, extractor, flags.data, split=flags.split, max_in_flight=window)
     _print(evaluation.to_dict(), evaluation.summary(), run.get(JsonOutput).json)
     return 0
 

@@ -102,8 +102,11 @@ class EdgeNetwork(nn.Module):
         return self.blocks(self._checked(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Logits [B, C]; with pre_logits the pooled, normalised [B, D] vector the pooled head reads."""
+        """Logits [B, C]; with pre_logits the pooled, normalised [B, D] vector the pooled head reads. A dense network
+        (pooling "dense") gives every token's logits, [B, T, C] (pre_logits: the normalised [B, T, D] tokens)."""
         x = self.norm(self._checked(x))
+        if self.config.dense:
+            return x if pre_logits else self.head(x)
         pooled = x[:, 0] if self.config.pool == "cls" else x.mean(dim=1)
         if pre_logits:
             return pooled
@@ -124,6 +127,21 @@ class EdgeNetwork(nn.Module):
         if not x.is_floating_point():
             raise InvalidArgumentError(f"edge network expects floating point features, got {x.dtype}")
         return x.to(self.head.weight.dtype)  # decoded f16/bf16 features compute in the weights' dtype
+
+
+def dense_logits(model: EdgeNetwork, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, C, H, W] logits of a dense network at the label resolution `size`: its per-token logits on the token grid,
+    upsampled bilinearly (align_corners=False; services/tuner/dense.py computes the same in numpy)."""
+    if not model.config.dense:
+        raise InvalidArgumentError(
+            f"dense_logits needs a network with pooling 'dense'; this one has {model.config.pooling!r}"
+        )
+    tokens = model(features)  # [B, T, C]
+    height, width = model.config.grid
+    maps = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
+    if (height, width) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def to_safetensors_bytes(model: EdgeNetwork, metadata: dict[str, str] | None = None) -> bytes:

@@ -45,7 +45,8 @@ class _Workspace:
 
 
 class NumpyEdgeNetwork:
-    """M low-rank attention blocks, final LayerNorm, CLS or mean pooling and a linear head, on numpy arrays."""
+    """M low-rank attention blocks, final LayerNorm, CLS or mean pooling (or none: "dense") and a linear head, on numpy
+    arrays."""
 
     def __init__(self, config: EdgeNetworkConfig, tensors: dict[str, np.ndarray]) -> None:
         self.config = config
@@ -100,13 +101,17 @@ class NumpyEdgeNetwork:
         return cls(config, tensors), metadata
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        """[B, C] float32 logits of [B, T, D] (or one image's [T, D]) features."""
+        """[B, C] float32 logits of [B, T, D] (or one image's [T, D]) features; [B, T, C] for a dense network (every
+        token's logits, to upsample with services/tuner/dense.py)."""
         x = self._checked(features)  # the caller's array is never written to
         work = self._workspace(x.shape)
         for index, block in enumerate(self._blocks):
             out = work.states[index % 2]
             self._block(x, out, work, *block)
             x = out
+        if self.config.dense:  # head(LayerNorm(token)) for every token, the affine part folded in
+            centred = np.subtract(x, x.mean(axis=-1, keepdims=True), out=work.centred)
+            return (centred @ self._head_weight) * _inverse_std(centred) + self._head_bias
         if self.config.pool == "cls":  # LayerNorm is per token: only the class token's is needed
             first = x[:, 0] - x[:, 0].mean(axis=-1, keepdims=True)
             pooled = first * _inverse_std(first)

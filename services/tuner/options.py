@@ -164,8 +164,8 @@ class TrainingFlags(ConfigBase):
     pooling: Pooling | None = setting(
         None,
         help="what the head reads: the class token (cls), the mean of the tokens (mean), and with +tokens also a "
-        f"rank-{READOUT_RANK} readout of every token",
-        shown="the task's, else cls+tokens (mean+tokens without a class token)",
+        f"rank-{READOUT_RANK} readout of every token; dense (every token, segmentation data)",
+        shown="the task's, else cls+tokens (mean+tokens without a class token); dense for segmentation",
     )
     # Not flags: the connection settings and the caller fill these.
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # images sent to the extractor and not yet answered
@@ -206,6 +206,13 @@ class TuneOptions(TrainingFlags):
         None, help="move this alias (e.g. production) to the new version on success", metavar="NAME"
     )
     description: str = setting("", help="description of the task when this tune creates it", metavar="TEXT")
+    label_size: int | None = setting(
+        None,
+        help="segmentation data: side of the square label grid training and scoring use",
+        minimum=1,
+        shown="the task's, else the input size / 8",
+        metavar="N",
+    )
     force: bool = setting(False, help="push even when the task gained a newer version during this tune")
     skip_unreadable: bool = setting(
         False,
@@ -236,6 +243,11 @@ class DemoOptions(ConfigBase):
     epochs: int = setting(TrainConfig.epochs, help="training epochs of the final run (at least 2)", metavar="N")
     seed: int = setting(0, help="seed of the dataset, the split and the training", metavar="N")
     worker: bool = setting(True, help="also show the tuner worker: predict through its gRPC Predict")
+    task: Literal["classification", "segmentation"] = setting(
+        "classification",
+        help="the job shown: classification on a ViT, or segmentation on a pvt_v2 (label maps, mIoU, the bytes of "
+        "every stage against the aggregate)",
+    )
 
     def check(self) -> None:
         super().check()

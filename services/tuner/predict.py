@@ -204,8 +204,8 @@ def smoke_check(loaded: LoadedVersion) -> None:
     config = loaded.task.edge_config()
     with np.errstate(all="ignore"):  # overflow is what is being looked for: no RuntimeWarning on the way
         logits = np.asarray(loaded.model.logits(smoke_features(config)))
-        scores = probabilities(logits) if logits.ndim == 2 and logits.size else logits
-    expected = (2, len(loaded.class_names))
+        scores = probabilities(logits) if logits.ndim >= 2 and logits.size else logits
+    expected = (2, config.tokens, len(loaded.class_names)) if config.dense else (2, len(loaded.class_names))
     if logits.shape != expected:
         raise InvalidArgumentError(f"the network answered logits of shape {list(logits.shape)}, not {list(expected)}")
     if not (np.isfinite(logits).all() and np.isfinite(scores).all()):
@@ -270,6 +270,11 @@ def predict_images(
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise InvalidArgumentError(f"top_k must be a positive integer, got {top_k!r}")
+    if loaded.task.kind != "classification":
+        raise FailedPreconditionError(
+            f"task {loaded.task.name!r} is a {loaded.task.kind} task: its answers are label maps "
+            "(services.tuner.segmentation.segment_items, or mist predict)"
+        )
     names = loaded.class_names
     results = extractor.extract(
         items,

@@ -64,6 +64,8 @@ from services.tuner.reports import (
     TuneResult,
     transfer_line,
 )
+from services.tuner.segmentation import SegmentationTuneResult, tune_segmentation
+from services.tuner.segmentation_data import is_segmentation_layout
 from services.tuner.training import EpochStats, KSelection, select_k, train_edge_network
 
 log = logging.getLogger(__name__)
@@ -112,13 +114,17 @@ def tune_path(
     extractor: ExtractorClient,
     registry: RegistryClient,
     observer: TuneObserver | None = None,
-) -> TuneResult:
+) -> TuneResult | SegmentationTuneResult:
     """`mist tune --data PATH`: an ImageFolder tree, split folders or a manifest (see data.load_dataset).
 
     When the task exists its class names fix the label order, and a folder of another class is refused.
     Unreadable and empty files are set aside here and named together with the images the extractor cannot decode
     (see tune_dataset), unless what is left cannot be trained on: then they are named at once.
+
+    A segmentation layout (images/training and annotations/training) is tuned by segmentation.tune_segmentation.
     """
+    if is_segmentation_layout(path):
+        return tune_segmentation(path, options, extractor, registry, observer)
     task = find_task(registry, options.task)
     try:
         dataset = load_dataset(
@@ -161,7 +167,7 @@ def tune_dataset(
         observer.warning(warning)
     edge = resolve_edge_config(task, info, dataset.class_names, options)
     codec = CodecConfig.parse(options.codec or (task.codec if task else DEFAULT_CODEC_NAME)).name
-    ks = _ks_to_fetch(options.k, info.num_blocks)
+    ks = _ks_to_fetch(options.k, info)
     observer.message(
         f"{options.task}: {len(dataset)} images ({_split_counts(dataset)}), {len(dataset.class_names)} "
         f"classes; fetching k={', '.join(map(str, ks))} as {codec} from {extractor.target}"
@@ -212,6 +218,11 @@ def resolve_edge_config(
 ) -> EdgeNetworkConfig:
     """The edge network to train: the task's (checked against this tune), or a new one from options."""
     given = {name: getattr(options, name) for name in ("num_blocks", "rank", "heads", "pooling")}
+    if options.pooling == "dense":
+        raise InvalidArgumentError(
+            "--pooling dense is for segmentation data (DIR/images/training and DIR/annotations/training); "
+            "a classifier pools its tokens"
+        )
     if task is None:
         # The token readout: fine pixel patterns need more than one pooled token (docs/explanation/recipe.md).
         defaults = {"num_blocks": 4, "rank": min(DEFAULT_RANK, info.dims), "heads": 1,
@@ -235,6 +246,11 @@ def resolve_edge_config(
 
 def check_task_fits(task: Task, info: BackboneInfo, class_names: Sequence[str]) -> None:
     """FailedPreconditionError unless the task was made for this backbone, these classes and the MIST gather."""
+    if task.kind != "classification":
+        raise FailedPreconditionError(
+            f"task {task.name!r} is a {task.kind} task; this data is labelled by class folders or a manifest: "
+            "choose another --task name"
+        )
     theirs, ours = task.backbone, info.backbone
     if (theirs.name, theirs.weights_fingerprint) != (ours.name, ours.weights_fingerprint):
         raise FailedPreconditionError(
@@ -284,8 +300,15 @@ def _unusable_message(unusable: Sequence[SkippedImage], root: str) -> str:
     )
 
 
-def _ks_to_fetch(k: int | None, num_blocks: int) -> tuple[int, ...]:
-    return tuple(candidate_ks(num_blocks)) if k is None else validate_ks([k], num_blocks)
+def _ks_to_fetch(k: int | None, info: BackboneInfo) -> tuple[int, ...]:
+    if info.architecture == "hierarchical":  # each stage's aggregate has its own shape: the edge network takes the last
+        if k not in (None, info.num_blocks):
+            raise InvalidArgumentError(
+                f"{info.backbone.name} is hierarchical: the edge network reads the aggregate of all "
+                f"{info.num_blocks} stages, so --k must be auto or {info.num_blocks}"
+            )
+        return (info.num_blocks,)
+    return tuple(candidate_ks(info.num_blocks)) if k is None else validate_ks([k], info.num_blocks)
 
 
 def _split_counts(dataset: Dataset) -> str:
