@@ -1,4 +1,4 @@
-"""Loads the one frozen timm ViT the extractor serves; nothing here ever downloads.
+"""Loads the one frozen timm backbone the extractor serves, a ViT or a hierarchical pvt_v2; nothing here downloads.
 
     backbone = load_backbone("vit_base_patch16_224", weights="vit_b16.safetensors", device="cuda", precision="bf16")
     with backbone.autocast():
@@ -10,8 +10,13 @@ and loaded strictly; checkpoints never run pickled code), the timm / Hugging Fac
 holds the model's default weights, or a random init seeded with `seed` (logged at WARNING and returned in
 `LoadedBackbone.warning`).
 
-Errors: unknown model name -> NotFoundError; not a timm VisionTransformer, bad kwargs, unreadable weights file,
-NaN/Inf weights -> InvalidArgumentError; weights that do not fit the model, CUDA unavailable ->
+A hierarchical backbone (timm's pvt_v2_*, services/extractor/hierarchical.py) is served at one square input size,
+`input_size` (default 512 px, the paper's ADE20K size; a multiple of 32): every image is squashed to it whole
+(crop_pct 1.0, crop_mode "squash"), so a segmentation mask can be squashed the same way. A ViT keeps the input size
+it was built with (its img_size).
+
+Errors: unknown model name -> NotFoundError; neither a timm VisionTransformer nor a pvt_v2, bad kwargs, an
+input_size not a multiple of 32 or given for a ViT, unreadable weights file, NaN/Inf weights -> InvalidArgumentError; weights that do not fit the model, CUDA unavailable ->
 FailedPreconditionError; missing weights file -> NotFoundError.
 
 Precision: "fp32" (default), "bf16" or "fp16" for the forward pass, through torch.autocast: parameters stay float32
@@ -40,12 +45,11 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 from timm.models import clean_state_dict, get_model_input_config, get_pretrained_cfg, load_state_dict
-from timm.models.vision_transformer import VisionTransformer
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, MistError, NotFoundError
 from services.common.logging_setup import loggable_path
-from services.common.wire.gather_modes import BackboneGeometry
-from services.extractor.gather import backbone_geometry, check_supported
+from services.common.wire.gather_modes import ArchitectureName, BackboneGeometry
+from services.extractor.gather import backbone_geometry, check_supported, is_hierarchical
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +66,17 @@ _PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HASH_CHUNK_BYTES = 1 << 20
 _KEYS_SHOWN = 5  # how many missing / unexpected keys an error message names
+# Hierarchical backbones: the paper's ADE20K input size, and the stride of pvt_v2's last stage (whole token grids).
+DEFAULT_HIERARCHICAL_INPUT_SIZE = 512
+HIERARCHICAL_SIZE_MULTIPLE = 32
+_FAMILIES = ("vit_*", "pvt_v2_*")  # what an unknown name is compared with
 
 
 @dataclass(frozen=True)
 class LoadedBackbone:
-    """A frozen ViT ready to serve, and everything a client needs to know about where its weights came from."""
+    """A frozen backbone ready to serve, and everything a client needs to know about where its weights came from."""
 
-    model: VisionTransformer  # eval mode, on `device`, requires_grad off
+    model: torch.nn.Module  # a timm VisionTransformer or PyramidVisionTransformerV2; eval mode, on `device`, frozen
     name: str  # the timm model name as given (a pretrained tag included)
     weights_fingerprint: str  # sha256 hex of the weights file; "random-<seed>-<16 hex of the weights>" for random init
     pretrained: bool  # False: random init, features are meaningless
@@ -76,8 +84,9 @@ class LoadedBackbone:
     weights_source: str  # the file the weights were read from, or "random init (seed N)"
     device: DeviceName  # where the model lives and runs
     autocast_dtype: torch.dtype | None  # compute dtype inside `autocast()`; None = plain float32
-    data_config: Mapping[str, Any]  # timm's resolved data config (input_size at the model's own size), read-only
-    geometry: BackboneGeometry  # N blocks, T tokens, D dims, prefix tokens
+    data_config: Mapping[str, Any]  # timm's resolved data config (input_size: what is served), read-only
+    geometry: BackboneGeometry  # N blocks, T tokens, D dims, prefix tokens; the stages of a hierarchical one
+    architecture: ArchitectureName = "vit"  # "hierarchical" for pvt_v2 (k is then a stage)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The context every forward pass should run in: torch.autocast with `autocast_dtype`, or a no-op."""
@@ -112,15 +121,17 @@ def load_backbone(
     precision: PrecisionName = "fp32",
     seed: int = 0,
     model_kwargs: Mapping[str, Any] | None = None,
+    input_size: int = 0,
 ) -> LoadedBackbone:
     """Build timm model `name`, load its weights without any network access, freeze it and move it to `device`.
 
     `model_kwargs` go to timm.create_model (tests build tiny ViTs with img_size, patch_size, embed_dim, depth,
-    num_heads). `seed` makes a random init reproducible; it is used under a forked RNG, so the caller's global
+    num_heads). `input_size` is the square side a hierarchical backbone serves (0: 512); a ViT takes none. `seed` makes a random init reproducible; it is used under a forked RNG, so the caller's global
     torch RNG state is left as it was.
     """
     autocast_dtype = _check_runtime(device, precision)
     _check_name(name)
+    check_input_size(input_size)
     kwargs = dict(model_kwargs or {})
     weights_path = _check_weights_path(weights) if weights is not None else None
     cached = find_cached_weights(name) if weights_path is None else None
@@ -142,6 +153,8 @@ def load_backbone(
         logger.warning("backbone %s: %s (seed %d, fingerprint %s)", name, RANDOM_INIT_WARNING, seed, fingerprint)
 
     model.eval().requires_grad_(False).to(device)
+    hierarchical = is_hierarchical(model)
+    served_size = _served_input_size(name, input_size, hierarchical)
     loaded = LoadedBackbone(
         model=model,
         name=name,
@@ -151,8 +164,9 @@ def load_backbone(
         weights_source=source,
         device=device,
         autocast_dtype=autocast_dtype,
-        data_config=types.MappingProxyType(_data_config(model)),
-        geometry=backbone_geometry(model),
+        data_config=types.MappingProxyType(_data_config(model, served_size)),
+        geometry=backbone_geometry(model, served_size),
+        architecture="hierarchical" if hierarchical else "vit",
     )
     logger.info("backbone %s loaded from %s on %s (fingerprint %s)", name, loggable_path(source), device, fingerprint)
     return loaded
@@ -177,9 +191,34 @@ def _check_runtime(device: str, precision: str) -> torch.dtype | None:
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not timm.is_model(name):
-        close = difflib.get_close_matches(str(name), timm.list_models("vit_*"), n=3)
+        close = difflib.get_close_matches(str(name), timm.list_models(list(_FAMILIES)), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise NotFoundError(f"unknown timm model {name!r}.{hint} List ViT backbones with timm.list_models('vit_*')")
+        raise NotFoundError(
+            f"unknown timm model {name!r}.{hint} List the backbones served with timm.list_models('vit_*') "
+            f"(ViTs) and timm.list_models('pvt_v2_*') (hierarchical)"
+        )
+
+
+def check_input_size(input_size: int) -> None:
+    """InvalidArgumentError unless `input_size` is 0 (the default) or a multiple of 32 of at least 32."""
+    if input_size and (input_size < HIERARCHICAL_SIZE_MULTIPLE or input_size % HIERARCHICAL_SIZE_MULTIPLE):
+        raise InvalidArgumentError(
+            f"--input-size must be a multiple of {HIERARCHICAL_SIZE_MULTIPLE} (the stride of the last stage), "
+            f"at least {HIERARCHICAL_SIZE_MULTIPLE}, or 0 for {DEFAULT_HIERARCHICAL_INPUT_SIZE}; got {input_size}"
+        )
+
+
+def _served_input_size(name: str, input_size: int, hierarchical: bool) -> int:
+    """The square side a hierarchical backbone serves (0 -> 512); 0 for a ViT, which must not be given one."""
+    check_input_size(input_size)
+    if not hierarchical:
+        if input_size:
+            raise InvalidArgumentError(
+                f"--input-size is for hierarchical backbones (pvt_v2_*); {name!r} is a ViT: set its input size "
+                f"when it is built, with --model-kwargs '{{\"img_size\": {input_size}}}'"
+            )
+        return 0
+    return input_size or DEFAULT_HIERARCHICAL_INPUT_SIZE
 
 
 def _check_weights_path(weights: str | os.PathLike[str]) -> Path:
@@ -191,7 +230,7 @@ def _check_weights_path(weights: str | os.PathLike[str]) -> Path:
 
 def _create_model(
     name: str, seed: int, kwargs: dict[str, Any], *, overlay: dict[str, Any] | None = None
-) -> VisionTransformer:
+) -> torch.nn.Module:
     """timm.create_model under a forked, seeded RNG; pretrained only when `overlay` names a local file."""
     try:
         with torch.random.fork_rng(devices=[]):
@@ -205,18 +244,21 @@ def _create_model(
                 f"{error} List the tags with timm.list_models({name.split('.')[0]!r}, pretrained=True)"
             ) from error
         raise
-    try:
-        vit = check_supported(model)
-    except InvalidArgumentError as error:
-        raise InvalidArgumentError(f"backbone {name!r} is not a ViT-family model: {error}") from None
+    if not is_hierarchical(model):
+        try:
+            check_supported(model)
+        except InvalidArgumentError as error:
+            raise InvalidArgumentError(
+                f"backbone {name!r} is neither a ViT-family model nor a hierarchical pvt_v2: {error}"
+            ) from None
     # From timm's record of the model's input, not patch_embed.proj: in hybrid ViTs that conv sees CNN features.
-    in_chans = get_model_input_config(vit)["input_size"][0]
+    in_chans = get_model_input_config(model)["input_size"][0]
     if in_chans != 3:
         raise InvalidArgumentError(f"backbone {name!r} takes {in_chans} input channels; images are RGB (3)")
-    return vit
+    return model
 
 
-def _create_from_cache(name: str, seed: int, kwargs: dict[str, Any], cached: CachedWeights) -> VisionTransformer:
+def _create_from_cache(name: str, seed: int, kwargs: dict[str, Any], cached: CachedWeights) -> torch.nn.Module:
     # timm's own pretrained path, pointed at the local file: it applies the model's checkpoint filter (position
     # embedding resampling, foreign formats) and loads strictly, and a 'file' source never touches the network.
     overlay = {"file": str(cached.path), "custom_load": cached.custom_load}
@@ -382,9 +424,12 @@ def random_init_fingerprint(model: torch.nn.Module, seed: int) -> str:
     return f"random-{seed}-{digest.hexdigest()[:16]}"
 
 
-def _data_config(model: VisionTransformer) -> dict[str, Any]:
+def _data_config(model: torch.nn.Module, served_size: int = 0) -> dict[str, Any]:
     # The pretrained config describes the checkpoint's resolution; a model built with another img_size needs its
     # own, so the input size is taken from the model (timm's get_model_input_config) and the rest from timm.
+    if served_size:  # hierarchical: the whole image squashed to the served square, as its mask will be
+        args = {"input_size": (3, served_size, served_size), "crop_pct": 1.0, "crop_mode": "squash"}
+        return resolve_model_data_config(model, args=args)
     input_size = tuple(get_model_input_config(model)["input_size"])
     return resolve_model_data_config(model, args={"input_size": input_size})
 

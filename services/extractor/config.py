@@ -20,6 +20,7 @@ _MiB = 1024 * 1024
 # message limit, so an oversized image within the message limit gets a per-item error, not a failed stream.
 DEFAULT_MAX_IMAGE_BYTES = 15 * _MiB
 _MAX_UINT32 = 2**32 - 1  # Describe reports the image limits as uint32
+_INPUT_SIZE_MULTIPLE = 32  # --input-size: whole token grids at every stage of a pvt_v2
 _MAX_AUTO_DECODE_THREADS = 4  # decoding a 224 px image takes ~2 ms: four threads keep up with a GPU at batch 32
 
 
@@ -46,10 +47,12 @@ def available_cpus() -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class ExtractorConfig(ServerConfig):
-    """mist-extractor: a frozen timm ViT as a streaming gRPC service (gathered features, dynamic batching, cache)."""
+    """mist-extractor: a frozen timm ViT or pvt_v2 as a streaming gRPC service (gathered features, dynamic batching, cache)."""
 
     backbone: str = setting(
-        "vit_base_patch16_224", help="timm ViT model name, optionally with a pretrained tag", metavar="NAME"
+        "vit_base_patch16_224",
+        help="timm model name (a ViT, vit_* / deit_*, or a hierarchical pvt_v2_*), optionally with a pretrained tag",
+        metavar="NAME",
     )
     weights: str = setting(
         "",
@@ -91,6 +94,14 @@ class ExtractorConfig(ServerConfig):
         '\'{"img_size":32,"patch_size":8,"embed_dim":32,"depth":4,"num_heads":2}\'',
         parser=check_json_object,
         metavar="JSON",
+    )
+    input_size: int = setting(
+        0,
+        help="side in pixels of the square a hierarchical backbone (pvt_v2_*) serves: every image is squashed to it "
+        "whole, as segmentation masks are; a multiple of 32; 0 = 512. A ViT keeps the size it is built with "
+        "(--model-kwargs img_size)",
+        minimum=0,
+        metavar="PIXELS",
     )
     max_batch_size: int = setting(
         32, help="images per forward pass, gathered across all streams", minimum=1, metavar="N"
@@ -160,6 +171,12 @@ class ExtractorConfig(ServerConfig):
             raise ConfigError("precision", "fp16 needs --device cuda; on CPU use bf16 or fp32")
         if self.device == "cpu" and self.image_decode == "cuda":
             raise ConfigError("image_decode", "cuda needs --device cuda; on CPU images decode on the host")
+        if self.input_size and (self.input_size < _INPUT_SIZE_MULTIPLE or self.input_size % _INPUT_SIZE_MULTIPLE):
+            raise ConfigError(
+                "input_size",
+                f"must be a multiple of {_INPUT_SIZE_MULTIPLE} (the stride of a pvt_v2's last stage), or 0 for 512; "
+                f"got {self.input_size}",
+            )
         if self.max_queue_items and self.max_queue_items < self.max_batch_size:
             raise ConfigError(
                 "max_queue_items",

@@ -22,6 +22,10 @@ this one runs forward.
 
 Cache: an image is a hit only when every requested k is cached (one forward serves them all anyway); a hit skips
 decoding and the forward entirely. Keys: backbone name and fingerprint, sha256 of the image bytes, mode, k, codec.
+
+A hierarchical backbone (pvt_v2) serves mist with k a stage in [1, S], stages (one tensor per stage, k = 1..S, each
+of its own shape) and last_stage; a ViT serves mist and the four ViT baselines. A mode the backbone does not serve is
+refused at validation like any bad mode.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from services.common.wire.codec import CodecConfig, FeatureCodec
 from services.common.wire.gather_modes import (
     GatherModeName,
     baseline_bytes_per_image,
+    check_mode_served,
     mode_from_proto,
     mode_to_proto,
     validate_ks,
@@ -83,7 +88,7 @@ class WorkItem:
     item_id: str  # the client's name for the image, echoed back
     image: bytes  # encoded image bytes as received
     mode: GatherModeName  # which tensor to gather
-    ks: tuple[int, ...]  # mist: each requested k in request order (repeats kept); other modes: (0,)
+    ks: tuple[int, ...]  # mist: each requested k in request order (repeats kept); stages: 1..S; other modes: (0,)
     codec: CodecConfig  # how to encode the features
 
     @functools.cached_property  # read per k and per stage on the hot path
@@ -209,6 +214,11 @@ class ExtractionEngine:
             ],
             max_image_bytes=self._config.max_image_bytes,
             max_image_pixels=self._config.max_image_pixels,
+            architecture=geometry.architecture,
+            stages=[
+                extractor_pb2.StageInfo(tokens=stage.tokens, dims=stage.dims, height=stage.height, width=stage.width)
+                for stage in geometry.stages
+            ],
         )
 
     def validate(self, request: extractor_pb2.ExtractRequest, index: int) -> WorkItem:
@@ -246,11 +256,14 @@ class ExtractionEngine:
             )
 
     def _checked_ks(self, mode: GatherModeName, ks: Sequence[int]) -> tuple[int, ...]:
+        geometry = self._backbone.geometry
+        check_mode_served(geometry, mode)
         if mode != "mist":
             if ks:
-                raise InvalidArgumentError(f"gather mode {mode!r} takes no k; got ks={list(ks)}")
-            return (_NO_K,)
-        validate_ks(ks, self._backbone.geometry.num_blocks)  # range and "at least one"; repeats are kept below
+                per_stage = f" (it answers every stage, k = 1 .. {geometry.num_blocks})" if mode == "stages" else ""
+                raise InvalidArgumentError(f"gather mode {mode!r} takes no k; got ks={list(ks)}{per_stage}")
+            return tuple(range(1, geometry.num_blocks + 1)) if mode == "stages" else (_NO_K,)
+        validate_ks(ks, geometry.num_blocks, geometry.k_unit)  # range and "at least one"; repeats are kept below
         return tuple(int(k) for k in ks)
 
     # ---- one image on the event loop ---------------------------------------------------------------------------

@@ -10,6 +10,9 @@ because sums are accumulated in float32 and the wire codec, not the stage, decid
 
     model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
     features = gather(model, images, "mist", ks=(3, 6, 9, 12))  # {3: [B, 197, 768], 6: ..., 12: ...}
+
+`gather` also serves hierarchical backbones (timm's pvt_v2_*), whose gather lives in hierarchical.py: there k is a
+stage and the modes are mist, stages and last_stage.
 """
 
 from __future__ import annotations
@@ -21,12 +24,25 @@ from timm.models.vision_transformer import VisionTransformer
 
 from services.common.errors import InvalidArgumentError
 from services.common.wire.gather_modes import (
+    BASELINE_MODES,
     BackboneGeometry,
     GatherModeName,
     check_mode,
     last_block_indices,
     validate_ks,
 )
+from services.extractor.hierarchical import check_hierarchical, gather_hierarchical, stage_shapes
+
+
+def is_hierarchical(model: torch.nn.Module) -> bool:
+    """True for a hierarchical backbone of the pvt_v2 family (hierarchical.py), False for anything else."""
+    if isinstance(model, VisionTransformer):
+        return False
+    try:
+        check_hierarchical(model)
+    except InvalidArgumentError:
+        return False
+    return True
 
 
 def check_supported(model: torch.nn.Module) -> VisionTransformer:
@@ -39,8 +55,13 @@ def check_supported(model: torch.nn.Module) -> VisionTransformer:
     return model
 
 
-def backbone_geometry(model: torch.nn.Module) -> BackboneGeometry:
-    """Blocks, tokens (prefix tokens included) and dims of a ViT at its default input size."""
+def backbone_geometry(model: torch.nn.Module, image_size: int = 0) -> BackboneGeometry:
+    """Blocks, tokens (prefix tokens included) and dims of a ViT at its default input size; the stages of a
+    hierarchical backbone at square `image_size` pixels (required for one)."""
+    if is_hierarchical(model):
+        if image_size < 1:
+            raise InvalidArgumentError(f"a hierarchical backbone's geometry needs an image size; got {image_size!r}")
+        return BackboneGeometry.hierarchical(stage_shapes(model, image_size))
     vit = check_supported(model)
     return BackboneGeometry(
         num_blocks=len(vit.blocks),
@@ -139,8 +160,11 @@ def gather_baseline(model: torch.nn.Module, images: torch.Tensor, mode: GatherMo
     normalised vector). Partial runs N-1 blocks; the others run all N.
     """
     vit = check_supported(model)
-    if check_mode(mode) == "mist":
-        raise InvalidArgumentError("gather_baseline serves lst, last, partial and cls; use gather_prefix_sums for mist")
+    if check_mode(mode) not in BASELINE_MODES:
+        raise InvalidArgumentError(
+            f"gather_baseline serves lst, last, partial and cls on a ViT; got {mode!r} (gather_prefix_sums for mist; "
+            f"stages and last_stage need a hierarchical backbone)"
+        )
     _check_images(vit, images)
     num_blocks = len(vit.blocks)
     if mode == "lst":
@@ -158,7 +182,12 @@ def gather(
     """One entry point for every mode: mist gives {k: [B, T, D]} for each k in `ks`; the baselines give
     {0: tensor} (0 is the wire's "no k") and take no ks: a non-empty `ks` with them is an error rather than
     silently ignored, since it means the caller expected a prefix sum.
+
+    On a hierarchical backbone (hierarchical.gather_hierarchical): mist {s: G_s [B, T_s, D_s]} for each stage s in
+    `ks`, stages {s: stage s's output [B, T_s, D_s]} for s in 1..S, last_stage {0: [B, T_S, D_S]}.
     """
+    if is_hierarchical(model):
+        return gather_hierarchical(model, images, mode, ks)
     if check_mode(mode) == "mist":
         return gather_prefix_sums(model, images, ks)
     ks = tuple(ks)

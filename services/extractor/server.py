@@ -40,6 +40,7 @@ def load_configured_backbone(config: ExtractorConfig) -> LoadedBackbone:
         precision=config.precision,
         seed=config.seed,
         model_kwargs=config.model_kwargs_dict,
+        input_size=config.input_size,
     )
 
 
@@ -53,10 +54,12 @@ async def build(
     await engine.start()
     geometry = backbone.geometry
     logger.info(
-        "serving %s (N=%d blocks, T=%d tokens, D=%d dims) on %s: batches of up to %d images within %g ms, "
+        "serving %s (%s: N=%d %s, T=%d tokens, D=%d dims) on %s: batches of up to %d images within %g ms, "
         "%d images in flight per stream, %d streams, cache %d bytes, %d decode threads, %d torch threads",
         backbone.name,
+        backbone.architecture,
         geometry.num_blocks,
+        geometry.k_unit,
         geometry.tokens,
         geometry.dims,
         backbone.device,

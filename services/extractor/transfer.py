@@ -29,7 +29,7 @@ from services.common.wire.codec import (
     decode_feature,
     encoded_nbytes,
 )
-from services.common.wire.gather_modes import GATHER_MODES, VIT_B16, baseline_bytes_per_image, mode_to_proto
+from services.common.wire.gather_modes import VIT_B16, VIT_MODES, baseline_bytes_per_image, mode_to_proto
 from services.extractor.backbone import LoadedBackbone, load_backbone
 from services.extractor.gather import gather
 from services.extractor.preprocess import ImagePreprocessor
@@ -76,7 +76,7 @@ def measure_transfer(
     num_blocks = backbone.geometry.num_blocks
     backbone_id = None
     rows = []
-    for mode in GATHER_MODES:
+    for mode in VIT_MODES:
         with backbone.autocast():
             tensors = gather(backbone.model, batch, mode, ks=(num_blocks,) if mode == "mist" else ())
         features = next(iter(tensors.values())).float().cpu().numpy()

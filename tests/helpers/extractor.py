@@ -32,11 +32,32 @@ from tests.helpers.process import ServiceProcess
 
 TINY_BACKBONE = "vit_tiny_patch16_224"
 TINY_MODEL_KWARGS_JSON = json.dumps(TINY_VIT_KWARGS)
+# A tiny hierarchical backbone: pvt_v2_b0's layout with one block per stage and narrow stages. At 64 px its stage grids
+# are 16x16, 8x8, 4x4 and 2x2 with 16, 24, 32 and 48 dims.
+TINY_PVT_BACKBONE = "pvt_v2_b0"
+TINY_PVT_KWARGS = dict(
+    depths=(1, 1, 1, 1), embed_dims=(16, 24, 32, 48), num_heads=(1, 1, 1, 2), mlp_ratios=(2, 2, 2, 2)
+)
+TINY_PVT_INPUT_SIZE = 64
 
 
 def load_tiny_backbone(seed: int = 0) -> LoadedBackbone:
     """The suite's tiny random ViT: N=4 blocks, T=17 tokens, D=32 dims, 32x32 input."""
     return load_backbone(TINY_BACKBONE, seed=seed, model_kwargs=TINY_VIT_KWARGS)
+
+
+def load_tiny_pvt(seed: int = 0, input_size: int = TINY_PVT_INPUT_SIZE) -> LoadedBackbone:
+    """The suite's tiny random pvt_v2 (S=4 stages), served at `input_size` pixels squared."""
+    return load_backbone(TINY_PVT_BACKBONE, seed=seed, model_kwargs=TINY_PVT_KWARGS, input_size=input_size)
+
+
+def tiny_pvt_config(**overrides: object) -> ExtractorConfig:
+    """tiny_config for the tiny pvt_v2 (--backbone pvt_v2_b0 --model-kwargs ... --input-size 64)."""
+    values: dict[str, object] = dict(
+        backbone=TINY_PVT_BACKBONE, model_kwargs=json.dumps(TINY_PVT_KWARGS), input_size=TINY_PVT_INPUT_SIZE
+    )
+    values.update(overrides)
+    return tiny_config(**values)
 
 
 def tiny_config(**overrides: object) -> ExtractorConfig:
@@ -76,7 +97,8 @@ def huge_blank_png(width: int = 10_000, height: int = 10_000) -> bytes:
 def reference_features(
     backbone: LoadedBackbone, image: bytes, mode: GatherModeName, ks: Sequence[int] = ()
 ) -> dict[int, np.ndarray]:
-    """What the service must send for one image, computed here with the same preprocessing and gather."""
+    """What the service must send for one image, computed here with the same preprocessing and gather (ViT or
+    hierarchical: `ks` is used by mist only)."""
     tensor = ImagePreprocessor(backbone.data_config, resize=ExtractorConfig.resize).decode(image)  # the server's
     with backbone.autocast():
         out = gather(backbone.model, tensor[None], mode, ks if mode == "mist" else ())

@@ -298,8 +298,29 @@ def test_unknown_pretrained_tag_is_not_found() -> None:
 
 
 def test_non_vit_model_is_refused() -> None:
-    with pytest.raises(InvalidArgumentError, match="not a ViT-family model"):
+    with pytest.raises(InvalidArgumentError, match="neither a ViT-family model nor a hierarchical pvt_v2"):
         load_backbone("resnet18")
+
+
+def test_a_pvt_v2_is_served_squashed_at_512_px_by_default() -> None:
+    loaded = load_backbone("pvt_v2_b0", model_kwargs={"depths": (1, 1, 1, 1)})
+
+    assert loaded.architecture == "hierarchical" and load_backbone(NAME, model_kwargs=TINY_VIT).architecture == "vit"
+    assert (loaded.data_config["input_size"], loaded.data_config["crop_pct"], loaded.data_config["crop_mode"]) == (
+        (3, 512, 512), 1.0, "squash")  # fmt: skip
+    assert [(stage.height, stage.dims) for stage in loaded.geometry.stages] == [(128, 32), (64, 64), (32, 160),
+                                                                                (16, 256)]  # fmt: skip
+
+
+@pytest.mark.parametrize("size", [16, 48, 500])
+def test_an_input_size_off_the_32_grid_is_refused(size: int) -> None:
+    with pytest.raises(InvalidArgumentError, match=f"--input-size must be a multiple of 32.*got {size}"):
+        load_backbone("pvt_v2_b0", input_size=size)
+
+
+def test_an_unknown_name_suggests_pvt_v2_backbones_too() -> None:
+    with pytest.raises(NotFoundError, match=r"Did you mean .*pvt_v2_b2_li.*timm.list_models\('pvt_v2_\*'\)"):
+        load_backbone("pvt_v2_b2_lin")
 
 
 def test_bad_model_kwargs_are_invalid() -> None:

@@ -13,9 +13,13 @@ from hypothesis import strategies as st
 from services.common.errors import InvalidArgumentError
 from services.common.pb import feature_pb2
 from services.common.wire.gather_modes import (
+    BASELINE_MODES,
     GATHER_MODES,
+    HIERARCHICAL_MODES,
     VIT_B16,
+    VIT_MODES,
     BackboneGeometry,
+    StageShape,
     baseline_bytes_per_image,
     candidate_ks,
     feature_shape,
@@ -38,6 +42,8 @@ def test_modes_and_proto_values_round_trip():
         "last": feature_pb2.GATHER_MODE_LAST,
         "partial": feature_pb2.GATHER_MODE_PARTIAL,
         "cls": feature_pb2.GATHER_MODE_CLS,
+        "stages": feature_pb2.GATHER_MODE_STAGES,
+        "last_stage": feature_pb2.GATHER_MODE_LAST_STAGE,
     }
 
     # Execute
@@ -45,9 +51,9 @@ def test_modes_and_proto_values_round_trip():
     back = {value: mode_from_proto(value) for value in to_proto.values()}
 
     # Assert
-    assert GATHER_MODES == ("mist", "lst", "last", "partial", "cls")
+    assert GATHER_MODES == ("mist", "lst", "last", "partial", "cls", "stages", "last_stage")
     assert to_proto == expected
-    assert to_proto == {"mist": 1, "lst": 2, "last": 3, "partial": 4, "cls": 5}
+    assert to_proto == {"mist": 1, "lst": 2, "last": 3, "partial": 4, "cls": 5, "stages": 6, "last_stage": 7}
     assert back == {value: mode for mode, value in expected.items()}
 
 
@@ -55,7 +61,7 @@ def test_unspecified_proto_mode_means_mist():
     assert mode_from_proto(feature_pb2.GATHER_MODE_UNSPECIFIED) == "mist"
 
 
-@pytest.mark.parametrize("value", [6, -1, 99, None])
+@pytest.mark.parametrize("value", [8, -1, 99, None])
 def test_unknown_proto_mode_is_invalid_argument(value):
     with pytest.raises(InvalidArgumentError, match="unknown GatherMode"):
         mode_from_proto(value)
@@ -82,7 +88,7 @@ def test_last_block_indices_rejects_non_positive_depth(num_blocks):
 
 
 def test_feature_shapes_for_vit_b16():
-    shapes = {mode: feature_shape(VIT_B16, mode) for mode in GATHER_MODES}
+    shapes = {mode: feature_shape(VIT_B16, mode) for mode in VIT_MODES}
 
     assert shapes == {
         "mist": (197, 768),
@@ -132,7 +138,7 @@ def test_vit_b16_bytes_match_the_paper_table():
 def test_float32_bytes_per_image_of_a_tiny_backbone():
     geometry = BackboneGeometry(num_blocks=3, tokens=17, dims=32, num_prefix_tokens=1)
 
-    sizes = {mode: float32_bytes_per_image(geometry, mode) for mode in GATHER_MODES}
+    sizes = {mode: float32_bytes_per_image(geometry, mode) for mode in VIT_MODES}
 
     assert sizes == {"mist": 2176, "lst": 4 * 2176, "last": 3 * 2176, "partial": 2176, "cls": 128}
 
@@ -189,3 +195,53 @@ def test_module_imports_neither_torch_nor_numpy():
 
     # Assert
     assert result.stdout.strip() == "[]"
+
+
+# pvt_v2_b0 at 512 px: stage grids 128, 64, 32, 16 with 32, 64, 160, 256 dims.
+PVT_V2_B0_512 = BackboneGeometry.hierarchical(
+    StageShape(side * side, dims, side, side) for side, dims in ((128, 32), (64, 64), (32, 160), (16, 256))
+)
+
+
+def test_a_hierarchical_geometry_is_its_last_stage_with_s_as_depth():
+    geometry = PVT_V2_B0_512
+
+    assert (geometry.num_blocks, geometry.tokens, geometry.dims, geometry.num_prefix_tokens) == (4, 256, 256, 0)
+    assert geometry.architecture == "hierarchical" and VIT_B16.architecture == "vit"
+    assert geometry.modes == HIERARCHICAL_MODES == ("mist", "stages", "last_stage")
+
+
+def test_hierarchical_shapes_per_stage():
+    geometry = PVT_V2_B0_512
+
+    assert [feature_shape(geometry, "mist", s) for s in (1, 2, 3, 4)] == [(16384, 32), (4096, 64), (1024, 160),
+                                                                          (256, 256)]  # fmt: skip
+    assert feature_shape(geometry, "mist") == feature_shape(geometry, "last_stage") == (256, 256)
+    assert feature_shape(geometry, "stages", 2) == (4096, 64)
+    with pytest.raises(InvalidArgumentError, match=r"k must be an integer in \[1, 4\] for a backbone with 4 stages"):
+        feature_shape(geometry, "mist", 5)
+    with pytest.raises(InvalidArgumentError, match="one tensor per stage"):
+        feature_shape(geometry, "stages")
+    with pytest.raises(InvalidArgumentError, match="takes no k"):
+        feature_shape(geometry, "last_stage", 2)
+
+
+@pytest.mark.parametrize("mode", BASELINE_MODES)
+def test_vit_baselines_are_refused_on_a_hierarchical_backbone(mode):
+    with pytest.raises(InvalidArgumentError, match="not served on a hierarchical backbone.*mist, stages, last_stage"):
+        feature_shape(PVT_V2_B0_512, mode)
+
+
+@pytest.mark.parametrize("mode", ["stages", "last_stage"])
+def test_hierarchical_modes_are_refused_on_a_vit(mode):
+    with pytest.raises(InvalidArgumentError, match="not served on a vit backbone; this backbone serves mist, lst"):
+        feature_shape(VIT_B16, mode, 1 if mode == "stages" else None)
+
+
+def test_hierarchical_baselines_at_512_px():
+    assert baseline_bytes_per_image(PVT_V2_B0_512) == {
+        "stages": 4_063_232,  # 4 * (16384 * 32 + 4096 * 64 + 1024 * 160 + 256 * 256)
+        "last_stage": 262_144,
+        "mist_f32": 262_144,
+    }
+    assert set(baseline_bytes_per_image(VIT_B16)) == {"lst", "last", "partial", "cls", "mist_f32"}

@@ -33,7 +33,7 @@ from services.common.config import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.errors import DataLossError, InvalidArgumentError, UnavailableError
 from services.common.pb import extractor_pb2, extractor_pb2_grpc, feature_pb2
 from services.common.wire.codec import DEFAULT_CODEC, CodecConfig
-from services.common.wire.gather_modes import BackboneId, GatherModeName, check_mode, mode_to_proto
+from services.common.wire.gather_modes import BackboneId, GatherModeName, StageShape, check_mode, mode_to_proto
 
 DEFAULT_MAX_IN_FLIGHT = 32  # the server's default window: enough to fill its batches from one stream
 _FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.2, 5.0
@@ -60,16 +60,19 @@ class BackboneInfo:
     """What an extractor serves (its Describe answer), as plain values."""
 
     backbone: BackboneId  # name and weights fingerprint: features of other weights are refused
-    num_blocks: int  # N: k ranges over 1..N
-    tokens: int  # T, prefix (class / register) tokens included
-    dims: int  # D
+    num_blocks: int  # N: k ranges over 1..N (S stages on a hierarchical backbone)
+    tokens: int  # T, prefix (class / register) tokens included; T_S (the last stage) when hierarchical
+    dims: int  # D; D_S when hierarchical
     num_prefix_tokens: int
     pretrained: bool  # False: a random init, whose features carry little meaning
     warning: str  # set loudly when pretrained is False
     data_config: DataConfig
-    baselines: dict[str, int]  # method ("lst", "last", "partial", "cls", "mist_f32") -> float32 bytes per image
+    baselines: dict[str, int]  # method ("lst", "last", "partial", "cls", "mist_f32"; hierarchical: "stages",
+    # "last_stage", "mist_f32") -> float32 bytes per image
     max_image_bytes: int  # larger images get a per-item RESOURCE_EXHAUSTED
     max_image_pixels: int
+    architecture: str = "vit"  # "vit" or "hierarchical" (pvt_v2: k is a stage)
+    stages: tuple[StageShape, ...] = ()  # hierarchical only: each stage's output grid, stage 1 first
 
     @classmethod
     def from_proto(cls, message: extractor_pb2.BackboneInfo) -> BackboneInfo:
@@ -93,6 +96,8 @@ class BackboneInfo:
             baselines={b.method: b.bytes_per_image for b in message.baselines},
             max_image_bytes=message.max_image_bytes,
             max_image_pixels=message.max_image_pixels,
+            architecture=message.architecture or "vit",
+            stages=tuple(StageShape(s.tokens, s.dims, s.height, s.width) for s in message.stages),
         )
 
 

@@ -1,4 +1,5 @@
-"""Gather modes, backbone geometry and the transfer cost of MIST and its baselines (LST, LAST, Partial-1, CLS).
+"""Gather modes, backbone geometry and the transfer cost of MIST and its baselines: LST, LAST, Partial-1 and CLS on a
+ViT; every stage's output and the last stage's output on a hierarchical backbone (pvt_v2), where MIST's k is a stage.
 
 Pure Python (no torch, no numpy) so the edge tuner, the extractor and the metrics all share one definition
 of what each mode sends and how many float32 bytes per image that is.
@@ -10,14 +11,17 @@ import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 from services.common.errors import InvalidArgumentError
 from services.common.pb import feature_pb2
 
-GatherModeName = Literal["mist", "lst", "last", "partial", "cls"]
+GatherModeName = Literal["mist", "lst", "last", "partial", "cls", "stages", "last_stage"]
+ArchitectureName = Literal["vit", "hierarchical"]
 GATHER_MODES: tuple[GatherModeName, ...] = get_args(GatherModeName)
-BASELINE_MODES: tuple[GatherModeName, ...] = ("lst", "last", "partial", "cls")
+BASELINE_MODES: tuple[GatherModeName, ...] = ("lst", "last", "partial", "cls")  # the ViT baselines
+VIT_MODES: tuple[GatherModeName, ...] = ("mist", *BASELINE_MODES)
+HIERARCHICAL_MODES: tuple[GatherModeName, ...] = ("mist", "stages", "last_stage")
 
 FLOAT32_BYTES = 4
 # The k-search candidates as fractions of the depth (num, den): N/4, N/2, 3N/4, N, as in the paper.
@@ -49,14 +53,47 @@ class BackboneId:
         return f"{self.name or '<unnamed>'} (weights {self.weights_fingerprint[:16] or '<none>'})"
 
 
+class StageShape(NamedTuple):
+    """One stage's output grid of a hierarchical backbone at the served input size."""
+
+    tokens: int  # height * width
+    dims: int
+    height: int
+    width: int
+
+
 @dataclass(frozen=True)
 class BackboneGeometry:
-    """The shape of a ViT backbone as far as gathering is concerned."""
+    """The shape of a backbone as far as gathering is concerned: a ViT (one token grid through N blocks), or a
+    hierarchical backbone when `stages` is given (then N is the number of stages S, T and D are stage S's)."""
 
-    num_blocks: int  # N, the number of transformer blocks
-    tokens: int  # T, tokens per image at the default input size, prefix tokens included
-    dims: int  # D, the embedding width
-    num_prefix_tokens: int  # class + register + distillation tokens at the front of the sequence
+    num_blocks: int  # N, the number of transformer blocks; S, the number of stages, for a hierarchical backbone
+    tokens: int  # T, tokens per image at the default input size, prefix tokens included; T_S when hierarchical
+    dims: int  # D, the embedding width; D_S when hierarchical
+    num_prefix_tokens: int  # class + register + distillation tokens at the front of the sequence (0: hierarchical)
+    stages: tuple[StageShape, ...] = ()  # hierarchical only: every stage's output grid, stage 1 first
+
+    @classmethod
+    def hierarchical(cls, stages: Iterable[StageShape]) -> BackboneGeometry:
+        """The geometry of a hierarchical backbone from its stages' output grids (at least one)."""
+        shapes = tuple(StageShape(*stage) for stage in stages)
+        if not shapes:
+            raise InvalidArgumentError("a hierarchical backbone needs at least one stage")
+        return cls(len(shapes), shapes[-1].tokens, shapes[-1].dims, 0, shapes)
+
+    @property
+    def architecture(self) -> ArchitectureName:
+        return "hierarchical" if self.stages else "vit"
+
+    @property
+    def modes(self) -> tuple[GatherModeName, ...]:
+        """The gather modes a backbone of this architecture serves."""
+        return HIERARCHICAL_MODES if self.stages else VIT_MODES
+
+    @property
+    def k_unit(self) -> str:
+        """What k counts on this backbone: "blocks" (ViT) or "stages" (hierarchical)."""
+        return "stages" if self.stages else "blocks"
 
 
 # ViT-B/16 at 224x224: 14 * 14 patches + 1 class token, the backbone of the paper's table.
@@ -103,9 +140,20 @@ def last_block_indices(num_blocks: int) -> list[int]:
     return indices
 
 
-def _check_k(k: object, num_blocks: int) -> int:
+def check_mode_served(geometry: BackboneGeometry, mode: str) -> GatherModeName:
+    """Return `mode` if a backbone of this geometry serves it, else raise naming the architecture and its modes."""
+    check_mode(mode)
+    if mode not in geometry.modes:
+        raise InvalidArgumentError(
+            f"gather mode {mode!r} is not served on a {geometry.architecture} backbone; "
+            f"this backbone serves {', '.join(geometry.modes)}"
+        )
+    return mode  # type: ignore[return-value]
+
+
+def _check_k(k: object, num_blocks: int, unit: str = "blocks") -> int:
     """Return k as an int if it is an integer in [1, N], else raise naming the range."""
-    allowed = f"k must be an integer in [1, {num_blocks}] for a backbone with {num_blocks} blocks"
+    allowed = f"k must be an integer in [1, {num_blocks}] for a backbone with {num_blocks} {unit}"
     if isinstance(k, bool):
         raise InvalidArgumentError(f"{allowed}; got {k!r}")
     try:
@@ -117,12 +165,13 @@ def _check_k(k: object, num_blocks: int) -> int:
     return value
 
 
-def validate_ks(ks: Iterable[int], num_blocks: int) -> tuple[int, ...]:
-    """Check that every k is in [1, N] and at least one is given; drop duplicates, keep the order."""
+def validate_ks(ks: Iterable[int], num_blocks: int, unit: str = "blocks") -> tuple[int, ...]:
+    """Check that every k is in [1, N] and at least one is given; drop duplicates, keep the order. `unit` names
+    what k counts in error messages ("stages" on a hierarchical backbone)."""
     _check_num_blocks(num_blocks)
     if isinstance(ks, (str, bytes)):
         raise InvalidArgumentError(f"ks must be a sequence of integers in [1, {num_blocks}]; got {ks!r}")
-    checked = tuple(dict.fromkeys(_check_k(k, num_blocks) for k in ks))
+    checked = tuple(dict.fromkeys(_check_k(k, num_blocks, unit) for k in ks))
     if not checked:
         raise InvalidArgumentError(f"at least one k in [1, {num_blocks}] is required; got none")
     return checked
@@ -140,12 +189,16 @@ def candidate_ks(num_blocks: int) -> list[int]:
 
 
 def feature_shape(geometry: BackboneGeometry, mode: GatherModeName, k: int | None = None) -> tuple[int, ...]:
-    """The per-image shape a mode gathers: mist (T, D), lst (N+1, T, D), last (maps, T, D), partial (T, D), cls (D,).
+    """The per-image shape a mode gathers.
 
-    `k` matters only for mist (the shape does not depend on it, but it is range-checked when given);
-    other modes take no k (None, or 0 as on the wire).
+    ViT: mist (T, D), lst (N+1, T, D), last (maps, T, D), partial (T, D), cls (D,). `k` matters only for mist (the
+    shape does not depend on it, but it is range-checked when given); other modes take no k (None, or 0 as on the
+    wire). Hierarchical: mist with k = s (default S) and stages with k = s give stage s's (T_s, D_s); last_stage
+    (T_S, D_S) takes no k. A mode the architecture does not serve raises InvalidArgumentError naming it.
     """
-    check_mode(mode)
+    check_mode_served(geometry, mode)
+    if geometry.stages:
+        return _hierarchical_shape(geometry, mode, k)
     if mode == "mist":
         if k is not None:
             _check_k(k, geometry.num_blocks)
@@ -161,17 +214,36 @@ def feature_shape(geometry: BackboneGeometry, mode: GatherModeName, k: int | Non
     return token_map  # mist and partial: one [T, D] map
 
 
+def _hierarchical_shape(geometry: BackboneGeometry, mode: GatherModeName, k: int | None) -> tuple[int, int]:
+    num_stages = geometry.num_blocks
+    if mode == "last_stage":
+        if k not in (None, 0):
+            raise InvalidArgumentError(f"gather mode {mode!r} takes no k; got k={k!r}")
+        stage = num_stages
+    elif mode == "stages" and k is None:
+        raise InvalidArgumentError(f"gather mode 'stages' sends one tensor per stage: give k in [1, {num_stages}]")
+    else:
+        stage = num_stages if k is None else _check_k(k, num_stages, "stages")
+    shape = geometry.stages[stage - 1]
+    return (shape.tokens, shape.dims)
+
+
 def float32_bytes_per_image(geometry: BackboneGeometry, mode: GatherModeName) -> int:
-    """Bytes one image's gathered tensor takes as raw float32 (the paper's transfer unit)."""
+    """Bytes one image's gathered tensors take as raw float32 (the paper's transfer unit): every stage's together
+    for "stages", MIST at k = N (or S) for "mist"."""
+    if mode == "stages" and geometry.stages:
+        return sum(stage.tokens * stage.dims for stage in geometry.stages) * FLOAT32_BYTES
     return math.prod(feature_shape(geometry, mode)) * FLOAT32_BYTES
 
 
 def baseline_bytes_per_image(geometry: BackboneGeometry) -> dict[str, int]:
     """Float32 bytes per image of every baseline and of uncompressed MIST, for dashboards and reports.
 
-    Keys: "lst", "last", "partial", "cls", "mist_f32". For ViT-B/16 in MiB (bytes / 2**20):
-    7.503, 4.040, 0.577, 0.003 and 0.577.
+    ViT keys: "lst", "last", "partial", "cls", "mist_f32"; for ViT-B/16 in MiB (bytes / 2**20): 7.503, 4.040, 0.577,
+    0.003 and 0.577. Hierarchical keys: "stages", "last_stage", "mist_f32" (MIST at k = S); for pvt_v2_b0 at 512 px:
+    4,063,232, 262,144 and 262,144.
     """
-    sizes = {mode: float32_bytes_per_image(geometry, mode) for mode in BASELINE_MODES}
+    baselines = [mode for mode in geometry.modes if mode != "mist"]
+    sizes = {mode: float32_bytes_per_image(geometry, mode) for mode in baselines}
     sizes["mist_f32"] = float32_bytes_per_image(geometry, "mist")
     return sizes
