@@ -1,6 +1,7 @@
 """The registry's domain records (frozen dataclasses), the checks on what users may put in them, page tokens.
 
     task = normalize_task(Task(name="cats", ...))   # every user-set field checked, edge defaults filled in
+    normalize_task(Task(..., kind="segmentation", segmentation=SegmentationSpec(input_size=512, label_size=128)))
     check_name("alias", "production")               # InvalidArgumentError unless [a-z0-9][a-z0-9._-]{0,62}
 
 The store returns these records and the servicer converts them with serde; nothing here touches a database.
@@ -25,6 +26,9 @@ from services.common.wire.gather_modes import BackboneId, GatherModeName, check_
 
 ScopeName = Literal["admin", "read", "read_write"]
 SCOPES: tuple[ScopeName, ...] = get_args(ScopeName)
+# What a task's edge network predicts: one label per image, or one per pixel (its edge pooling is "dense").
+TaskKind = Literal["classification", "segmentation"]
+TASK_KINDS: tuple[TaskKind, ...] = get_args(TaskKind)
 
 # Lowercase so names survive case-insensitive file systems and URLs; 63 chars like a DNS label.
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -39,8 +43,37 @@ MAX_KEY_CHARS = 128  # metric and tag keys
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 MAX_PAGE_TOKEN_CHARS = 512
+# Segmentation masks are uint8 class-id images, so the ignore index and every class id fit in 0..255.
+DEFAULT_IGNORE_INDEX = 255
+MAX_MASK_VALUE = 255
+MIN_INPUT_SIZE = 32  # pixels: a 2 x 2 token grid at patch 16; a smaller image leaves nothing to segment
+MAX_INPUT_SIZE = 8192  # pixels: edge_spec.MAX_TOKENS bounds the tokens anyway; this bounds label grids
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentationSpec:
+    """What a segmentation task's labels are; class ids are the indices of the task's class_names (0 .. C-1)."""
+
+    ignore_index: int = DEFAULT_IGNORE_INDEX  # mask value neither trained on nor scored: in [C, 255]
+    input_size: int  # side in pixels of the square the extractor squashes every image to
+    label_size: int  # side of the square label grid that training and evaluation score (<= input_size)
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-friendly form, as stored in the registry database."""
+        return {"ignore_index": self.ignore_index, "input_size": self.input_size, "label_size": self.label_size}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SegmentationSpec:
+        """Strict inverse of to_dict: unknown or missing keys (but ignore_index, default 255) are errors."""
+        if not isinstance(data, Mapping):
+            raise InvalidArgumentError(f"segmentation spec must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"ignore_index", "input_size", "label_size"})
+        missing = sorted({"input_size", "label_size"} - set(data))
+        if unknown or missing:
+            raise InvalidArgumentError(f"segmentation spec has unknown keys {unknown} or lacks keys {missing}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -58,6 +91,8 @@ class Task:
     description: str = ""  # free text for people
     created_at: datetime | None = None  # set by the store (UTC)
     latest_version: int = 0  # highest live version; 0 before the first push; set by the store
+    kind: TaskKind = "classification"  # "segmentation": per-pixel labels, dense edge pooling
+    segmentation: SegmentationSpec | None = None  # set exactly when kind is "segmentation"
 
     def edge_config(self) -> EdgeNetworkConfig:
         return EdgeNetworkConfig.from_dict(self.edge)
@@ -272,7 +307,56 @@ def normalize_task(task: Task) -> Task:
         raise InvalidArgumentError(
             f"edge network num_classes is {config.num_classes} but the task has {len(classes)} class names"
         )
+    _check_kind(task, mode, config)
     return replace(task, gather_mode=mode, class_names=classes, edge=config.to_dict())
+
+
+def _check_kind(task: Task, mode: GatherModeName, config: EdgeNetworkConfig) -> None:
+    """The task kind agrees with its segmentation spec, its edge pooling and its gather."""
+    if task.kind not in TASK_KINDS:
+        raise InvalidArgumentError(f"task kind must be one of {TASK_KINDS}, got {task.kind!r:.80}")
+    if task.kind == "classification":
+        if task.segmentation is not None:
+            raise InvalidArgumentError("a classification task takes no segmentation spec (set kind 'segmentation')")
+        if config.dense:
+            raise InvalidArgumentError(
+                "edge network pooling 'dense' classifies every token: it is for segmentation tasks only"
+            )
+        return
+    if not isinstance(task.segmentation, SegmentationSpec):
+        raise InvalidArgumentError("a segmentation task needs a segmentation spec (ignore index, input and label size)")
+    if not config.dense:
+        raise InvalidArgumentError(
+            f"a segmentation task's edge network needs pooling 'dense' (one prediction per token), got {config.pooling!r}"
+        )
+    if mode != "mist":
+        raise InvalidArgumentError(f"a segmentation task needs the mist gather (every token kept), got {mode!r}")
+    _check_segmentation_spec(task.segmentation, len(task.class_names))
+
+
+def _check_segmentation_spec(spec: SegmentationSpec, num_classes: int) -> None:
+    for label, value in (("ignore_index", spec.ignore_index), ("input_size", spec.input_size),
+                         ("label_size", spec.label_size)):  # fmt: skip
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidArgumentError(f"segmentation {label} must be an integer, got {value!r:.40}")
+    if num_classes > MAX_MASK_VALUE:
+        raise InvalidArgumentError(
+            f"a segmentation task has at most {MAX_MASK_VALUE} classes (masks are uint8 and one value is the ignore "
+            f"index), got {num_classes}"
+        )
+    if not num_classes <= spec.ignore_index <= MAX_MASK_VALUE:
+        raise InvalidArgumentError(
+            f"segmentation ignore_index must be in [{num_classes}, {MAX_MASK_VALUE}] (class ids are 0..{num_classes - 1}"
+            f" and masks are uint8), got {spec.ignore_index}"
+        )
+    if not MIN_INPUT_SIZE <= spec.input_size <= MAX_INPUT_SIZE:
+        raise InvalidArgumentError(
+            f"segmentation input_size must be in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}] pixels, got {spec.input_size}"
+        )
+    if not 1 <= spec.label_size <= spec.input_size:
+        raise InvalidArgumentError(
+            f"segmentation label_size must be in [1, input_size = {spec.input_size}], got {spec.label_size}"
+        )
 
 
 def _check_map(label: str, values: Mapping[str, Any], value_ok: Any) -> None:

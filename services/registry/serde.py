@@ -19,6 +19,7 @@ from services.common.wire.codec import CodecConfig
 from services.common.wire.edge_spec import EdgeNetworkConfig
 from services.common.wire.gather_modes import mode_from_proto, mode_to_proto
 from services.registry.records import (
+    DEFAULT_IGNORE_INDEX,
     Alias,
     AliasEvent,
     AliasMove,
@@ -26,6 +27,7 @@ from services.registry.records import (
     FleetView,
     Rollout,
     ScopeName,
+    SegmentationSpec,
     Task,
     Version,
 )
@@ -75,13 +77,34 @@ def task_to_proto(task: Task) -> registry_pb2.Task:
         description=task.description,
         created_at=timestamp_to_proto(task.created_at),
         latest_version=task.latest_version,
+        kind=task.kind,
+        segmentation=_segmentation_to_proto(task.segmentation),
+    )
+
+
+def _segmentation_to_proto(spec: SegmentationSpec | None) -> registry_pb2.SegmentationSpec | None:
+    if spec is None:
+        return None
+    return registry_pb2.SegmentationSpec(
+        ignore_index=spec.ignore_index, input_size=spec.input_size, label_size=spec.label_size
+    )
+
+
+def _segmentation_from_proto(message: registry_pb2.Task) -> SegmentationSpec | None:
+    """The spec when the Task carries one; a zero ignore_index (unset in proto3) is the default 255, since 0 is
+    always a class id and never a valid ignore index."""
+    if not message.HasField("segmentation"):
+        return None
+    spec = message.segmentation
+    return SegmentationSpec(
+        ignore_index=spec.ignore_index or DEFAULT_IGNORE_INDEX, input_size=spec.input_size, label_size=spec.label_size
     )
 
 
 def task_from_proto(message: registry_pb2.Task) -> Task:
     """The record of a Task message: a CreateTask definition (the store sets created_at and latest_version) or a
     server's answer (the client keeps them). Zero edge-network settings take their defaults, a zero num_classes
-    is the class count.
+    is the class count, an empty kind is "classification".
     """
     classes = tuple(message.class_names)
     edge = EdgeNetworkConfig.from_proto(message.edge, num_classes=len(classes) or None)
@@ -97,6 +120,8 @@ def task_from_proto(message: registry_pb2.Task) -> Task:
         description=message.description,
         created_at=timestamp_from_proto(message.created_at) if message.HasField("created_at") else None,
         latest_version=message.latest_version,
+        kind=message.kind or "classification",  # type: ignore[arg-type]  # any other string: the store refuses it
+        segmentation=_segmentation_from_proto(message),
     )
 
 

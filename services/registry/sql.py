@@ -43,7 +43,7 @@ from services.common.errors import (
 log = logging.getLogger(__name__)
 
 DialectName = Literal["sqlite", "postgresql"]
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Arbitrary constant: the PostgreSQL advisory lock that serialises schema migrations across replicas.
 _MIGRATION_LOCK_ID = 0x6D697374
 # A pooled PostgreSQL connection is replaced after this long (psycopg_pool adds jitter): server-side memory a long
@@ -188,8 +188,14 @@ _SCHEMA_V2 = (
         reported_at BIGINT NOT NULL,
         PRIMARY KEY (task, device))""",
 )
+# Version 3: task kinds. Tasks from before are classification tasks; `segmentation` is the SegmentationSpec as JSON
+# ("" for a classification task).
+_SCHEMA_V3 = (
+    "ALTER TABLE tasks ADD COLUMN kind TEXT NOT NULL DEFAULT 'classification'",
+    "ALTER TABLE tasks ADD COLUMN segmentation TEXT NOT NULL DEFAULT ''",
+)
 # MIGRATIONS[i] takes the schema from version i to i + 1. Append, never edit a released entry.
-MIGRATIONS: tuple[tuple[str | DialectOnly, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2)
+MIGRATIONS: tuple[tuple[str | DialectOnly, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 
 
 def _column_types(dialect: Dialect) -> dict[str, str]:

@@ -47,6 +47,7 @@ from services.registry.records import (
     RegistryStats,
     Rollout,
     ScopeName,
+    SegmentationSpec,
     Task,
     Version,
     check_count,
@@ -72,7 +73,7 @@ TOKEN_PREFIX = "mist_"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _TASK_COLUMNS = (
     "name, backbone_name, backbone_fingerprint, gather_mode, k, codec, class_names, edge, description, "
-    "created_at, latest_version"
+    "created_at, latest_version, kind, segmentation"
 )
 _VERSION_COLUMNS = (
     "task, number, sha256, size_bytes, metrics, details_json, parent_version, dataset_fingerprint, pushed_by, "
@@ -118,7 +119,7 @@ def _dumps(value: Any) -> str:
 
 
 def _task_from_row(row: tuple[Any, ...]) -> Task:
-    name, backbone, fingerprint, mode, k, codec, classes, edge, description, created_us, latest = row
+    name, backbone, fingerprint, mode, k, codec, classes, edge, description, created_us, latest, kind, spec = row
     return Task(
         name=name,
         backbone_name=backbone,
@@ -131,6 +132,8 @@ def _task_from_row(row: tuple[Any, ...]) -> Task:
         description=description,
         created_at=_to_datetime(created_us),
         latest_version=latest,
+        kind=kind,
+        segmentation=SegmentationSpec.from_dict(json.loads(spec)) if spec else None,
     )
 
 
@@ -226,10 +229,12 @@ class RegistryStore:
                     created_us = self._now_us()
                     cur.execute(
                         "INSERT INTO tasks (name, backbone_name, backbone_fingerprint, gather_mode, k, codec, "
-                        "class_names, edge, description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "class_names, edge, description, created_at, kind, segmentation) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (wanted.name, wanted.backbone_name, wanted.backbone_fingerprint, wanted.gather_mode,
                          wanted.k, wanted.codec, _dumps(list(wanted.class_names)), _dumps(wanted.edge),
-                         wanted.description, created_us),
+                         wanted.description, created_us, wanted.kind,
+                         _dumps(wanted.segmentation.to_dict()) if wanted.segmentation else ""),
                     )  # fmt: skip
                     return replace(wanted, created_at=_to_datetime(created_us), latest_version=0)
         except self._db.integrity_errors:

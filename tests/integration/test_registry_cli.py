@@ -60,14 +60,15 @@ def test_tasks_is_a_table_with_one_row_per_task(server, capsys):
 
     rows = table(out)
     assert code == 0
-    assert rows[0] == ["NAME", "BACKBONE", "MODE", "K", "CLASSES", "LATEST", "CREATED"]
-    assert rows[1][:6] == ["cats", "vit_tiny_patch16_224", "mist", "2", "3", "3"] and len(rows) == 2
+    assert rows[0] == ["NAME", "KIND", "BACKBONE", "MODE", "K", "CLASSES", "LATEST", "CREATED"]
+    assert rows[1][:7] == ["cats", "classification", "vit_tiny_patch16_224", "mist", "2", "3", "3"] and len(rows) == 2
 
 
 def test_task_shows_the_definition_and_its_aliases(server, capsys):
     code, out, _ = run(server, capsys, "task", "cats")
 
     assert code == 0
+    assert "kind:           classification\n" in out
     assert "edge network:   M=2 r=4 heads=1 pooling=cls D=32 T=17 C=3" in out
     assert "codec:          i8-zstd" in out and "classes:        cat, dog, fox" in out
     assert "aliases:        production -> 2" in out

@@ -79,13 +79,23 @@ def format_table(columns: Sequence[tuple[str, str]], rows: Sequence[Mapping[str,
 def task_dict(task: Task) -> dict[str, Any]:
     edge = task.edge_config()
     return {
-        "name": task.name, "description": task.description, "backbone": task.backbone_name,
+        "name": task.name, "kind": task.kind, "description": task.description, "backbone": task.backbone_name,
         "backbone_fingerprint": task.backbone_fingerprint, "mode": task.gather_mode, "k": task.k, "codec": task.codec,
         "class_names": list(task.class_names),
         "edge": {"num_blocks": edge.num_blocks, "rank": edge.rank, "heads": edge.heads, "pooling": edge.pooling,
                  "dims": edge.dims, "tokens": edge.tokens, "num_classes": edge.num_classes},
+        "segmentation": task.segmentation.to_dict() if task.segmentation else None,
         "latest_version": task.latest_version, "created_at": _when(task.created_at),
     }  # fmt: skip
+
+
+def _kind_label(task: Mapping[str, Any]) -> str:
+    """ "classification", or "segmentation (labels 128x128 of 512x512 px input, ignore index 255)"."""
+    spec = task["segmentation"]
+    if spec is None:
+        return task["kind"]
+    label, size = spec["label_size"], spec["input_size"]
+    return f"{task['kind']} (labels {label}x{label} of {size}x{size} px input, ignore index {spec['ignore_index']})"
 
 
 def version_dict(version: Version, aliases: Sequence[str] = ()) -> dict[str, Any]:
@@ -143,6 +153,7 @@ def cmd_tasks(client: RegistryClient, args: argparse.Namespace) -> Output:
     rows = [{**t, "classes": len(t["class_names"]), "latest": _version_label(t["latest_version"])} for t in tasks]
     columns = [
         ("name", "NAME"),
+        ("kind", "KIND"),
         ("backbone", "BACKBONE"),
         ("mode", "MODE"),
         ("k", "K"),
@@ -160,7 +171,7 @@ def cmd_task(client: RegistryClient, args: argparse.Namespace) -> Output:
     classes = task["class_names"]
     shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
     lines = {
-        "name": task["name"], "description": task["description"],
+        "name": task["name"], "kind": _kind_label(task), "description": task["description"],
         "backbone": f"{task['backbone']} ({task['backbone_fingerprint']})",
         "gather": f"{task['mode']}, k={task['k']}", "codec": task["codec"], "classes": shown,
         "edge network": f"M={edge['num_blocks']} r={edge['rank']} heads={edge['heads']} pooling={edge['pooling']} "
