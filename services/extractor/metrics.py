@@ -7,7 +7,8 @@ image actually sent vs LST/LAST" is computed from them:
     # bytes per image actually sent, per mode (features of every requested k count: that is what crossed the link)
     sum by (mode) (rate(mist_extractor_feature_bytes_sent_total[5m]))
       / sum by (mode) (rate(mist_extractor_images_served_total{status="ok"}[5m]))
-    # next to what each method would send as float32 for the same backbone (lst, last, partial, cls, mist_f32)
+    # next to what each method would send as float32 for the same backbone (lst, last, partial, cls, mist_f32;
+    # stages, last_stage, mist_f32 on a hierarchical backbone)
     max by (method) (mist_extractor_baseline_bytes_per_image)
     # compression ratio of the codecs in use: float32 bytes the features stand for / bytes sent
     sum by (codec) (rate(mist_extractor_feature_float32_bytes_total[5m]))
@@ -199,7 +200,8 @@ class ExtractorMetrics:
             self.cache_max_bytes.set(stats.max_bytes)
 
     def set_baselines(self, bytes_per_image: Mapping[str, int]) -> None:
-        """One gauge value per method: {"lst": ..., "last": ..., "partial": ..., "cls": ..., "mist_f32": ...}."""
+        """One gauge value per method: {"lst": ..., "last": ..., "partial": ..., "cls": ..., "mist_f32": ...} for a ViT,
+        {"stages": ..., "last_stage": ..., "mist_f32": ...} for a hierarchical backbone."""
         for method, size in bytes_per_image.items():
             self.baseline_bytes_per_image.labels(method).set(size)
 
