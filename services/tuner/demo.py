@@ -50,6 +50,9 @@ SEGMENTATION_IMAGE_SIZE = 96
 SEGMENTATION_SPLIT = (240, 60)  # training, validation images
 SEGMENTATION_TASK = "scenes"
 SEGMENTATION_PREDICTED = 4
+# Per-pixel supervision on 240 pictures: measured 0.57-0.64 test mIoU after 40 epochs at 1e-2 on 64 training pictures
+# with this backbone; the classifier's 1e-3 left it at the background after 30.
+SEGMENTATION_LR = 1e-2
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 _START_TIMEOUT_S = 120.0  # importing torch + timm on a loaded 2-core machine takes 5-20 s; leave room
 _STOP_GRACE_S = 10.0
@@ -357,10 +360,10 @@ def _run_segmentation(options: DemoOptions, workdir: Path, started: list[ServerP
         f"images of {SEGMENTATION_IMAGE_SIZE} px, masks in annotations/)")  # fmt: skip
     write_synthetic_segmentation(data, per_split={"training": training, "validation": validation},
                                  size=SEGMENTATION_IMAGE_SIZE, seed=options.seed)  # fmt: skip
-    say(f"mist tune --task {SEGMENTATION_TASK} --data {data} --epochs {options.epochs} --alias {DEMO_ALIAS} "
-        f"--seed {options.seed}  (progress on stderr)")  # fmt: skip
+    say(f"mist tune --task {SEGMENTATION_TASK} --data {data} --epochs {options.epochs} --lr {SEGMENTATION_LR:g} "
+        f"--alias {DEMO_ALIAS} --seed {options.seed}  (progress on stderr)")  # fmt: skip
     tune_options = TuneOptions(task=SEGMENTATION_TASK, epochs=options.epochs, seed=options.seed, alias=DEMO_ALIAS,
-                               lr=3e-3, description="mist demo: synthetic discs, squares and bars per pixel",
+                               lr=SEGMENTATION_LR, description="mist demo: synthetic discs, squares and bars per pixel",
                                tuner=tuner_identity("cli"))  # fmt: skip
     endpoints = Endpoints(extractor=extractor, registry=registry, cache_dir=str(workdir / "cache"))
     with ProgressReporter("auto") as reporter, endpoints.extractor_client() as x, endpoints.registry_client() as r:

@@ -235,7 +235,7 @@ def train_dense_network(
                     loss = F.cross_entropy(logits, targets[part : part + chunk], ignore_index=ignore_index,
                                            reduction="sum") / scored  # fmt: skip
                     loss.backward()
-                    loss_sum += float(loss) * scored
+                    loss_sum += float(loss.detach()) * scored
                 optimizer.step(lr)
                 pixels_seen += scored
             val = score_dense(model, store, k, masks, val_indices, ignore_index=ignore_index) if val_indices else None
@@ -342,7 +342,7 @@ class SegmentationTuneResult:
                      f"(float32 {self.float32_bytes_per_image / 1024:.0f} KiB"
                      + (f"; every stage's output: {stages / 1024:.0f} KiB" if stages else "") + ")")  # fmt: skip
         if self.alias is not None:
-            lines.append(f"  alias {self.alias.alias}: {self.alias.previous or 'none'} -> {self.alias.version}")
+            lines.append(f"  alias {self.alias.name}: {self.alias.from_version or 'none'} -> {self.alias.to_version}")
         if not self.pretrained:
             lines.append("  warning: the backbone is randomly initialised; scores say nothing about real data")
         return "\n".join(lines)

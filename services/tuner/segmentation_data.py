@@ -157,17 +157,26 @@ def _rng(seed: int, *parts: str | int) -> np.random.Generator:
     return np.random.default_rng([seed, *(zlib.crc32(str(part).encode()) for part in parts)])
 
 
+# Each class has its own colour family, as classes of real scenes have (sky, grass, road): a disc is reddish, a square
+# greenish, a bar bluish, each jittered, on a noisy grey background. A random-init backbone can tell colours apart;
+# shape alone, at the 1/32 grid of a hierarchical backbone, it could not learn from a few hundred pictures.
+_CLASS_COLOURS = {1: (0.85, 0.25, 0.2), 2: (0.25, 0.75, 0.3), 3: (0.25, 0.35, 0.9)}
+_COLOUR_JITTER = 0.12
+
+
 def render_segmentation(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image, Image.Image]:
-    """One RGB picture of 1-3 shapes (disc, square, bar) on a noisy background and its mask of class ids (0 is
-    the background); a ring of 255 (ignored) pixels around each shape, as annotators leave uncertain borders."""
-    background = rng.uniform(0.2, 0.8, size=3)
+    """One RGB picture of 1-3 shapes (disc, square, bar; each class its colour family) on a noisy grey background and
+    its mask of class ids (0 is the background); a ring of 255 (ignored) pixels around each shape, as annotators leave
+    uncertain borders."""
+    background = rng.uniform(0.3, 0.7) + rng.uniform(-0.05, 0.05, size=3)
     pixels = np.clip(background + rng.normal(0, 0.05, size=(size, size, 3)), 0, 1)
     picture = Image.fromarray((pixels * 255).astype(np.uint8), "RGB")
     mask = Image.new("L", (size, size), 0)
     draw_picture, draw_mask = ImageDraw.Draw(picture), ImageDraw.Draw(mask)
     for _ in range(int(rng.integers(1, 4))):
         label = int(rng.integers(1, len(SYNTHETIC_CLASSES)))
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        tint = np.clip(np.array(_CLASS_COLOURS[label]) + rng.uniform(-_COLOUR_JITTER, _COLOUR_JITTER, size=3), 0, 1)
+        colour = tuple(int(c * 255) for c in tint)
         cx, cy = (float(v) for v in rng.uniform(0.2 * size, 0.8 * size, size=2))
         radius = float(rng.uniform(0.08, 0.2) * size)
         if label == 1:

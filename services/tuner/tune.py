@@ -126,6 +126,8 @@ def tune_path(
     if is_segmentation_layout(path):
         return tune_segmentation(path, options, extractor, registry, observer)
     task = find_task(registry, options.task)
+    if task is not None:
+        _check_classification(task)
     try:
         dataset = load_dataset(
             path,
@@ -246,11 +248,7 @@ def resolve_edge_config(
 
 def check_task_fits(task: Task, info: BackboneInfo, class_names: Sequence[str]) -> None:
     """FailedPreconditionError unless the task was made for this backbone, these classes and the MIST gather."""
-    if task.kind != "classification":
-        raise FailedPreconditionError(
-            f"task {task.name!r} is a {task.kind} task; this data is labelled by class folders or a manifest: "
-            "choose another --task name"
-        )
+    _check_classification(task)
     theirs, ours = task.backbone, info.backbone
     if (theirs.name, theirs.weights_fingerprint) != (ours.name, ours.weights_fingerprint):
         raise FailedPreconditionError(
@@ -270,6 +268,14 @@ def check_task_fits(task: Task, info: BackboneInfo, class_names: Sequence[str]) 
         raise FailedPreconditionError(
             f"task {task.name!r} expects [{edge.tokens}, {edge.dims}] features but the extractor "
             f"sends [{info.tokens}, {info.dims}]"
+        )
+
+
+def _check_classification(task: Task) -> None:
+    if task.kind != "classification":
+        raise FailedPreconditionError(
+            f"task {task.name!r} is a {task.kind} task; this data is labelled by class folders or a manifest: "
+            "choose another --task name"
         )
 
 

@@ -2,7 +2,7 @@
 push, promote, `mist evaluate` and `mist predict` (label PNGs, overlays, JSON lines), and bad data refused before
 anything is pushed.
 
-The backbone is the suite's tiny random pvt_v2 served at 128 px (a 4x4 grid of 48-dim tokens at its last stage).
+The backbone is the suite's tiny random pvt_v2 served at 256 px (an 8x8 grid of 48-dim tokens at its last stage).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from tests.helpers.stack import run_cli
 pytestmark = pytest.mark.timeout(300)
 
 TASK = "e2e-scenes"
-INPUT_SIZE = 128
-TRAIN_FLAGS = ["--epochs", "25", "--lr", "3e-3", "--batch-size", "16"]
-# The background alone (always the largest class) scored as a constant answer gives an mIoU of about 1/4 of its
-# share; a trained network must do better than that on every class together.
-MIN_TEST_MIOU = 0.30
+INPUT_SIZE = 256
+TRAIN_FLAGS = ["--epochs", "40", "--lr", "1e-2", "--batch-size", "16"]
+# Answering "background" everywhere scores an mIoU of about 0.21 here (its IoU, ~0.85, over 4 classes); measured with
+# this data, backbone and recipe: 0.48-0.53 over two seeds.
+MIN_TEST_MIOU = 0.35
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +82,9 @@ def test_tune_creates_a_segmentation_task_and_pushes_a_version_above_the_backgro
     assert tuned["test"]["images"] == 16 and tuned["test"]["miou"] >= MIN_TEST_MIOU, tuned["test"]
     assert set(tuned["test"]["per_class"]) == set(SYNTHETIC_CLASSES)
     assert tuned["label_size"] == INPUT_SIZE // 8 and tuned["input_size"] == INPUT_SIZE
-    # The aggregate of the last stage travels: 16 tokens x 48 dims, what the last stage alone would also cost, against
+    # The aggregate of the last stage travels: 8x8 tokens x 48 dims, what the last stage alone would also cost, against
     # every stage's output for a side network.
-    assert tuned["float32_bytes_per_image"] == 16 * 48 * 4 == tuned["baselines"]["last_stage"]
+    assert tuned["float32_bytes_per_image"] == 64 * 48 * 4 == tuned["baselines"]["last_stage"]
     assert tuned["baselines"]["stages"] > 4 * tuned["float32_bytes_per_image"]
     assert 0 < tuned["bytes_per_image"] < tuned["float32_bytes_per_image"]
     with registry_client(servers) as registry:
@@ -95,7 +95,7 @@ def test_tune_creates_a_segmentation_task_and_pushes_a_version_above_the_backgro
     assert task.segmentation.label_size == INPUT_SIZE // 8 and task.edge_config().pooling == "dense"
     assert version.number == 1 and version.metrics["test_miou"] == pytest.approx(tuned["test"]["miou"])
     details = json.loads(version.details_json)
-    assert details["kind"] == "segmentation" and len(details["history"]) == 25
+    assert details["kind"] == "segmentation" and len(details["history"]) == 40
 
 
 def test_evaluate_scores_the_promoted_version_like_the_tune_did(tuned, servers, data):
