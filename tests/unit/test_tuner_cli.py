@@ -80,7 +80,7 @@ def test_top_level_help_lists_the_subcommands_and_registry_delegates():
         (
             ["tune", "--task", "t", "--data", "d", "--pooling", "max"],
             {},
-            "expected one of cls, mean, cls+tokens, mean+tokens, got 'max'",
+            "expected one of cls, mean, cls+tokens, mean+tokens, dense, got 'max'",
         ),
         (["predict", "--task", "t", "--version", "1", "--alias", "p", "x.png"], {}, "give --version or --alias"),
         (["predict", "--task", "t"], {}, "the following arguments are required: IMAGE"),
