@@ -60,6 +60,7 @@ class SegmentationBenchConfig:
     rss_epochs: int = 2
     environment: Environment = "edge-venv"
     threads: int = 2
+    weights: str = ""  # a weights file for the backbone (python -m bench.segmentation --weights); "" = random init
 
 
 FULL = SegmentationBenchConfig()
@@ -87,7 +88,7 @@ def run(profile: Profile, out_dir: Path, *, config: SegmentationBenchConfig | No
                                                 per_split={"training": config.training,
                                                            "validation": config.validation})  # fmt: skip
             flags = ["--input-size", str(config.input_size), "--max-queue-delay-ms", "2", "--torch-threads",
-                     str(config.threads)]  # fmt: skip
+                     str(config.threads), *(["--weights", config.weights] if config.weights else [])]  # fmt: skip
             with extractor_server(config.backbone, profile, metrics=False, flags=flags) as server:
                 with ExtractorClient(server.target) as client:
                     info = client.describe()
@@ -97,8 +98,11 @@ def run(profile: Profile, out_dir: Path, *, config: SegmentationBenchConfig | No
             rss = measure_rss(fetched["mist"], root, info, config, Path(scratch))
     finally:
         torch.set_num_threads(threads)
+    backbone = config.backbone.to_dict()
+    if info.pretrained:
+        backbone["label"] = f"{config.backbone.name} (weights {Path(config.weights).name})"
     section = {
-        "backbone": config.backbone.to_dict(), "input_size": config.input_size,
+        "backbone": backbone, "pretrained": info.pretrained, "input_size": config.input_size,
         "stages": [list(stage) for stage in info.stages], "describe_float32_bytes": dict(info.baselines),
         "wire": wire, "miou": miou, "edge_rss": rss, "config": _config_dict(config),
         "seconds": time.perf_counter() - started,
@@ -292,9 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="256 px, fewer images, 3 seeds, 15 epochs")
     parser.add_argument("--smoke", action="store_true", help="a shrunk pvt_v2 on a handful of images")
+    parser.add_argument("--weights", default="", help="pvt_v2_b0 weights (.safetensors or a timm checkpoint) instead "
+                        "of a random init: the mIoU comparison means something only with pretrained stages")  # fmt: skip
     args = parser.parse_args(argv)
     profile: Profile = "smoke" if args.smoke else "quick" if args.quick else "full"
-    print(markdown(run(profile, Path(tempfile.gettempdir()))))
+    config = dataclasses.replace(PROFILE_CONFIGS[profile], weights=args.weights)
+    print(markdown(run(profile, Path(tempfile.gettempdir()), config=config)))
     return 0
 
 

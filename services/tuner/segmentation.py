@@ -342,7 +342,7 @@ class SegmentationTuneResult:
                      f"(float32 {self.float32_bytes_per_image / 1024:.0f} KiB"
                      + (f"; every stage's output: {stages / 1024:.0f} KiB" if stages else "") + ")")  # fmt: skip
         if self.alias is not None:
-            lines.append(f"  alias {self.alias.name}: {self.alias.from_version or 'none'} -> {self.alias.to_version}")
+            lines.append(f"  alias {self.alias.name}: {self.alias.from_version or '-'} -> {self.alias.to_version}")
         if not self.pretrained:
             lines.append("  warning: the backbone is randomly initialised; scores say nothing about real data")
         return "\n".join(lines)
