@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -254,10 +254,7 @@ def _predict_stdin(run: Invocation) -> int:
         return _segment_stdin(run)
     with Predictor(run.endpoints, flags.task, version=flags.version, alias=flags.alias, runtime=flags.runtime,
                    top_k=flags.top_k) as predictor:  # fmt: skip
-        for line in sys.stdin:
-            path = line.rstrip("\r\n")
-            if not path.strip():
-                continue
+        for path in _stdin_paths():
             prediction = predictor.predict_file(path)
             print(json.dumps(prediction.to_dict(id_key="file")), flush=True)
             seen, failures = seen + 1, failures + (not prediction.ok)
@@ -265,6 +262,14 @@ def _predict_stdin(run: Invocation) -> int:
         _error("mist predict", f"{failures} of {seen} image(s) could not be classified (see their lines)")
         return 1
     return 0
+
+
+def _stdin_paths() -> Iterator[str]:
+    """One image path per stdin line, read as it comes; blank lines are skipped (a path may hold spaces)."""
+    for line in sys.stdin:
+        path = line.rstrip("\r\n")
+        if path.strip():
+            yield path
 
 
 def _task_kind(endpoints: Endpoints, task: str) -> str:
@@ -284,10 +289,7 @@ def _segment_stdin(run: Invocation) -> int:
     names = OutputNames(flags.output_dir)
     with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
         loaded = load_version(registry, flags.task, version=flags.version, alias=flags.alias, runtime=flags.runtime)
-        for line in sys.stdin:
-            path = line.rstrip("\r\n")
-            if not path.strip():
-                continue
+        for path in _stdin_paths():
             seen += 1
             try:
                 item = ImageItem(path, Path(path).read_bytes())
@@ -318,10 +320,8 @@ def cmd_agent(run: Invocation) -> int:
     assert run.endpoints is not None
     with Agent(run.endpoints, flags.task, flags.alias, device=flags.device, runtime=flags.runtime, top_k=flags.top_k,
                heartbeat_s=flags.heartbeat_s) as agent:  # fmt: skip
-        for line in sys.stdin:
-            path = line.rstrip("\r\n")
-            if path.strip():
-                print(json.dumps(agent.predict_file(path).to_dict(id_key="file")), flush=True)
+        for path in _stdin_paths():
+            print(json.dumps(agent.predict_file(path).to_dict(id_key="file")), flush=True)
     return 0
 
 

@@ -201,3 +201,14 @@ def test_classification_data_and_a_vit_are_refused_clearly(tuned, servers, data,
     finally:
         vit.stop()
     assert code != 0 and "hierarchical backbone" in err and "pvt_v2" in err
+
+
+def test_classifier_prediction_refuses_a_segmentation_version(tuned, servers, data):
+    from services.common.clients.extractor import ExtractorClient, ImageItem
+    from services.tuner.predict import load_version, predict_images
+
+    picture = sorted((data / "images" / "validation").glob("*.png"))[0]
+    with registry_client(servers) as registry, ExtractorClient(servers["extractor"]) as extractor:
+        loaded = load_version(registry, TASK, alias="production")
+        with pytest.raises(errors.FailedPreconditionError, match="label maps"):
+            next(predict_images(loaded, extractor, [ImageItem("a", picture.read_bytes())]))
