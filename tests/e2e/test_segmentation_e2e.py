@@ -190,6 +190,11 @@ def test_classification_data_and_a_vit_are_refused_clearly(tuned, servers, data,
     folders = write_e2e_dataset(tmp_path / "shapes")
     code, _, err = run_cli("tune", "--task", TASK, "--data", str(folders), "--epochs", "2", *flags(servers))
     assert code != 0 and "segmentation task" in err and "another --task" in err
+    code, _, err = run_cli("tune", "--task", TASK, "--data", str(data), "--label-size", "8", "--epochs", "2",
+                           *flags(servers))  # fmt: skip
+    assert code != 0 and "FAILED_PRECONDITION" in err and "leave --label-size out" in err
+    code, _, err = run_cli("tune", "--task", TASK, "--data", str(data), "--k", "2", "--epochs", "2", *flags(servers))
+    assert code != 0 and "INVALID_ARGUMENT" in err and "--k must be auto or 4" in err
     code, _, err = run_cli("tune", "--task", "x", "--data", str(data), "--pooling", "cls", "--epochs", "2",
                            *flags(servers))  # fmt: skip
     assert code != 0 and "dense head" in err
