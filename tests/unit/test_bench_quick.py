@@ -69,6 +69,8 @@ def fake_other_sections(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bench.recipe", _fake_section("bench.recipe", result={"rows": []}))
     # fleet: run for real (quick profile) by tests/unit/test_bench_fleet.py; a stand-in here, to keep this short.
     monkeypatch.setitem(sys.modules, "bench.fleet", _fake_section("bench.fleet", result={"rows": []}))
+    # segmentation: run for real (smoke profile) by tests/unit/test_bench_segmentation.py; a stand-in here.
+    monkeypatch.setitem(sys.modules, "bench.segmentation", _fake_section("bench.segmentation", result={"rows": []}))
     monkeypatch.setitem(
         sys.modules, "bench.edge", _fake_section("bench.edge", error=RuntimeError("edge probe crashed on purpose"))
     )
