@@ -96,6 +96,8 @@ def test_tune_creates_a_segmentation_task_and_pushes_a_version_above_the_backgro
     assert version.number == 1 and version.metrics["test_miou"] == pytest.approx(tuned["test"]["miou"])
     details = json.loads(version.details_json)
     assert details["kind"] == "segmentation" and len(details["history"]) == 40
+    code, text, err = run_cli("registry", "versions", TASK, "--registry", servers["registry"])
+    assert code == 0 and "VAL_MIOU  TEST_MIOU" in text.splitlines()[0], text
 
 
 def test_evaluate_scores_the_promoted_version_like_the_tune_did(tuned, servers, data):

@@ -29,7 +29,7 @@ from services.registry.records import Alias, AliasMove, Task, Version
 
 PROG = "mist registry"
 # Shown in `versions` when present, in this order; other metrics stay in --json and `task` details.
-KEY_METRICS = ("val_accuracy", "test_accuracy", "loss")
+KEY_METRICS = ("val_accuracy", "test_accuracy", "val_miou", "test_miou", "loss")  # mIoU: segmentation tasks
 SHA_PREFIX_CHARS = 12
 
 
