@@ -270,11 +270,7 @@ def predict_images(
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise InvalidArgumentError(f"top_k must be a positive integer, got {top_k!r}")
-    if loaded.task.kind != "classification":
-        raise FailedPreconditionError(
-            f"task {loaded.task.name!r} is a {loaded.task.kind} task: its answers are label maps "
-            "(services.tuner.segmentation.segment_items, or mist predict)"
-        )
+    _check_classification(loaded)
     names = loaded.class_names
     results = extractor.extract(
         items,
@@ -298,6 +294,16 @@ def predict_images(
             probability=top[0][1],
             top=top,
             feature_bytes=result.features[0].ByteSize(),
+        )
+
+
+def _check_classification(loaded: LoadedVersion) -> None:
+    """FailedPreconditionError unless the version classifies (a segmentation version answers with label maps)."""
+    if loaded.task.kind != "classification":
+        raise FailedPreconditionError(
+            f"task {loaded.task.name!r} is a {loaded.task.kind} task: its answers are label maps "
+            "(mist predict --output-dir, or services.tuner.segmentation.segment_items); the Predictor, the device "
+            "agent and the worker's Predict classify"
         )
 
 
@@ -339,6 +345,7 @@ class Predictor:
             try:
                 if loaded is None:
                     loaded = load_version(self._registry, task, **self._reference)  # type: ignore[arg-type]
+                _check_classification(loaded)
                 self._loaded = loaded
             except BaseException:
                 self._registry.close()

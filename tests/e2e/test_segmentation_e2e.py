@@ -212,10 +212,24 @@ def test_classification_data_and_a_vit_are_refused_clearly(tuned, servers, data,
 
 def test_classifier_prediction_refuses_a_segmentation_version(tuned, servers, data):
     from services.common.clients.extractor import ExtractorClient, ImageItem
-    from services.tuner.predict import load_version, predict_images
+    from services.tuner.config import Endpoints
+    from services.tuner.predict import Predictor, load_version, predict_images
 
     picture = sorted((data / "images" / "validation").glob("*.png"))[0]
     with registry_client(servers) as registry, ExtractorClient(servers["extractor"]) as extractor:
         loaded = load_version(registry, TASK, alias="production")
         with pytest.raises(errors.FailedPreconditionError, match="label maps"):
             next(predict_images(loaded, extractor, [ImageItem("a", picture.read_bytes())]))
+        with pytest.raises(errors.FailedPreconditionError, match="label maps"):
+            Predictor(Endpoints(extractor=servers["extractor"], registry=servers["registry"]), TASK)
+
+
+def test_the_device_agent_refuses_a_segmentation_task_at_start(tuned, servers, data):
+    picture = sorted((data / "images" / "validation").glob("*.png"))[0]
+    done = subprocess.run(
+        [sys.executable, "-m", "services.tuner.cli", "agent", "--task", TASK, "--alias", "production", "--device",
+         "cam-1", *flags(servers)],
+        input=f"{picture}\n", capture_output=True, text=True, cwd=ROOT, env=child_environment(), timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    assert "FAILED_PRECONDITION" in done.stderr and "label maps" in done.stderr, done.stderr
