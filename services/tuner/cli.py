@@ -236,8 +236,13 @@ def cmd_predict(run: Invocation) -> int:
         for prediction in answers:
             print(json.dumps(prediction.to_dict(id_key="file")), flush=True)
             failures += not prediction.ok
+    return _predicted(failures, len(files), "segmented" if loaded.task.kind == "segmentation" else "classified")
+
+
+def _predicted(failures: int, total: int, verb: str) -> int:
+    """mist predict's exit status: 1, with one line on stderr, when any image got an error line."""
     if failures:
-        _error("mist predict", f"{failures} of {len(files)} image(s) could not be classified (see their lines)")
+        _error("mist predict", f"{failures} of {total} image(s) could not be {verb} (see their lines)")
         return 1
     return 0
 
@@ -258,10 +263,7 @@ def _predict_stdin(run: Invocation) -> int:
             prediction = predictor.predict_file(path)
             print(json.dumps(prediction.to_dict(id_key="file")), flush=True)
             seen, failures = seen + 1, failures + (not prediction.ok)
-    if failures:
-        _error("mist predict", f"{failures} of {seen} image(s) could not be classified (see their lines)")
-        return 1
-    return 0
+    return _predicted(failures, seen, "classified")
 
 
 def _stdin_paths() -> Iterator[str]:
@@ -304,10 +306,7 @@ def _segment_stdin(run: Invocation) -> int:
                                         names=names):  # fmt: skip
                 print(json.dumps(answer.to_dict(id_key="file")), flush=True)
                 failures += not answer.ok
-    if failures:
-        _error("mist predict", f"{failures} of {seen} image(s) could not be segmented (see their lines)")
-        return 1
-    return 0
+    return _predicted(failures, seen, "segmented")
 
 
 def cmd_agent(run: Invocation) -> int:
