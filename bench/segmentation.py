@@ -33,7 +33,8 @@ from services.common.clients.extractor import ExtractorClient, ImageItem
 from services.common.pb import feature_pb2
 from services.common.wire.codec import DEFAULT_CODEC
 from services.tuner.options import TrainConfig
-from services.tuner.segmentation_data import write_synthetic_segmentation
+from services.tuner.segmentation import load_masks
+from services.tuner.segmentation_data import load_segmentation_dataset, write_synthetic_segmentation
 
 PVT_B0 = BackboneSpec("pvt_v2_b0", label="pvt_v2_b0 (random init)")
 TINY_PVT = BackboneSpec(
@@ -94,8 +95,10 @@ def run(profile: Profile, out_dir: Path, *, config: SegmentationBenchConfig | No
                     info = client.describe()
                     wire = measure_wire(client, root, config, info.num_blocks)
                     fetched = fetch_both(client, root, info.num_blocks)
-            miou = compare_miou(fetched, root, info, config)
-            rss = measure_rss(fetched["mist"], root, info, config, Path(scratch))
+            data = load_segmentation_dataset(root)
+            masks = load_masks(data.split("training") + data.split("validation"), max(1, config.input_size // 8))
+            miou = compare_miou(fetched, masks, len(data.class_names), info, config)
+            rss = measure_rss(fetched["mist"], masks, len(data.class_names), info, config, Path(scratch))
     finally:
         torch.set_num_threads(threads)
     backbone = config.backbone.to_dict()
@@ -160,24 +163,23 @@ def fetch_both(client: ExtractorClient, root: Path, stages: int) -> dict[str, li
     return fetched
 
 
-def compare_miou(fetched: Mapping[str, list], root: Path, info: Any, config: SegmentationBenchConfig) -> dict:
-    """The same dense network and recipe on the aggregate and on the last stage; validation mIoU per seed."""
+def compare_miou(
+    fetched: Mapping[str, list], masks: np.ndarray, num_classes: int, info: Any, config: SegmentationBenchConfig
+) -> dict:
+    """The same dense network and recipe on the aggregate and on the last stage (`masks`: training pictures, then
+    validation ones, as fetched); validation mIoU per seed."""
     from services.common.wire.edge_spec import EdgeNetworkConfig, macs_per_image, trainable_parameters
     from services.tuner.feature_store import FeatureStore
-    from services.tuner.segmentation import load_masks, score_dense, train_dense_network
-    from services.tuner.segmentation_data import load_segmentation_dataset
+    from services.tuner.segmentation import score_dense, train_dense_network
 
-    data = load_segmentation_dataset(root)
-    label_size = max(1, config.input_size // 8)
-    items = data.split("training") + data.split("validation")
-    masks = load_masks(items, label_size)
-    train, test = list(range(config.training)), list(range(config.training, len(items)))
-    edge = EdgeNetworkConfig(dims=info.dims, tokens=info.tokens, num_classes=len(data.class_names), pooling="dense",
+    label_size = masks.shape[-1]
+    train, test = list(range(config.training)), list(range(config.training, len(masks)))
+    edge = EdgeNetworkConfig(dims=info.dims, tokens=info.tokens, num_classes=num_classes, pooling="dense",
                              rank=min(16, info.dims))  # fmt: skip
     runs: dict[str, list[dict[str, float]]] = {}
     for mode, messages in fetched.items():
         runs[mode] = []
-        with FeatureStore([0] * len(items), num_classes=edge.num_classes) as store:
+        with FeatureStore([0] * len(masks), num_classes=edge.num_classes) as store:
             for index, message in enumerate(messages):
                 store.add(index, info.num_blocks, message)
             for seed in config.seeds:
@@ -202,18 +204,16 @@ def compare_miou(fetched: Mapping[str, list], root: Path, info: Any, config: Seg
 
 
 def measure_rss(
-    messages: Sequence[feature_pb2.FeatureTensor], root: Path, info: Any, config: SegmentationBenchConfig, scratch: Path
+    messages: Sequence[feature_pb2.FeatureTensor],
+    masks: np.ndarray,
+    num_classes: int,
+    info: Any,
+    config: SegmentationBenchConfig,
+    scratch: Path,
 ) -> dict:
     """An edge fine-tune on `rss_images` aggregates (received ones, cycled: RSS does not depend on the values) with
     their masks, in a fresh process; its peak RSS against the same environment's `import torch`."""
-    from services.tuner.segmentation import load_masks
-    from services.tuner.segmentation_data import load_segmentation_dataset
-
     environment = ensure_environment(config.environment)
-    data = load_segmentation_dataset(root)
-    label_size = max(1, config.input_size // 8)
-    items = data.split("training") + data.split("validation")
-    masks = load_masks(items, label_size)
     features = scratch / "rss-features.bin"
     with features.open("wb") as handle:
         for index in range(config.rss_images):
@@ -222,7 +222,7 @@ def measure_rss(
     mask_file = scratch / "rss-masks.npy"
     np.save(mask_file, masks[np.arange(config.rss_images) % len(masks)])
     manifest = scratch / "rss-manifest.json"
-    manifest.write_text(json.dumps({"k": info.num_blocks, "num_classes": len(data.class_names),
+    manifest.write_text(json.dumps({"k": info.num_blocks, "num_classes": num_classes,
                                     "images": config.rss_images}))  # fmt: skip
     baseline = run_probe(environment.python, "import-torch")
     arguments = ["--features", str(features), "--masks", str(mask_file), "--manifest", str(manifest), "--epochs",

@@ -248,17 +248,20 @@ def _predicted(failures: int, total: int, verb: str) -> int:
 
 
 def _predict_stdin(run: Invocation) -> int:
-    """`mist predict -`: one image path per stdin line, one JSON line out per image as soon as it is known."""
-    from services.tuner.predict import Predictor
+    """`mist predict -`: one image path per stdin line, one JSON line out per image as soon as it is known. The
+    version is pulled once; a segmentation version answers with label maps (_segment_stdin)."""
+    from services.tuner.predict import Predictor, load_version
 
     flags = run.get(PredictFlags)
     _setup(run.get(OutputFlags), uses_torch=flags.runtime == "torch")
     assert run.endpoints is not None
+    with run.endpoints.registry_client() as registry:
+        loaded = load_version(registry, flags.task, version=flags.version, alias=flags.alias, runtime=flags.runtime)
+    if loaded.task.kind == "segmentation":
+        return _segment_stdin(run, loaded)
     seen = failures = 0
-    if _task_kind(run.endpoints, flags.task) == "segmentation":
-        return _segment_stdin(run)
     with Predictor(run.endpoints, flags.task, version=flags.version, alias=flags.alias, runtime=flags.runtime,
-                   top_k=flags.top_k) as predictor:  # fmt: skip
+                   top_k=flags.top_k, loaded=loaded) as predictor:  # fmt: skip
         for path in _stdin_paths():
             prediction = predictor.predict_file(path)
             print(json.dumps(prediction.to_dict(id_key="file")), flush=True)
@@ -274,36 +277,29 @@ def _stdin_paths() -> Iterator[str]:
             yield path
 
 
-def _task_kind(endpoints: Endpoints, task: str) -> str:
-    with endpoints.registry_client() as registry:
-        return registry.get_task(task).kind
-
-
-def _segment_stdin(run: Invocation) -> int:
-    """`mist predict -` on a segmentation task: a label map (and its JSON line) per stdin path, as each is read."""
+def _segment_stdin(run: Invocation, loaded: Any) -> int:
+    """`mist predict -` on a segmentation version: a label map (and its JSON line) per stdin path, as each is read."""
     from services.common.clients.extractor import ImageItem
-    from services.tuner.predict import load_version
-    from services.tuner.segmentation import OutputNames, segment_items
+    from services.tuner.segmentation import OutputNames, Segmented, segment_items
 
     flags, endpoints = run.get(PredictFlags), run.endpoints
     assert endpoints is not None
     seen = failures = 0
     names = OutputNames(flags.output_dir)
-    with endpoints.extractor_client() as extractor, endpoints.registry_client() as registry:
-        loaded = load_version(registry, flags.task, version=flags.version, alias=flags.alias, runtime=flags.runtime)
+    with endpoints.extractor_client() as extractor:
         for path in _stdin_paths():
             seen += 1
             try:
-                item = ImageItem(path, Path(path).read_bytes())
-            except OSError as error:
-                failures += 1
-                message = f"cannot read image {path}: {error.strerror or error}"
-                print(json.dumps({"file": path, "error": {"code": "INVALID_ARGUMENT", "reason": "unreadable_file",
-                                                          "message": message}}), flush=True)  # fmt: skip
-                continue
-            names.protect(Path(path))
-            for answer in segment_items(loaded, extractor, [item], output_dir=flags.output_dir, overlay=flags.overlay,
-                                        names=names):  # fmt: skip
+                item = ImageItem(path, Path(path).expanduser().read_bytes())
+            except OSError as error:  # the line Predictor.predict_file gives an unreadable file
+                answers = [Segmented(path, loaded.version.number, error_code="INVALID_ARGUMENT",
+                                     error_reason="unreadable_file",
+                                     error_message=f"cannot read image {path}: {error.strerror or error}")]  # fmt: skip
+            else:
+                names.protect(Path(path))
+                answers = segment_items(loaded, extractor, [item], output_dir=flags.output_dir, overlay=flags.overlay,
+                                        names=names)  # fmt: skip
+            for answer in answers:
                 print(json.dumps(answer.to_dict(id_key="file")), flush=True)
                 failures += not answer.ok
     return _predicted(failures, seen, "segmented")

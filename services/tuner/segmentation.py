@@ -21,6 +21,7 @@ split every reported score comes from. Predictions are label maps at each image'
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -43,7 +44,7 @@ from services.common.wire.codec import CodecConfig, decode_feature
 from services.common.wire.edge_spec import EdgeNetworkConfig, macs_per_image, trainable_parameters
 from services.registry.records import SegmentationSpec, Task, Version
 from services.tuner import dense
-from services.tuner.data import Dataset, DatasetItem
+from services.tuner.data import Dataset, DatasetItem, assign_splits
 from services.tuner.options import DEFAULT_CODEC_NAME, DEFAULT_RANK, TrainConfig, TuneOptions
 from services.tuner.reports import AliasMove, ExtractionStats, TuneObserver
 from services.tuner.segmentation_data import (
@@ -89,38 +90,33 @@ def load_masks(items: Sequence[SegmentationItem], label_size: int) -> np.ndarray
     return masks
 
 
-def _held_out(name: str, seed: int, fraction: float) -> bool:
-    """Whether a training image is held out for picking the epoch: a hash of (seed, name), so the choice is the
-    same on every machine and adding an image moves no other."""
-    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2**64
-
-
 def feature_dataset(data: SegmentationDataset, *, val_fraction: float, seed: int) -> Dataset:
     """The layout as a Dataset the feature fetcher reads (label 0 throughout: the labels are the masks): training
-    images are "train" or, for a `val_fraction` hold-out, "val"; validation images are "test"."""
-    items = []
-    for item in data.items:
-        if item.split == "validation":
-            split = "test"
-        else:
-            split = "val" if _held_out(item.name, seed, val_fraction) else "train"
-        items.append(DatasetItem(f"{item.split}/{item.name}", 0, split, path=item.image))
-    dataset = Dataset(data.root, data.class_names, tuple(items), "folders")
-    if not dataset.indices("train"):
+    images are "train" or, for a `val_fraction` hold-out chosen as data.assign_splits chooses (by a hash of seed and
+    name), "val"; validation images are "test"."""
+    training = data.split("training")
+    try:
+        held = assign_splits([item.name for item in training], [0] * len(training), val_fraction=val_fraction,
+                             test_fraction=0.0, seed=seed)  # fmt: skip
+    except InvalidArgumentError:  # nothing would be left to train on
         raise InvalidArgumentError(f"{data.root}: every training image was held out for validation; lower "
-                                   "--val-fraction")  # fmt: skip
-    return dataset
+                                   "--val-fraction") from None  # fmt: skip
+    splits = iter(held)
+    items = tuple(
+        DatasetItem(f"{item.split}/{item.name}", 0, "test" if item.split == "validation" else next(splits),
+                    path=item.image)
+        for item in data.items
+    )  # fmt: skip
+    return Dataset(data.root, data.class_names, items, "folders")
 
 
-def dataset_fingerprint(data: SegmentationDataset) -> str:
-    """sha256 hex over the class names and every image's split, name, bytes and mask bytes (sorted by name)."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(list(data.class_names)).encode())
+def dataset_fingerprint(data: SegmentationDataset, dataset: Dataset) -> str:
+    """The images' fingerprint (Dataset.fingerprint: class names, names, splits, contents) extended with the sha256 of
+    every mask, streamed."""
+    digest = hashlib.sha256(dataset.fingerprint().encode())
     for item in sorted(data.items, key=lambda i: (i.split, i.name)):
-        for part in (item.split.encode(), item.name.encode(), item.image.read_bytes(), item.mask.read_bytes()):
-            digest.update(len(part).to_bytes(8, "little"))
-            digest.update(part)
+        with item.mask.open("rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
 
 
@@ -431,7 +427,7 @@ def tune_segmentation(
     codec = CodecConfig.parse(options.codec or (task.codec if task else DEFAULT_CODEC_NAME)).name
     k = info.num_blocks
     dataset = feature_dataset(data, val_fraction=options.val_fraction, seed=options.seed)
-    masks = load_masks([data.items[i] for i in range(len(data.items))], label_size)
+    masks = load_masks(data.items, label_size)
     counts = {split: len(dataset.indices(split)) for split in ("train", "val", "test")}
     observer.message(f"{options.task}: segmentation, {len(data.items)} images (train {counts['train']}, val "
                      f"{counts['val']}, test {counts['test']}), {len(data.class_names)} classes, labels "
@@ -470,7 +466,7 @@ def tune_segmentation(
     version = push_weights(registry, task, trained.model, k=k, codec=codec, class_names=data.class_names,  # type: ignore[arg-type]
                            parent=0 if created else task.latest_version, metrics=metrics,
                            details_json=json.dumps(details, allow_nan=False),
-                           dataset_fingerprint=dataset_fingerprint(data),
+                           dataset_fingerprint=dataset_fingerprint(data, dataset),
                            tuner=options.tuner or tuner_identity(), force=options.force)  # fmt: skip
     observer.message(f"pushed version {version.number} of {options.task} (sha256 {version.sha256[:12]})")
     alias = _move_alias(registry, options.task, options.alias, version.number) if options.alias else None
@@ -727,18 +723,18 @@ def segment_items(
     grid, class_names = task.edge_config().grid, task.class_names
     names = names or OutputNames(output_dir)
     names.directory.mkdir(parents=True, exist_ok=True)
-    pending: dict[str, bytes] = {}
+    pending: collections.deque[bytes] = collections.deque()  # answers come in request order; ids may repeat
 
     def remembered(source: Iterable[ImageItem]) -> Iterator[ImageItem]:
         for item in source:
-            pending[item.item_id] = item.image
+            pending.append(item.image)
             yield item
 
     version = loaded.version.number  # type: ignore[attr-defined]
     results = extractor.extract(remembered(items), mode="mist", ks=(loaded.k,), codec=loaded.codec,  # type: ignore[attr-defined]
                                 expect_backbone=task.backbone, max_in_flight=max_in_flight)  # fmt: skip
     for result in results:
-        data = pending.pop(result.item_id, b"")
+        data = pending.popleft()
         if result.error is not None:
             failed = _failed(result.item_id, version, result.error)
             yield Segmented(result.item_id, version, error_code=failed.error_code, error_reason=failed.error_reason,

@@ -233,3 +233,15 @@ def test_the_device_agent_refuses_a_segmentation_task_at_start(tuned, servers, d
     )  # fmt: skip
     assert done.returncode == 1 and done.stdout == ""
     assert "FAILED_PRECONDITION" in done.stderr and "label maps" in done.stderr, done.stderr
+
+
+def test_predict_answers_the_same_file_given_twice(tuned, servers, data, tmp_path):
+    picture = sorted((data / "images" / "validation").glob("*.png"))[1]
+    out = tmp_path / "twice"
+    code, text, err = run_cli("predict", "--task", TASK, "--output-dir", str(out), str(picture), str(picture),
+                              *flags(servers))  # fmt: skip
+    assert code == 0, err
+    first, second = (json.loads(line) for line in text.splitlines())
+    assert Path(first["labels"]).name == f"{picture.stem}.labels.png"
+    assert Path(second["labels"]).name == f"{picture.stem}-2.labels.png"
+    assert Path(first["labels"]).read_bytes() == Path(second["labels"]).read_bytes()
