@@ -318,48 +318,59 @@ class ExtractionEngine:
         """Decode, forward and encode a batch; one answer per job, in order (per-item errors inside answers)."""
         answers: list[ExtractResponse | None] = [None] * len(jobs)
         image_bytes = sum(len(job.item.image) for job in jobs)
-        self._in_parallel(lambda i: self._decode(jobs[i], answers, i), range(len(jobs)), image_bytes)
+        self._in_parallel(lambda chunk: self._decode(jobs, answers, chunk), range(len(jobs)), image_bytes)
         todo = [job for job, answer in zip(jobs, answers, strict=True) if answer is None]
         if todo:
             with self._forward_lock:
                 feature_bytes = self.forward(todo)
             positions = [i for i, answer in enumerate(answers) if answer is None]
-            self._in_parallel(lambda i: self._encode(jobs[i], answers, i), positions, feature_bytes)
+            self._in_parallel(lambda chunk: self._encode_each(jobs, answers, chunk), positions, feature_bytes)
         return answers  # type: ignore[return-value]  # every slot is filled by now
 
-    def _in_parallel(self, work: Callable[[int], None], positions: Sequence[int], work_bytes: int) -> None:
-        """`work(i)` for every position, split over the CPU threads: one hand-off per thread, this one works too.
+    def _in_parallel(self, work: Callable[[Sequence[int]], None], positions: Sequence[int], work_bytes: int) -> None:
+        """`work(chunk)` over the positions split into one chunk per CPU thread: one hand-off per thread, this one
+        works too.
 
         Small batches stay on this thread: decoding a 32 px PNG or compressing a tiny model's features is mostly
         Python holding the GIL, so a second thread adds hand-offs and GIL trades but no parallel work."""
         parts = min(self._config.worker_threads, len(positions), 1 + work_bytes // _BYTES_PER_THREAD)
         if parts <= 1:
-            for i in positions:
-                work(i)
+            work(positions)
             return
         chunks = [positions[part::parts] for part in range(parts)]
-        futures = [self._workers.submit(_run_each, work, chunk) for chunk in chunks[1:]]
-        _run_each(work, chunks[0])
+        futures = [self._workers.submit(work, chunk) for chunk in chunks[1:]]
+        work(chunks[0])
         for future in futures:
             future.result()
 
-    def _decode(self, job: Job, answers: list[ExtractResponse | None], i: int) -> None:
-        """A CPU thread: the late cache lookup of a large image, then decoding to uint8."""
-        item = job.item
-        if self.cache.enabled and not job.digest:
-            job.digest = image_sha256(item.image)
-            hit = self._cached_answer(item, job.digest, job.admitted_at)
-            if hit is not None:
-                answers[i] = hit
-                return
-        try:
-            if self._decode_on is not None:
-                job.pixels = self._preprocessor.load_on_device(item.image, self._decode_on)
+    def _decode(self, jobs: Sequence[Job], answers: list[ExtractResponse | None], chunk: Sequence[int]) -> None:
+        """A CPU thread, for its chunk of a batch: the late cache lookup of a large image, then decoding to uint8
+        (same-sized images resized together: ImagePreprocessor.load_uint8_many)."""
+        on_host: list[int] = []
+        for i in chunk:
+            job = jobs[i]
+            if self.cache.enabled and not job.digest:
+                job.digest = image_sha256(job.item.image)
+                hit = self._cached_answer(job.item, job.digest, job.admitted_at)
+                if hit is not None:
+                    answers[i] = hit
+                    continue
+            if self._decode_on is None:
+                on_host.append(i)
+                continue
+            try:
+                self._decoded(job, self._preprocessor.load_on_device(job.item.image, self._decode_on))
+            except ImageDecodeError as error:
+                answers[i] = self._failed(job, error.to_item_error())
+        loaded = self._preprocessor.load_uint8_many([jobs[i].item.image for i in on_host])
+        for i, pixels in zip(on_host, loaded, strict=True):
+            if isinstance(pixels, ImageDecodeError):
+                answers[i] = self._failed(jobs[i], pixels.to_item_error())
             else:
-                job.pixels = self._preprocessor.load_uint8(item.image)
-        except ImageDecodeError as error:
-            answers[i] = self._failed(job, error.to_item_error())
-            return
+                self._decoded(jobs[i], pixels)
+
+    def _decoded(self, job: Job, pixels: torch.Tensor) -> None:
+        job.pixels = pixels
         if self.cache.enabled:
             self._metrics.cache_misses.inc()
 
@@ -395,6 +406,10 @@ class ExtractionEngine:
         for job in jobs:
             job.pixels = None  # the batch's memory goes as soon as it is no longer needed
         return host_bytes
+
+    def _encode_each(self, jobs: Sequence[Job], answers: list[ExtractResponse | None], chunk: Sequence[int]) -> None:
+        for i in chunk:
+            self._encode(jobs[i], answers, i)
 
     def _encode(self, job: Job, answers: list[ExtractResponse | None], i: int) -> None:
         """A CPU thread: compress each distinct k once, store it in the cache, answer in request order."""
@@ -516,11 +531,6 @@ def _own_torch_threads(count: int) -> None:
     """
     torch.ones(2).add_(1)  # this thread's lazy initialisation, from whatever the process-wide value is now
     torch.set_num_threads(count)
-
-
-def _run_each(work: Callable[[int], None], positions: Sequence[int]) -> None:
-    for i in positions:
-        work(i)
 
 
 def _to_host(tensor: torch.Tensor, wanting: Sequence[tuple[int, Job]], k: int) -> int:

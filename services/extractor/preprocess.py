@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,6 +54,9 @@ _DEVICE_JPEG_MODES = frozenset({"RGB", "L"})
 # nearest picks other pixels than Pillow's.
 _TENSOR_INTERPOLATIONS = frozenset({InterpolationMode.BILINEAR, InterpolationMode.BICUBIC})
 ResizeKernel = Literal["pillow", "torch"]
+# load_uint8_many resizes images up to this size together; larger ones alone, so that a batch of 32 large photos
+# does not hold them all decoded at once (a 40 MP image is 120 MB as RGB).
+_BATCH_RESIZE_MAX_PIXELS = 1 << 20
 RESIZE_KERNELS: tuple[ResizeKernel, ...] = ("pillow", "torch")
 _EXIF_ORIENTATION = 0x0112
 # Leading bytes of image formats we recognise but do not accept, so the client learns "unsupported", not "corrupt".
@@ -160,6 +163,43 @@ class ImagePreprocessor:
         if self._uint8_resize is not None:
             return _resize_uint8_with_torch(image, self._uint8_resize)
         return _pil_to_chw_uint8(self.geometry(image))
+
+    def load_uint8_many(
+        self, images: Sequence[bytes | bytearray | memoryview]
+    ) -> list[torch.Tensor | ImageDecodeError]:
+        """`load_uint8` of each image, in order; a bad image yields its ImageDecodeError in its slot.
+
+        With torch's resize kernels, the images that decode to the same size are resized and cropped together, one
+        kernel call per size instead of one per image (the Python around each call costs more than a small image's
+        arithmetic); the kernel treats every image of a batch alone, so each result is bit for bit `load_uint8`'s.
+        Images above 1 MP are resized one by one as soon as they are decoded, so a batch of large photos never holds
+        more than one of them at full size.
+        """
+        results: list[torch.Tensor | ImageDecodeError | None] = []  # None: filled in by its size's batch below
+        steps = self._uint8_resize
+        by_size: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+        for index, image_bytes in enumerate(images):
+            try:
+                if steps is None:
+                    results.append(self.load_uint8(image_bytes))
+                    continue
+                image = self.load_image(image_bytes)
+                if image.width * image.height > _BATCH_RESIZE_MAX_PIXELS:  # alone, as soon as it is decoded
+                    results.append(_resize_uint8_with_torch(image, steps))
+                    continue
+            except ImageDecodeError as error:
+                results.append(error)
+                continue
+            results.append(None)
+            pixels = np.asarray(image)  # [H, W, 3] uint8
+            by_size.setdefault(pixels.shape, []).append((index, pixels))
+        for members in by_size.values():
+            # Channels-last, as one image's view is: torch's uint8 kernels read that layout without a copy.
+            batch = torch.from_numpy(np.stack([pixels for _, pixels in members])).permute(0, 3, 1, 2)
+            resized = _resize_crop_uint8(batch, steps)  # type: ignore[arg-type]  # by_size is empty without steps
+            for (index, _), pixels in zip(members, resized, strict=True):
+                results[index] = pixels
+        return results  # type: ignore[return-value]  # every None was replaced
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] on any device -> float32 [B, 3, H, W] on that device: timm's ToTensor + Normalize,
@@ -288,11 +328,16 @@ def _resize_uint8_with_torch(image: Image.Image, steps: _TorchResize) -> torch.T
     """timm's Resize + CenterCrop with torch's antialiased uint8 kernels: the same sizes and crop offsets as Pillow's
     path, values within 2 levels of it (docs/explanation/preprocessing.md has the measured tolerances)."""
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable copy, viewed as channels-last CHW
-    height, width = pixels.shape[-2:]
+    return _resize_crop_uint8(pixels[None], steps)[0]
+
+
+def _resize_crop_uint8(batch: torch.Tensor, steps: _TorchResize) -> torch.Tensor:
+    """`_resize_uint8_with_torch` of a [B, 3, H, W] uint8 batch of one size: [B, 3, h, w], contiguous."""
+    height, width = batch.shape[-2:]
     size = transforms.functional._compute_resized_output_size((height, width), [steps.short_side], None)
     if list(size) != [height, width]:  # Pillow returns the image itself at its own size: so must we
-        pixels = torch.nn.functional.interpolate(pixels[None], size=size, mode=steps.mode, antialias=True)[0]
-    return transforms.functional.center_crop(pixels, steps.crop).contiguous()
+        batch = torch.nn.functional.interpolate(batch, size=size, mode=steps.mode, antialias=True)
+    return transforms.functional.center_crop(batch, steps.crop).contiguous()
 
 
 def _decode_jpeg(data: bytes, device: torch.device) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from services.common.config import load_config
+from services.common.serving.allocator import limit_malloc_arenas
 from services.common.serving.server import ServiceSetup, serve
 from services.common.serving.supervisor import supervise
 from services.extractor.backbone import LoadedBackbone, load_backbone
@@ -86,6 +87,7 @@ def worker_config(config: ExtractorConfig) -> ExtractorConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`mist-extractor`: flags and MIST_* variables -> a running server (or --workers of them) until SIGTERM."""
+    limit_malloc_arenas()  # before any serving thread allocates (services/common/serving/allocator.py)
     config = load_config(ExtractorConfig, argv, prog=SERVICE_NAME)
     if config.workers > 1:
         return supervise(worker_config(config), build, service_name=SERVICE_NAME, workers=config.workers)

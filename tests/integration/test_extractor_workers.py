@@ -166,6 +166,15 @@ def test_two_workers_share_the_port_answer_like_one_server_and_metrics_add_up(wo
     assert workers.total("mist_extractor_worker_restarts_total") == 0
 
 
+def test_workers_start_with_one_malloc_arena(workers) -> None:
+    """The supervisor limits glibc's arenas before spawning (services/common/serving/allocator.py): each worker reads
+    MALLOC_ARENA_MAX at its start. An operator's own value would be kept."""
+    expected = os.environ.get("MALLOC_ARENA_MAX", "1")
+    for pid in workers.worker_pids().values():
+        environment = Path(f"/proc/{pid}/environ").read_text().split("\0")
+        assert f"MALLOC_ARENA_MAX={expected}" in environment
+
+
 def test_a_killed_worker_fails_its_calls_fast_and_is_restarted(workers) -> None:
     # Prepare: four clients calling in a loop, each on connections of its own
     outcomes: list[tuple[grpc.StatusCode, float]] = []

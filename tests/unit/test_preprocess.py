@@ -569,3 +569,43 @@ def test_load_on_device_refuses_a_huge_jpeg_from_its_header(preprocessor, monkey
 def test_load_on_device_refuses_non_bytes(preprocessor) -> None:
     with pytest.raises(InvalidArgumentError, match="must be bytes"):
         preprocessor.load_on_device("not bytes", "cpu")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("resize", ["torch", "pillow"])
+def test_load_uint8_many_equals_load_uint8_image_by_image(tiny_backbone, resize: str, monkeypatch) -> None:
+    """Same-sized images are resized together (torch's kernels), large ones alone: every result is load_uint8's,
+    bit for bit, and a bad image keeps its error in its own slot."""
+    monkeypatch.setattr(preprocess, "_BATCH_RESIZE_MAX_PIXELS", 60 * 60)  # the 64 x 64 images go alone
+    loader = ImagePreprocessor(tiny_backbone.data_config, resize=resize)
+    images = [
+        encode(noise_image(48, 36, seed=1), "PNG"),
+        encode(noise_image(40, 40, seed=2), "JPEG", quality=90),
+        b"not an image",
+        encode(noise_image(48, 36, seed=3), "WEBP", lossless=True),
+        encode(noise_image(64, 64, seed=4), "PNG"),
+        encode(noise_image(48, 36, "L", seed=5), "PNG"),
+        encode(noise_image(40, 40, seed=6), "PNG"),
+        encode(noise_image(64, 64, seed=7), "JPEG"),
+        encode(noise_image(32, 32, seed=8), "PNG"),  # already the input size: not resized, as Pillow does
+    ]
+    batch_sizes: list[int] = []
+    resize_crop = preprocess._resize_crop_uint8
+
+    def counted(batch, steps):
+        batch_sizes.append(batch.shape[0])
+        return resize_crop(batch, steps)
+
+    monkeypatch.setattr(preprocess, "_resize_crop_uint8", counted)
+    loaded = loader.load_uint8_many(images)
+    # torch: one call per size of the small ones (48 x 36: 3 images, 40 x 40: 2, 32 x 32: 1), the two 64 x 64 alone
+    assert sorted(batch_sizes) == ([1, 1, 1, 2, 3] if resize == "torch" else [])
+    assert len(loaded) == len(images)
+    for data, result in zip(images, loaded, strict=True):
+        if data == b"not an image":
+            assert isinstance(result, ImageDecodeError) and result.reason == "undecodable_image"
+            continue
+        expected = loader.load_uint8(data)
+        assert isinstance(result, torch.Tensor) and result.is_contiguous()
+        assert result.dtype == torch.uint8 and result.shape == expected.shape == (3, 32, 32)
+        assert torch.equal(result, expected)
+    assert loader.load_uint8_many([]) == []
