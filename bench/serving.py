@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import signal
 import statistics
 import subprocess
@@ -40,6 +41,7 @@ from bench.serving_load import (
 )
 from bench.serving_stages import measure_stages, stage_sum_ms
 from services.common.pb import extractor_pb2, extractor_pb2_grpc, feature_pb2
+from services.extractor.config import ExtractorConfig
 
 TARGET_CPU_MS = 2.0  # the issue: server CPU per image with a negligible forward at ViT-B/16 geometry
 TARGET_OVER_STAGES_MS = 0.5  # ... and at most the isolated stages plus this much orchestration
@@ -51,6 +53,11 @@ _WORKERS_WAIT_S = 180.0  # every worker loads its own backbone (ViT-B: several s
 _NO_WORKERS_AFTER_S = 10.0  # a server with no child process this long after it listens spawned no workers
 _BALANCE_TRIES = 20  # reconnections allowed until the kernel spreads the clients' connections evenly
 _STOP_GRACE_S = 20.0  # servers drain for --grace-s 1; a supervisor waits for its workers
+# A filling cache keeps taking fresh memory (and glibc puts its entries in the holes the batches' buffers left, so
+# those are faulted in afresh too): measured 2.25-2.47 ms of server CPU per ViT-B image while it fills, 1.49-1.70
+# once full. The warm-up fills it, with this margin for the kernel's uneven spread of clients over workers.
+_FILL_MARGIN = 1.1
+_MAX_FILL_IMAGES = 16_384
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,10 @@ METHOD_TEXT = (
     "method, message types and server options, answering each request at once with a prebuilt answer captured from "
     "the real server), and for the ratios the real extractor with the tiny model. C client processes (own channel "
     "and TCP connection each, one bidi stream per pass, W requests in flight, prebuilt request bytes) send fresh "
-    "distinct images every pass (224 px JPEG at ViT-B/16, 32 px PNG for the tiny model), after a warm-up pass. "
+    "distinct images every pass (224 px JPEG at ViT-B/16, 32 px PNG for the tiny model), after a warm-up pass; at the "
+    "benchmark geometry the extractors' warm-up also fills their feature caches (default 256 MiB, one per worker; "
+    "`cache_fill_images` in the JSON), so the passes see a long-running server where every fresh image evicts one "
+    "(a filling cache costs more: fresh pages). "
     "**images/s** = images of all clients / (last client's end - first client's start). **Server CPU per image** = "
     "utime + stime of the server's process tree (/proc/<pid>/stat, a supervisor and its workers summed) over the "
     "pass / images (the free forward's one real gather runs before any measured pass); **voluntary switches** "
@@ -181,6 +191,7 @@ class _Geometry:
     serving_processes: int  # found in the --workers N server's tree
     connections_by_worker: list[int]  # the clients' connections per worker, once spread
     stages: list[dict[str, Any]]  # the isolated stages, measured once per round of passes
+    cache_fill_images: dict[str, int]  # per side: fresh images sent in its warm-up to fill the feature cache(s)
 
 
 @dataclass
@@ -224,10 +235,18 @@ class _Bench:
                 path.unlink(missing_ok=True)
 
     def warm_up(
-        self, target: str, pid: int, size: int, image_format: ImageFormat, k: int, workers: Sequence[int] = ()
+        self,
+        target: str,
+        pid: int,
+        size: int,
+        image_format: ImageFormat,
+        k: int,
+        workers: Sequence[int] = (),
+        fill_images: int = 0,
     ) -> list[int]:
         """Connect every client and send one pass; with `workers`, reconnect until the kernel has spread the
-        connections evenly over them (what many devices get on average). Returns the connections per worker."""
+        connections evenly over them (what many devices get on average); then `fill_images` more fresh images over
+        all clients (the feature cache filled: see _cache_fill_images). Returns the connections per worker."""
         files = self.request_files(self.settings.warmup_images, size, image_format, k)
         self.clients.connect(target, files)
         spread: list[int] = []
@@ -238,6 +257,9 @@ class _Bench:
                 break
             self.clients.connect(target, files, fresh=True)
         self.measure(target, pid, files)
+        if fill_images > 0:
+            per_client = -(-fill_images // self.settings.clients)
+            self.measure(target, pid, self.request_files(per_client, size, image_format, k))
         return spread
 
     # ---- the benchmark backbone's geometry, free forward --------------------------------------------------------
@@ -257,10 +279,14 @@ class _Bench:
                 sides["workers"] = (multi.target, _pid(multi))
             else:
                 multi.stop()  # one process like the first: measuring it again says nothing about workers
-            runs, request_bytes, spread, stages = self.measure_sides(sides, info, answers, serving)
+            fill = {
+                "free_forward": _cache_fill_images(answers[0].ByteSize(), 1),
+                "workers": _cache_fill_images(answers[0].ByteSize(), max(1, len(serving))),
+            }
+            runs, request_bytes, spread, stages = self.measure_sides(sides, info, answers, serving, fill)
         finally:
             self.stop(processes)
-        return _Geometry(info, answers[0].ByteSize(), request_bytes, runs, len(serving), spread, stages)
+        return _Geometry(info, answers[0].ByteSize(), request_bytes, runs, len(serving), spread, stages, fill)
 
     def seed(
         self, target: str, image_format: ImageFormat
@@ -280,6 +306,7 @@ class _Bench:
         info: extractor_pb2.BackboneInfo,
         answers: Sequence[feature_pb2.FeatureTensor],
         workers: Sequence[int],
+        fill: Mapping[str, int],
     ) -> tuple[dict[str, list[LoadRun]], float, list[int], list[dict[str, Any]]]:
         """Warm every side up, then `reps` passes of fresh JPEGs on each, the order rotating, and after each round
         the stages alone (paired with that round's passes: a shared machine's speed drifts between rounds).
@@ -289,7 +316,10 @@ class _Bench:
         stages = []
         spread: list[int] = []
         for name, (target, pid) in sides.items():
-            spread = self.warm_up(target, pid, size, "jpeg", k, workers if name == "workers" else ()) or spread
+            spread = (
+                self.warm_up(target, pid, size, "jpeg", k, workers if name == "workers" else (), fill.get(name, 0))
+                or spread
+            )
         runs: dict[str, list[LoadRun]] = {name: [] for name in sides}
         request_bytes = []
         for rep in range(self.settings.reps):
@@ -325,6 +355,15 @@ class _Bench:
         finally:
             self.stop(processes)
         return _Tiny(info, answers[0].ByteSize(), runs)
+
+
+def _cache_fill_images(answer_bytes: int, processes: int) -> int:
+    """Fresh images that fill `processes` extractors' feature caches (the default --cache-max-bytes each), so that
+    measured passes see a long-running server, where every fresh image evicts one; 0 where that would take more
+    than _MAX_FILL_IMAGES (the tiny model's answers are a few hundred bytes: its cache is never full in a run)."""
+    per_process = math.ceil(ExtractorConfig().cache_max_bytes / max(1, answer_bytes) * _FILL_MARGIN)
+    images = per_process * processes
+    return images if images <= _MAX_FILL_IMAGES else 0
 
 
 def _input_size(info: extractor_pb2.BackboneInfo) -> int:
@@ -465,6 +504,7 @@ def _summary(settings: ServingSettings, geometry: _Geometry, tiny: _Tiny) -> dic
         "echo": echo,
         "request_bytes_per_image": geometry.request_bytes,
         "feature_bytes_per_image": geometry.answer_bytes,
+        "cache_fill_images": geometry.cache_fill_images,
         **stages,
         "echo_cpu_ms_per_message": echo["cpu_ms_per_image"]["median"],
         "measured_cpu_ms_per_image": measured,

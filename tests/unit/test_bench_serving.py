@@ -191,3 +191,11 @@ def test_rotation_alternates_which_side_runs_first() -> None:
         ["b", "c", "a"],
         ["c", "a", "b"],
     ]
+
+
+def test_the_warm_up_fills_a_vit_b_cache_but_not_a_tiny_models() -> None:
+    cache_bytes = 256 << 20  # the extractor's default --cache-max-bytes
+    one = serving._cache_fill_images(139_246, 1)  # a ViT-B/16 MIST answer, i8o-zstd
+    assert one * 139_246 >= cache_bytes * 1.05 and one < 2_200
+    assert serving._cache_fill_images(139_246, 2) == 2 * one  # one cache per worker
+    assert serving._cache_fill_images(700, 1) == 0  # a tiny model's cache would need ~380,000 images
