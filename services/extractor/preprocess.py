@@ -424,7 +424,12 @@ def _open_header(data: bytes, image_format: str) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=(image_format,))
     except Image.DecompressionBombError as error:
         raise ImageDecodeError("image_too_large", f"the image is too large to decode safely: {error}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
+    except UnidentifiedImageError:  # its message names the BytesIO object (a memory address), not the problem
+        raise ImageDecodeError(
+            "undecodable_image",
+            f"cannot read the {image_format} header: Pillow does not recognise it as {image_format}",
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageDecodeError("undecodable_image", f"cannot read the {image_format} header: {error}") from None
     width, height = image.size
     if width < 1 or height < 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import numpy as np
@@ -301,6 +302,45 @@ def test_bad_images_and_unencodable_features_are_per_item_errors(backbone) -> No
     assert (f16.error.code, f16.error.reason) == (3, "unencodable_features")
     assert "beyond float16's range" in f16.error.message
     assert not f32.HasField("error") and decode_feature(f32.features[0]).max() > 65504
+
+
+def test_a_batch_decoded_over_two_threads_answers_like_one_thread(backbone, monkeypatch) -> None:
+    # Prepare: two decode threads each take a strided share of the batch and resize their same-sized images
+    # together; a bad image and several sizes among them. The hand-off threshold is lowered so the batch splits.
+    monkeypatch.setattr("services.extractor.engine._BYTES_PER_THREAD", 1)
+    images = [png_image(40 + i, size) for i, size in enumerate([32, 48, 48, 40, 32, 48, 40, 32])]
+    images[5] = b"\x89PNG\r\n\x1a\n broken"
+    jobs = lambda: [batch_job(i, image, "mist", (2, 4), "i8o-zstd") for i, image in enumerate(images)]  # noqa: E731
+    split = ExtractionEngine(backbone, tiny_config(decode_threads=2), ExtractorMetrics(new_metrics_registry()))
+    alone = ExtractionEngine(backbone, tiny_config(decode_threads=1), ExtractorMetrics(new_metrics_registry()))
+    per_image = ImagePreprocessor(backbone.data_config, resize="torch")
+    decoded_in: set[str] = set()
+    load_many = ImagePreprocessor.load_uint8_many
+
+    def recording(self, chunk):
+        decoded_in.add(threading.current_thread().name)
+        return load_many(self, chunk)
+
+    monkeypatch.setattr(ImagePreprocessor, "load_uint8_many", recording)
+
+    # Execute
+    try:
+        answers, reference = split.run_batch(jobs()), alone.run_batch(jobs())
+    finally:
+        split._workers.shutdown(wait=True)
+        alone._workers.shutdown(wait=True)
+
+    # Assert: two threads decoded; every answer is the single thread's, byte for byte, the bad image in its slot
+    assert len(decoded_in) == 2
+    assert [a.error.reason for a in answers] == [""] * 5 + ["undecodable_image"] + [""] * 2
+    assert [a.SerializeToString() for a in answers] == [a.SerializeToString() for a in reference]
+    assert answers[5].error.message == "cannot read the PNG header: Pillow does not recognise it as PNG"
+    for answer, image in zip(answers, images, strict=True):
+        if not answer.HasField("error"):  # and the features are those of the image decoded on its own
+            pixels = per_image.normalize(per_image.load_uint8(image)[None])
+            with torch.inference_mode():
+                expected = gather(backbone.model, pixels, "mist", (2, 4))
+            np.testing.assert_allclose(decode_feature(answer.features[1]), expected[4][0].numpy(), atol=0.05)
 
 
 # ---------------------------------------------------------------------------------------------- streams
