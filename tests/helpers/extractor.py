@@ -13,10 +13,12 @@ import threading
 import time
 from collections.abc import Sequence
 
+import grpc
 import numpy as np
 from PIL import Image
 
-from services.common.pb import extractor_pb2
+from services.common.clients.channel import create_channel
+from services.common.pb import extractor_pb2, extractor_pb2_grpc
 from services.common.serving.metrics import GrpcMetrics, new_metrics_registry
 from services.common.serving.server import ServiceSetup, create_server
 from services.common.wire.codec import CodecConfig
@@ -202,3 +204,19 @@ def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.01) -> 
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(interval_s)
+
+
+def status_of(target: str, requests: list[extractor_pb2.ExtractRequest]) -> tuple[list[str], grpc.StatusCode, str]:
+    """(item ids answered, final status code, details) of one stream.
+
+    Blocking API on purpose: grpc.aio's client marks a call INTERNAL when one of its writes races with the server's
+    status, which would hide the code the server actually sent.
+    """
+    answered: list[str] = []
+    with create_channel(target, retried_methods=()) as channel:  # no retry: the first status is the one wanted
+        try:
+            for response in extractor_pb2_grpc.ExtractorStub(channel).Extract(iter(requests), timeout=30):
+                answered.append(response.item_id)
+        except grpc.RpcError as error:
+            return answered, error.code(), error.details()
+    return answered, grpc.StatusCode.OK, ""

@@ -30,6 +30,7 @@ from tests.helpers.extractor import (
     load_tiny_backbone,
     load_tiny_pvt,
     png_image,
+    status_of,
     tiny_config,
     tiny_pvt_config,
 )
@@ -67,18 +68,6 @@ def extract_all(target: str, requests: list[extractor_pb2.ExtractRequest]) -> li
             return [r async for r in extractor_pb2_grpc.ExtractorStub(channel).Extract(iter(requests))]
 
     return asyncio.run(run())
-
-
-def status_of(target: str, requests: list[extractor_pb2.ExtractRequest]) -> tuple[list[str], grpc.StatusCode, str]:
-    """(item ids answered, final status code, details) of one stream, through the blocking API."""
-    answered: list[str] = []
-    with grpc.insecure_channel(target) as channel:
-        try:
-            for response in extractor_pb2_grpc.ExtractorStub(channel).Extract(iter(requests), timeout=30):
-                answered.append(response.item_id)
-        except grpc.RpcError as error:
-            return answered, error.code(), error.details()
-    return answered, grpc.StatusCode.OK, ""
 
 
 def preprocessed(backbone: LoadedBackbone, image: bytes) -> torch.Tensor:

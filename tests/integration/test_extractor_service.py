@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from services.common.clients.channel import create_aio_channel, create_channel, health_check
+from services.common.clients.channel import create_aio_channel, health_check
 from services.common.clients.extractor import ExtractorClient, ImageItem
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.pb import extractor_pb2, extractor_pb2_grpc, feature_pb2
@@ -29,6 +29,7 @@ from tests.helpers.extractor import (
     load_tiny_backbone,
     png_image,
     reference_features,
+    status_of,
     tiny_config,
     wait_until,
 )
@@ -64,22 +65,6 @@ def server(backbone: LoadedBackbone):
 async def extract_all(target: str, requests: list[extractor_pb2.ExtractRequest]) -> list[extractor_pb2.ExtractResponse]:
     async with create_aio_channel(target, retried_methods=NO_RETRY) as channel:
         return [r async for r in extractor_pb2_grpc.ExtractorStub(channel).Extract(iter(requests))]
-
-
-def status_of(target: str, requests: list[extractor_pb2.ExtractRequest]) -> tuple[list[str], grpc.StatusCode, str]:
-    """(item ids answered, final status code, details) of one stream.
-
-    Blocking API on purpose: grpc.aio's client marks a call INTERNAL when one of its writes races with the server's
-    status, which would hide the code the server actually sent.
-    """
-    answered: list[str] = []
-    with create_channel(target, retried_methods=NO_RETRY) as channel:
-        try:
-            for response in extractor_pb2_grpc.ExtractorStub(channel).Extract(iter(requests), timeout=30):
-                answered.append(response.item_id)
-        except grpc.RpcError as error:
-            return answered, error.code(), error.details()
-    return answered, grpc.StatusCode.OK, ""
 
 
 def assert_still_serves(server: ExtractorServer, backbone: LoadedBackbone, seed: int) -> None:

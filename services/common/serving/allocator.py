@@ -6,10 +6,11 @@ glibc gives every thread that allocates while another holds the lock an arena of
 When such a heap's top becomes free it is handed back to the kernel (munmap, or madvise for a shrink), so a batch
 thread that allocates and frees tens of MB per batch (decoded images, normalised batches, features) touches fresh
 pages every batch, and the kernel zeroes each one. Measured with the extractor's batch work in one worker thread
-at ViT-B/16 geometry: 4,300-6,700 page faults and 0.28-0.47 ms of kernel time per batch-of-32 image in most runs,
-against about 90 faults and 0.05 ms with one arena. The main arena keeps its free memory (glibc trims only a top
-above its dynamic threshold), and the GIL already serialises nearly every allocation of these processes, so one
-arena costs them no parallelism. Small allocations go through glibc's per-thread caches either way.
+at ViT-B/16 geometry, per batch of 32: 4,300-6,700 page faults and 0.28-0.47 ms of kernel time per image in most
+runs, against 11-394 faults (most under 110) and 0.03-0.08 ms with one arena. The main arena keeps its free memory
+(glibc trims only a top above its dynamic threshold), and the GIL already serialises nearly every allocation of
+these processes, so one arena costs them no parallelism. Small allocations go through glibc's per-thread caches
+either way.
 
 MALLOC_ARENA_MAX set by the operator wins: nothing is changed then. Elsewhere than glibc this does nothing.
 """
@@ -17,7 +18,6 @@ MALLOC_ARENA_MAX set by the operator wins: nothing is changed then. Elsewhere th
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -46,13 +46,8 @@ def limit_malloc_arenas(count: int = 1) -> bool:
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-    except OSError:
-        return None
+    # The C library this process already runs on (as supervisor.py's prctl does): nothing is searched or loaded.
+    libc = ctypes.CDLL(None)
     # gnu_get_libc_version exists only in glibc (musl, macOS's libSystem have mallopt-less or different allocators)
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         return None
